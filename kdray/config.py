@@ -1,0 +1,324 @@
+"""Experiment configuration: one YAML file, validated into frozen pydantic sections.
+
+Validation happens on the driver before any model, Ray or MLflow work starts, so a typo costs a
+second, not a queued GPU job. Each method declares its own parameter model next to its code
+(``kdray.methods``); this module only assembles them. Nothing ever writes back into a config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from kdray.data import DATASETS
+from kdray.methods import METHODS
+from kdray.models import MODELS
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class ConfigError(ValueError):
+    """A bad experiment file or override; the message is one line naming the field and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _default_cache() -> str:
+    return str(Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "kdray")
+
+
+class AugmentConfig(Section):
+    padding: int = Field(4, ge=0, le=32, description="Zero padding before the random crop, pixels (0 = no crop).")
+    flip: bool = Field(True, description="Random horizontal flip with probability 1/2.")
+
+
+class DataConfig(Section):
+    name: str = Field("digits", description="Dataset: " + ", ".join(DATASETS.names()) + ".")
+    download: bool = Field(False, description="Let torchvision download CIFAR into data.root (needs internet).")
+    root: str | None = Field(
+        None, validate_default=True, description="Folder or .tar.gz of the data (cifar*, imagefolder)."
+    )
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of train held out (stratified) when the data has no val split."
+    )
+    split_seed: int = Field(0, description="Seed of the validation split and of limit_train's subset.")
+    limit_train: int | None = Field(None, ge=10, description="Keep about this many training images (quick runs).")
+    cache_dir: str = Field(default_factory=_default_cache, description="Where decoded image folders are cached.")
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="Training augmentation; defaults depend on the dataset."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_augment_defaults(cls, data: Any) -> Any:
+        """Fill augmentation defaults from the dataset (no flip for digits) where the file leaves them."""
+        if isinstance(data, dict) and data.get("name", "digits") in DATASETS:
+            spec = DATASETS[data.get("name", "digits")]
+            augment = dict(data.get("augment") or {})
+            augment.setdefault("padding", spec.padding)
+            augment.setdefault("flip", spec.flip)
+            data = {**data, "augment": augment}
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS.names())}")
+        return name
+
+    @field_validator("root")
+    @classmethod
+    def _root_exists(cls, root: str | None, info: ValidationInfo) -> str | None:
+        name = info.data.get("name")
+        if name is None:
+            return root
+        spec = DATASETS[name]
+        if root is None:
+            if spec.needs_root:
+                raise ValueError(f"dataset '{name}' needs data.root (a folder or .tar.gz path)")
+            return root
+        path = Path(root).expanduser()
+        if not path.exists() and not (info.data.get("download") and spec.needs_root):
+            raise ValueError(f"'{root}' does not exist; give the path of the {name} data")
+        problem = spec.check_root(path, bool(info.data.get("download")))
+        if problem:
+            raise ValueError(problem)
+        return str(path.resolve()) if path.exists() else root
+
+
+class ModelConfig(Section):
+    name: str = Field("resnet8", description="Architecture (see `kdray models`).")
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if name not in MODELS:
+            raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(MODELS.names())}")
+        return name
+
+
+class TeacherConfig(ModelConfig):
+    name: str = Field("resnet20", description="Teacher architecture (see `kdray models`).")
+    epochs: int | None = Field(None, ge=1, description="Teacher training epochs; null = train.epochs.")
+    lr: float | None = Field(None, gt=0, description="Teacher peak learning rate; null = train.lr.")
+
+
+MethodParams = Annotated[Union[tuple(cls.Params for _, cls in METHODS.items())], Field(discriminator="name")]  # noqa: UP007
+
+
+class AssistantsConfig(Section):
+    depth: int = Field(0, ge=0, description="Teacher assistants between teacher and student (chain methods).")
+    models: list[str] = Field(default_factory=list, description="Explicit assistant ladder, largest first.")
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=1, description="Training epochs of the student (and teacher unless set).")
+    batch_size: int = Field(128, ge=2, description="Images per step on each worker.")
+    eval_batch_size: int = Field(1024, ge=1, description="Images per evaluation step.")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="SGD (momentum) or AdamW.")
+    lr: float = Field(0.05, gt=0, description="Peak learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (AdamW: beta1).")
+    nesterov: bool = Field(False, description="Nesterov momentum (SGD).")
+    weight_decay: float = Field(5e-4, ge=0, description="Weight decay.")
+    schedule: Literal["constant", "step", "multistep", "cosine"] = Field("cosine", description="LR schedule.")
+    step_size: int = Field(30, ge=1, description="Epochs between decays for schedule=step.")
+    milestones: list[int] = Field(default_factory=list, description="Epochs of decay for schedule=multistep.")
+    gamma: float = Field(0.1, gt=0, le=1, description="Decay factor of step/multistep.")
+    warmup_epochs: int = Field(0, ge=0, description="Linear warm-up epochs before the schedule.")
+    seed: int = Field(0, description="Seed of initialisation, batch order and augmentation.")
+    amp: bool = Field(True, description="Mixed precision on GPU (bf16 where supported, else fp16); no-op on CPU.")
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> TrainConfig:
+        if self.schedule == "multistep":
+            if not self.milestones:
+                raise ValueError("schedule=multistep needs train.milestones, e.g. [150, 180, 210]")
+            if sorted(self.milestones) != self.milestones or self.milestones[-1] >= self.epochs:
+                raise ValueError(f"train.milestones must increase and stay below train.epochs={self.epochs}")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"train.warmup_epochs must be below train.epochs={self.epochs}")
+        return self
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(0, ge=0, description="0 = train in this process; N >= 1 = Ray Train workers.")
+    use_gpu: bool | None = Field(None, description="null = use a GPU when one is visible.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (null = torch's default).")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Ray resources per worker.")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _in_process_only(cls, workers: int) -> int:
+        if workers != 0:
+            raise ValueError("Ray Train workers are not available in this kdray version; use 0 (in-process)")
+        return workers
+
+
+class TrackingConfig(Section):
+    uri: str = Field(
+        default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
+        description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).",
+    )
+    experiment: str = Field("kdray", min_length=1, description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="Name of the parent run (default: method-student).")
+
+
+class StoreConfig(Section):
+    path: str = Field(".kdray/store", description="Model store: trained models by content hash.")
+
+
+class SearchParam(Section):
+    kind: Literal["float", "logfloat", "int", "choice"] = Field(description="Distribution of the parameter.")
+    low: float | None = Field(None, description="Lower bound (float, logfloat, int).")
+    high: float | None = Field(None, description="Upper bound (float, logfloat, int).")
+    values: list[Any] | None = Field(None, description="Choices (choice).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SearchParam:
+        if self.kind == "choice":
+            if not self.values:
+                raise ValueError("a choice parameter needs values: [...]")
+        elif self.low is None or self.high is None or self.low >= self.high:
+            raise ValueError(f"a {self.kind} parameter needs low < high")
+        elif self.kind == "logfloat" and self.low <= 0:
+            raise ValueError("a logfloat parameter needs low > 0")
+        return self
+
+
+class SearchConfig(Section):
+    metric: str = Field("val/acc", description="Metric the search optimises.")
+    mode: Literal["max", "min"] = Field("max", description="Maximise or minimise the metric.")
+    num_samples: int = Field(8, ge=1, description="Number of trials.")
+    space: dict[str, SearchParam] = Field(default_factory=dict, description="Dotted config field -> range.")
+
+
+class ExperimentConfig(Section):
+    """A whole experiment. Every field has a default, so an empty file is a valid digits KD run."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodParams = Field(default_factory=lambda: METHODS["kd"].Params())
+    assistants: AssistantsConfig = Field(default_factory=AssistantsConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_name_default(cls, data: Any) -> Any:
+        """``method: {temperature: 2}`` means the default method (kd) with that temperature."""
+        if isinstance(data, dict) and isinstance(data.get("method"), dict) and "name" not in data["method"]:
+            data = {**data, "method": {"name": "kd", **data["method"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ExperimentConfig:
+        if self.assistants.depth or self.assistants.models:
+            raise ValueError("assistants: only chain methods use assistants, and none is available in this version")
+        for key in self.search.space:
+            if not _has_field(self, key):
+                raise ValueError(
+                    f"search.space: '{key}' is not a config field (use dotted names like method.temperature)"
+                )
+        return self
+
+    def dump(self) -> dict[str, Any]:
+        """Plain data (JSON/YAML-safe); ``ExperimentConfig.model_validate`` turns it back."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.dump(), sort_keys=False)
+
+
+def _has_field(model: BaseModel, dotted: str) -> bool:
+    node: Any = model
+    for part in dotted.split("."):
+        if not isinstance(node, BaseModel) or part not in type(node).model_fields:
+            return False
+        node = getattr(node, part)
+    return True
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``section.field=value`` pairs on a raw config dict; values are parsed as YAML scalars."""
+    result = {key: (dict(value) if isinstance(value, dict) else value) for key, value in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}': write section.field=value, e.g. method.temperature=4")
+        parts = key.strip().split(".")
+        node = result
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    return result
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read ``path`` (None = all defaults), apply overrides and validate; ``ConfigError`` on any problem."""
+    raw: Any = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"{path}: no such experiment file")
+        try:
+            raw = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: an experiment file is a mapping of sections (data, teacher, ...)")
+    return validate_config(apply_overrides(raw, overrides or []))
+
+
+def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_one_line(error, raw)) from None
+
+
+def _one_line(error: ValidationError, raw: dict[str, Any]) -> str:
+    """The first problem as ``field: what is wrong`` (+ how many more), fit for one terminal line."""
+    issues = error.errors()
+    first = issues[0]
+    loc = [str(part) for part in first["loc"]]
+    if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHODS:
+        loc.pop(1)  # the discriminated union's tag adds nothing a user wrote
+    field = ".".join(loc)
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "union_tag_invalid":
+        field = "method.name"
+        message = f"unknown method {first['ctx']['tag']!r}; choose one of: {', '.join(METHODS.names())}"
+    elif first["type"] == "extra_forbidden":
+        message = f"unknown key; allowed: {', '.join(_allowed_keys(loc[:-1], raw))}"
+    elif first["type"] not in ("value_error", "union_tag_invalid", "missing") and "input" in first:
+        message += f" (got {first['input']!r})"
+    more = f" (+{len(issues) - 1} more)" if len(issues) > 1 else ""
+    if not loc:  # whole-config checks already start their message with the field they concern
+        return f"{message}{more}"
+    return f"{field}: {message}{more}"
+
+
+def _allowed_keys(path: list[str], raw: dict[str, Any]) -> list[str]:
+    model: type[BaseModel] = ExperimentConfig
+    for part in path:
+        if part == "method":
+            name = (raw.get("method") or {}).get("name", "kd")
+            model = METHODS[name].Params if name in METHODS else model
+            continue
+        annotation = model.model_fields[part].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return list(model.model_fields)

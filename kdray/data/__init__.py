@@ -1,0 +1,45 @@
+"""Datasets as in-memory uint8 tensors: registry, loading, validation split, batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kdray.data.batches import Batch, DeviceSplit, eval_batches, train_batches
+from kdray.data.sources import DATASETS, DatasetSpec
+from kdray.data.splits import DataError, Dataset, Split, channel_stats, stratified_split, stratified_subset
+
+if TYPE_CHECKING:
+    from kdray.config import DataConfig
+
+__all__ = [
+    "DATASETS",
+    "Batch",
+    "DataError",
+    "Dataset",
+    "DatasetSpec",
+    "DeviceSplit",
+    "Split",
+    "eval_batches",
+    "load_dataset",
+    "train_batches",
+]
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Load ``cfg.name`` and shape it the same way for every source.
+
+    A validation split is carved from train (stratified, seeded) when the data ships none, so
+    model selection and searches never look at the test split. Normalisation statistics are the
+    training split's own.
+    """
+    spec = DATASETS[cfg.name]
+    root = Path(cfg.root).expanduser() if cfg.root else None
+    raw = spec.load(root, cfg.download, Path(cfg.cache_dir).expanduser())
+    train, val = raw.train, raw.val
+    if val is None:
+        train, val = stratified_split(train, cfg.val_fraction, cfg.split_seed)
+    if cfg.limit_train is not None:
+        train = stratified_subset(train, cfg.limit_train, cfg.split_seed)
+    mean, std = channel_stats(train.images)
+    return Dataset(cfg.name, raw.classes, train, val, raw.test, mean, std)

@@ -1,0 +1,53 @@
+"""Batch augmentation with explicit per-sample parameters: random crop with zero padding, horizontal flip.
+
+Each sample's augmentation is a pair (crop offset, flip), drawn for the whole batch at once and
+applied with one indexing operation on the device that holds the data. Keeping the parameters
+explicit makes an augmented view reproducible from (sample index, offset, flip), which is what a
+teacher-output cache keys on. Padding is with zeros on the uint8 image, as torchvision's
+``RandomCrop(padding=p)`` does before normalisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Per-sample parameters: ``offsets`` int64 [N, 2] (row, column in 0..2p), ``flips`` bool [N]."""
+
+    offsets: torch.Tensor
+    flips: torch.Tensor
+
+
+def sample_augment(
+    count: int, padding: int, flip: bool, generator: torch.Generator, device: torch.device
+) -> AugmentParams:
+    """Draw crop offsets uniformly in ``[0, 2·padding]`` and flips with probability 1/2."""
+    offsets = torch.randint(0, 2 * padding + 1, (count, 2), generator=generator, device=device)
+    if flip:
+        flips = torch.randint(0, 2, (count,), generator=generator, device=device).bool()
+    else:
+        flips = torch.zeros(count, dtype=torch.bool, device=device)
+    return AugmentParams(offsets, flips)
+
+
+def apply_augment(images: torch.Tensor, params: AugmentParams, padding: int) -> torch.Tensor:
+    """Crop each padded image at its offset and mirror it where its flip is set."""
+    count, _, height, width = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
+    device = images.device
+    rows = params.offsets[:, :1] + torch.arange(height, device=device)
+    columns = torch.arange(width, device=device).expand(count, width)
+    columns = torch.where(params.flips[:, None], columns.flip(1), columns) + params.offsets[:, 1:]
+    batch = torch.arange(count, device=device)[:, None, None]
+    # Advanced indices split by a slice put their dimensions first: [N, H, W, C].
+    return padded[batch, :, rows[:, :, None], columns[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> float32 standardised with per-channel ``mean`` and ``std`` (0..1 scale)."""
+    return (images.float().div_(255) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)

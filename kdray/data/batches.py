@@ -1,0 +1,85 @@
+"""Batches from device-resident splits: a seeded permutation per epoch, one shard per rank.
+
+The whole split lives on the training device as uint8; a batch is an index slice, augmented and
+normalised there in a few tensor operations. Every rank draws the same permutation of the epoch and
+takes every ``world_size``-th index of it, so the shards never overlap and together cover the
+epoch, with no DataLoader workers involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from kdray.data.augment import AugmentParams, apply_augment, normalize, sample_augment
+from kdray.data.splits import Split
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Normalised images, labels, the samples' dataset indices and their augmentation (if any)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    augment: AugmentParams | None = None
+
+
+class DeviceSplit:
+    """A split moved once to ``device``, with the normalisation statistics beside it."""
+
+    def __init__(self, split: Split, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+        self.mean = torch.tensor(mean, device=device)
+        self.std = torch.tensor(std, device=device)
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def epoch_shard(size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """This rank's share of the epoch's permutation (equal length on every rank)."""
+    generator = torch.Generator().manual_seed(_mix(seed, epoch))
+    order = torch.randperm(size, generator=generator)
+    per_rank = size // world_size
+    return order[: per_rank * world_size][rank::world_size]
+
+
+def train_batches(
+    split: DeviceSplit,
+    batch_size: int,
+    epoch: int,
+    seed: int,
+    padding: int,
+    flip: bool,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[Batch]:
+    """Shuffled, augmented batches of this rank's shard; the last partial batch is dropped."""
+    shard = epoch_shard(len(split), epoch, seed, rank, world_size).to(split.device)
+    generator = torch.Generator(split.device).manual_seed(_mix(seed, epoch, rank + 1))
+    for start in range(0, len(shard) - batch_size + 1, batch_size):
+        index = shard[start : start + batch_size]
+        params = sample_augment(len(index), padding, flip, generator, split.device)
+        images = apply_augment(split.images[index], params, padding)
+        yield Batch(normalize(images, split.mean, split.std), split.labels[index], index, params)
+
+
+def eval_batches(split: DeviceSplit, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+    """Every sample exactly once across ranks (contiguous shards), without augmentation."""
+    bounds = torch.linspace(0, len(split), world_size + 1).long().tolist()
+    for start in range(bounds[rank], bounds[rank + 1], batch_size):
+        index = torch.arange(start, min(start + batch_size, bounds[rank + 1]), device=split.device)
+        yield Batch(normalize(split.images[index], split.mean, split.std), split.labels[index], index)
+
+
+def _mix(*values: int) -> int:
+    """Combine seed, epoch and rank into one generator seed (no collisions for small values)."""
+    mixed = 0
+    for value in values:
+        mixed = (mixed * 1_000_003 + value) % (2**63)
+    return mixed

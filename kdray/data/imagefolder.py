@@ -1,0 +1,250 @@
+"""Image folders (a directory or a .tar.gz of one), decoded once into a uint8 cache.
+
+Layout: ``train/<class>/...image`` and optionally ``val/`` (or ``valid/``) and ``test/`` with the same
+class folders; this covers CIFAR-10 as JPEGs and CINIC-10. Tiny-ImageNet's ``val/images`` with
+``val/val_annotations.txt`` is read through the annotations; its unlabelled ``test/images`` is skipped.
+Archives are read in one streaming pass without extracting. Decoded splits are cached as ``.npy``
+under a key made of the path and every file's size and modification time, so a second load takes
+seconds and any change to the data invalidates the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from kdray.data.splits import DataError, Split
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "test": "test"}
+ANNOTATIONS = "val_annotations.txt"
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ImageFolderData:
+    classes: list[str]
+    train: Split
+    val: Split | None
+    test: Split | None
+
+
+@dataclass
+class _Entry:
+    """One file of the folder: where it sits and how to read its bytes."""
+
+    source: str  # a path a person can find: the file, or "archive.tar.gz:member"
+    split: str
+    rest: tuple[str, ...]  # path parts below the split folder
+    read: object  # zero-argument callable returning bytes
+
+
+def load_image_folder(root: Path, cache_dir: Path) -> ImageFolderData:
+    """Load ``root`` (a folder or an archive), from the decoded cache when it is current."""
+    root = root.expanduser().resolve()
+    if not root.exists():
+        raise DataError(f"{root}: no such file or folder")
+    cached = cache_dir / "imagefolder" / _signature(root)
+    if (cached / "meta.json").is_file():
+        return _read_cache(cached)
+    data = _decode(root)
+    _write_cache(cached, data)
+    return data
+
+
+def _signature(root: Path) -> str:
+    digest = hashlib.blake2b(f"{CACHE_VERSION}:{root}".encode(), digest_size=16)
+    if root.is_file():
+        stat = root.stat()
+        digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    else:
+        for directory, folders, files in sorted(os.walk(root)):
+            folders.sort()
+            for name in sorted(files):
+                stat = os.stat(os.path.join(directory, name))
+                digest.update(f"{os.path.relpath(directory, root)}/{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def _entries(root: Path) -> Iterator[_Entry | tuple[str, str, tuple[str, ...]]]:
+    """Yield image entries, and ``("dir", split, rest)`` for every folder (to find empty classes)."""
+    if root.is_file():
+        try:
+            archive = tarfile.open(root, "r:*")  # noqa: SIM115 (closed by the with below)
+        except (tarfile.TarError, OSError) as error:
+            raise DataError(f"{root}: not a readable folder or tar archive ({error})") from None
+        with archive:
+            for member in archive:
+                located = _locate(PurePosixPath(member.name).parts)
+                if located is None:
+                    continue
+                split, rest = located
+                if member.isdir():
+                    yield ("dir", split, rest)
+                elif member.isfile():
+                    payload = archive.extractfile(member).read()  # type: ignore[union-attr]
+                    yield _Entry(f"{root}:{member.name}", split, rest, lambda payload=payload: payload)
+        return
+    for directory, folders, files in os.walk(root):
+        folders.sort()
+        located = _locate(Path(directory).relative_to(root).parts)
+        if located is None:
+            continue
+        split, rest = located
+        yield ("dir", split, rest)
+        for name in sorted(files):
+            path = Path(directory) / name
+            yield _Entry(str(path), split, (*rest, name), path.read_bytes)
+
+
+def _locate(parts: tuple[str, ...]) -> tuple[str, tuple[str, ...]] | None:
+    """Find the split folder in a path (the archive may wrap everything in a top folder)."""
+    for index, part in enumerate(parts):
+        if part in SPLIT_NAMES:
+            return SPLIT_NAMES[part], tuple(parts[index + 1 :])
+    return None
+
+
+def _decode(root: Path) -> ImageFolderData:
+    files: dict[str, list[_Entry]] = defaultdict(list)
+    folders: dict[str, set[str]] = defaultdict(set)
+    annotations: dict[str, dict[str, str]] = {}
+    for entry in _entries(root):
+        if isinstance(entry, tuple):
+            _, split, rest = entry
+            if len(rest) == 1:
+                folders[split].add(rest[0])
+        elif entry.rest and entry.rest[-1] == ANNOTATIONS:
+            text = entry.read().decode()  # type: ignore[operator]
+            annotations[entry.split] = {line.split("\t")[0]: line.split("\t")[1] for line in text.splitlines() if line}
+        elif PurePosixPath(entry.rest[-1]).suffix.lower() in IMAGE_SUFFIXES and len(entry.rest) >= 2:
+            files[entry.split].append(entry)
+    if not files["train"]:
+        raise DataError(f"{root}: no train/<class>/<image> files found")
+    classes = sorted({entry.rest[0] for entry in files["train"]})
+    for folder in sorted(folders["train"] - set(classes)):
+        raise DataError(f"{root}: class folder train/{folder} holds no images")
+    splits: dict[str, Split | None] = {"val": None, "test": None}
+    train = _decode_split(files["train"], classes, None)
+    assert train is not None
+    decoded = {"train": train}
+    for split in ("val", "test"):
+        if files[split]:
+            labelled = _decode_split(files[split], classes, annotations.get(split))
+            if labelled is not None:
+                decoded[split] = labelled
+    _check_sizes(decoded)
+    channels = max(images.shape[1] for images, _ in decoded.values())
+    for name, (images, labels) in decoded.items():
+        if images.shape[1] != channels:  # a grey split beside colour splits
+            images = np.repeat(images, channels, axis=1)
+        splits[name] = Split(torch.from_numpy(images), torch.from_numpy(labels))
+    assert splits.get("train") is not None
+    return ImageFolderData(classes, splits["train"], splits["val"], splits["test"])  # type: ignore[arg-type]
+
+
+def _decode_split(
+    entries: list[_Entry], classes: list[str], annotated: dict[str, str] | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Decode one split; None for an unlabelled split (Tiny-ImageNet's test/images)."""
+    index = {name: i for i, name in enumerate(classes)}
+    labels = []
+    for entry in entries:
+        if annotated is not None:
+            wnid = annotated.get(entry.rest[-1])
+            if wnid is None:
+                raise DataError(f"{entry.source}: not listed in {entry.split}/{ANNOTATIONS}")
+        elif entry.rest[0] == "images" and "images" not in index:
+            log.info("skipping unlabelled %s/images (no %s)", entry.split, ANNOTATIONS)
+            return None
+        else:
+            wnid = entry.rest[0]
+        if wnid not in index:
+            raise DataError(f"{entry.source}: class '{wnid}' is not one of the {len(classes)} train classes")
+        labels.append(index[wnid])
+    pictures = [_read_image(entry) for entry in entries]
+    first = pictures[0].shape[:2]
+    for entry, picture in zip(entries, pictures, strict=True):
+        if picture.shape[:2] != first:
+            raise DataError(
+                f"{entry.source}: image is {_size(picture)} but {entries[0].source} is {_size(pictures[0])}; "
+                "every image must have the same size"
+            )
+    if first[0] != first[1]:
+        raise DataError(f"{entries[0].source}: image is {_size(pictures[0])}; kdray's models need square images")
+    if all(picture.ndim == 2 for picture in pictures):
+        stacked = np.stack(pictures)[:, None]
+    else:
+        colour = [p if p.ndim == 3 else np.repeat(p[:, :, None], 3, axis=2) for p in pictures]
+        stacked = np.stack(colour).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(stacked), np.asarray(labels, dtype=np.int64)
+
+
+def _size(picture: np.ndarray) -> str:
+    return f"{picture.shape[1]}x{picture.shape[0]}"
+
+
+def _read_image(entry: _Entry) -> np.ndarray:
+    """Decode to HxW (grey) or HxWx3 (colour) uint8, naming the file when it cannot be read."""
+    try:
+        with Image.open(io.BytesIO(entry.read())) as image:  # type: ignore[operator]
+            grey = image.mode in ("1", "L", "LA", "I", "I;16", "F")
+            return np.asarray(image.convert("L" if grey else "RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise DataError(f"{entry.source}: cannot decode image ({error})") from None
+
+
+def _check_sizes(decoded: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    shapes = {name: images.shape[2:] for name, (images, _) in decoded.items()}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{name} {h}x{w}" for name, (h, w) in shapes.items())
+        raise DataError(f"splits have different image sizes ({listed}); every image must have the same size")
+
+
+def _write_cache(folder: Path, data: ImageFolderData) -> None:
+    """Write next to the final place, then rename: readers never see a half-written cache."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".partial-"))
+    try:
+        present = {}
+        for name in ("train", "val", "test"):
+            split = getattr(data, name)
+            if split is not None:
+                np.save(staging / f"{name}_images.npy", split.images.numpy())
+                np.save(staging / f"{name}_labels.npy", split.labels.numpy())
+                present[name] = len(split)
+        (staging / "meta.json").write_text(json.dumps({"classes": data.classes, "splits": present}))
+        os.replace(staging, folder)
+    except OSError:
+        if (folder / "meta.json").is_file():  # another process cached the same folder first
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _read_cache(folder: Path) -> ImageFolderData:
+    meta = json.loads((folder / "meta.json").read_text())
+    splits: dict[str, Split | None] = {"train": None, "val": None, "test": None}
+    for name in meta["splits"]:
+        images = torch.from_numpy(np.load(folder / f"{name}_images.npy"))
+        labels = torch.from_numpy(np.load(folder / f"{name}_labels.npy"))
+        splits[name] = Split(images, labels)
+    assert splits["train"] is not None
+    return ImageFolderData(meta["classes"], splits["train"], splits["val"], splits["test"])

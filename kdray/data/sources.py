@@ -1,0 +1,148 @@
+"""Dataset sources: each reads one kind of data from disk into uint8 splits.
+
+A source returns ``RawData`` (whatever splits the data ships with); ``kdray.data.load_dataset``
+then carves the validation split, subsets and normalises, the same way for every source.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdray.data.imagefolder import load_image_folder
+from kdray.data.splits import DataError, Split, stratified_split
+from kdray.registry import Registry
+
+
+@dataclass(frozen=True)
+class RawData:
+    """Splits as a source provides them; ``val``/``test`` are None when the data has none."""
+
+    classes: list[str]
+    train: Split
+    val: Split | None = None
+    test: Split | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset: how to load it, what it needs, and its augmentation defaults."""
+
+    load: Callable[[Path | None, bool, Path], RawData]
+    description: str
+    needs_root: bool
+    padding: int
+    flip: bool
+    check_root: Callable[[Path, bool], str | None] = lambda root, download: None
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+
+def _digits(root: Path | None, download: bool, cache_dir: Path) -> RawData:
+    """scikit-learn's bundled 8x8 digits (1,797 images, values 0..16) scaled to uint8.
+
+    It has no official test split, so a fixed stratified 20% (seed 0) is kdray's test split for it.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    full = Split(torch.from_numpy(images), torch.from_numpy(bunch.target.astype(np.int64)))
+    train, test = stratified_split(full, 0.2, seed=0)
+    return RawData([str(c) for c in bunch.target_names], train, test=test)
+
+
+DATASETS.add(
+    "digits",
+    DatasetSpec(
+        _digits,
+        "scikit-learn's bundled 8x8 handwritten digits, 10 classes, no download (the embedded default)",
+        needs_root=False,
+        padding=1,
+        flip=False,
+    ),
+)
+
+
+def _cifar(variant: type) -> Callable[[Path | None, bool, Path], RawData]:
+    """Reader for torchvision's CIFAR pickle layout; torchvision itself downloads and verifies it."""
+
+    def load(root: Path | None, download: bool, cache_dir: Path) -> RawData:
+        assert root is not None
+        if download:
+            variant(str(root), train=True, download=True)  # fetches and checks the archive's MD5
+        folder = root / variant.base_folder
+        with open(folder / variant.meta["filename"], "rb") as handle:
+            classes = list(pickle.load(handle, encoding="latin1")[variant.meta["key"]])
+        splits = []
+        for files in (variant.train_list, variant.test_list):
+            images, labels = [], []
+            for name, _md5 in files:
+                path = folder / name
+                try:
+                    with open(path, "rb") as handle:
+                        entry = pickle.load(handle, encoding="latin1")
+                    images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                    labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+                except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as error:
+                    raise DataError(f"{path}: not a readable CIFAR batch ({error})") from None
+            split = Split(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64))
+            split.check_labels(len(classes), f"{folder} ({', '.join(name for name, _ in files)})")
+            splits.append(split)
+        return RawData(classes, splits[0], test=splits[1])
+
+    return load
+
+
+def _cifar_root_check(variant: type) -> Callable[[Path, bool], str | None]:
+    def check(root: Path, download: bool) -> str | None:
+        if download or (root / variant.base_folder).is_dir():
+            return None
+        return f"no {variant.base_folder}/ under {root}; set data.download=true to fetch it there"
+
+    return check
+
+
+def _register_cifar() -> None:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    for name, variant, classes in (("cifar10", CIFAR10, 10), ("cifar100", CIFAR100, 100)):
+        DATASETS.add(
+            name,
+            DatasetSpec(
+                _cifar(variant),
+                f"CIFAR-{classes} through torchvision's format (data.root; data.download=true fetches it)",
+                needs_root=True,
+                padding=4,
+                flip=True,
+                check_root=_cifar_root_check(variant),
+            ),
+        )
+
+
+_register_cifar()
+
+
+def _imagefolder(root: Path | None, download: bool, cache_dir: Path) -> RawData:
+    assert root is not None
+    folder = load_image_folder(root, cache_dir)
+    return RawData(folder.classes, folder.train, val=folder.val, test=folder.test)
+
+
+DATASETS.add(
+    "imagefolder",
+    DatasetSpec(
+        _imagefolder,
+        "a folder or .tar.gz with train/ and optional val|valid/ and test/ class folders "
+        "(CIFAR-10 JPEGs, CINIC-10, Tiny-ImageNet)",
+        needs_root=True,
+        padding=4,
+        flip=True,
+    ),
+)

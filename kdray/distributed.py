@@ -1,0 +1,45 @@
+"""Where a training loop runs: rank, world size and device, in one small object.
+
+The engine reads everything about its process from a ``WorkerContext``; in-process runs use
+``local_context``. Ray Train workers get theirs from ``ray.train.get_context()``, so the same loop runs
+unchanged in both places.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_chief(self) -> bool:
+        """Only the chief (rank 0) writes checkpoints, the model store and MLflow."""
+        return self.rank == 0
+
+
+def pick_device(use_gpu: bool | None) -> torch.device:
+    """CUDA when asked for (or, with ``None``, when visible), else CPU."""
+    if use_gpu or (use_gpu is None and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("scaling.use_gpu is true but no CUDA device is visible; set scaling.use_gpu=false")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def local_context(use_gpu: bool | None) -> WorkerContext:
+    return WorkerContext(rank=0, world_size=1, device=pick_device(use_gpu))
+
+
+def all_reduce_sum(values: torch.Tensor, ctx: WorkerContext) -> torch.Tensor:
+    """Sum ``values`` over all workers (identity in a single process)."""
+    if ctx.world_size > 1 and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values

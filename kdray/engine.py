@@ -1,0 +1,201 @@
+"""The training loop: one stage (a model, a method, its guides) from initialisation to metrics.
+
+The loop takes everything about its process from a ``WorkerContext`` and writes metrics through a
+``MetricLogger``, so a Ray Train worker can run it unchanged. Per-step work stays on the device:
+loss terms are accumulated as tensors and read back once per epoch (a ``.item()`` per step would
+stall the GPU every step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from kdray.config import ExperimentConfig, TrainConfig
+from kdray.data import Dataset, DeviceSplit, eval_batches, train_batches
+from kdray.distributed import WorkerContext, all_reduce_sum
+from kdray.methods import METHODS, Method, StepInfo
+from kdray.models import ModelInfo, StagedNet, build_model
+from kdray.stages import StagePlan
+
+log = logging.getLogger(__name__)
+
+
+class MetricLogger(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+class NullLogger:
+    """For workers that do not write (rank > 0) and for runs without tracking."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        return None
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class FitResult:
+    state_dict: dict[str, torch.Tensor]
+    history: list[dict[str, float]] = field(default_factory=list)
+    final: dict[str, float] = field(default_factory=dict)
+
+
+def model_info(dataset: Dataset) -> ModelInfo:
+    return ModelInfo(dataset.num_classes, dataset.in_channels, dataset.image_size)
+
+
+def build_optimizer(params: Sequence[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=train.lr, betas=(train.momentum, 0.999), weight_decay=train.weight_decay)
+    return torch.optim.SGD(
+        params, lr=train.lr, momentum=train.momentum, nesterov=train.nesterov, weight_decay=train.weight_decay
+    )
+
+
+def lr_factor(train: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the peak LR at each optimiser step: linear warm-up, then the schedule by epoch."""
+    warmup_steps = train.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        epoch = step / steps_per_epoch
+        if train.schedule == "step":
+            return train.gamma ** (int(epoch) // train.step_size)
+        if train.schedule == "multistep":
+            return train.gamma ** sum(int(epoch) >= m for m in train.milestones)
+        if train.schedule == "cosine":
+            done = (step - warmup_steps) / max(1, train.epochs * steps_per_epoch - warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * done))
+        return 1.0
+
+    return factor
+
+
+def autocast(ctx: WorkerContext, enabled: bool) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler]:
+    """Mixed precision on CUDA: bf16 where the GPU supports it (no loss scaling needed), else fp16."""
+    if not (enabled and ctx.device.type == "cuda"):
+        return contextlib.nullcontext(), torch.amp.GradScaler("cuda", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+@torch.no_grad()
+def evaluate(model: StagedNet, split: DeviceSplit, batch_size: int, ctx: WorkerContext) -> dict[str, float]:
+    """Accuracy and mean cross-entropy over the whole split (all workers' shards summed)."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, device=ctx.device, dtype=torch.float64)
+    for batch in eval_batches(split, batch_size, ctx.rank, ctx.world_size):
+        logits = model(batch.images).float()
+        totals[0] += F.cross_entropy(logits, batch.labels, reduction="sum")
+        totals[1] += (logits.argmax(1) == batch.labels).sum()
+        totals[2] += len(batch.labels)
+    model.train(was_training)
+    loss, correct, count = all_reduce_sum(totals, ctx).tolist()
+    return {"acc": correct / count, "loss": loss / count}
+
+
+def fit(
+    cfg: ExperimentConfig,
+    plan: StagePlan,
+    dataset: Dataset,
+    guides: Sequence[StagedNet],
+    ctx: WorkerContext,
+    logger: MetricLogger | None = None,
+) -> FitResult:
+    """Train ``plan.model`` by ``plan.method`` with ``plan.train``; evaluate on val each epoch, test at the end."""
+    logger = logger or NullLogger()
+    train_cfg = plan.train
+    epochs = train_cfg.epochs
+    torch.manual_seed(train_cfg.seed)
+    student = build_model(plan.model, model_info(dataset))
+    method: Method = METHODS[plan.method.name](student, guides, plan.method).to(ctx.device)
+    splits = {
+        name: DeviceSplit(split, dataset.mean, dataset.std, ctx.device)
+        for name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))
+        if split is not None
+    }
+    steps_per_epoch = len(splits["train"]) // ctx.world_size // train_cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"train.batch_size={train_cfg.batch_size} exceeds the {len(splits['train'])} training images")
+    optimizer = build_optimizer(method.trainable(), train_cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(train_cfg, steps_per_epoch))
+    precision, scaler = autocast(ctx, train_cfg.amp)
+    result = FitResult(state_dict={})
+    augment = cfg.data.augment
+    for epoch in range(epochs):
+        method.train()
+        sums: dict[str, torch.Tensor] = {}
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        for index, batch in enumerate(
+            train_batches(
+                splits["train"],
+                train_cfg.batch_size,
+                epoch,
+                train_cfg.seed,
+                augment.padding,
+                augment.flip,
+                ctx.rank,
+                ctx.world_size,
+            )
+        ):
+            step = StepInfo(epoch, epoch * steps_per_epoch + index, steps_per_epoch, epochs * steps_per_epoch)
+            with precision:
+                terms = method(batch.images, batch.labels, step)
+            loss = sum(terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0) + value.detach().float()
+        means = {f"loss/{name}": total / steps_per_epoch for name, total in sums.items()}
+        epoch_loss = torch.stack(list(means.values())).sum()
+        values = {name: value.item() for name, value in {**means, "loss/total": epoch_loss}.items()}
+        elapsed = time.perf_counter() - started
+        if not math.isfinite(values["loss/total"]):
+            raise TrainingDiverged(
+                f"{plan.role}: the loss became {values['loss/total']} in epoch {epoch + 1}; lower train.lr"
+            )
+        val = evaluate(student, splits["val"], train_cfg.eval_batch_size, ctx)
+        metrics = {
+            **values,
+            "val/acc": val["acc"],
+            "val/loss": val["loss"],
+            "lr": lr,
+            "images_per_s": steps_per_epoch * train_cfg.batch_size * ctx.world_size / elapsed,
+        }
+        result.history.append(metrics)
+        logger.log_metrics(metrics, step=epoch + 1)
+        if ctx.is_chief:
+            log.info(
+                "%-8s epoch %3d/%d  loss %.4f  val_acc %.4f  %6.0f img/s  lr %.4g",
+                plan.role,
+                epoch + 1,
+                epochs,
+                values["loss/total"],
+                val["acc"],
+                metrics["images_per_s"],
+                lr,
+            )
+    result.final = {"val/acc": result.history[-1]["val/acc"], "val/loss": result.history[-1]["val/loss"]}
+    if "test" in splits:
+        test = evaluate(student, splits["test"], train_cfg.eval_batch_size, ctx)
+        result.final.update({"test/acc": test["acc"], "test/loss": test["loss"]})
+    result.state_dict = {name: tensor.detach().cpu() for name, tensor in student.state_dict().items()}
+    return result

@@ -1,0 +1,39 @@
+"""Vanilla knowledge distillation (Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015).
+
+``L = (1 − α)·CE(s(x), y) + α·T²·KL(softmax(t(x)/T) ‖ softmax(s(x)/T))``. Defaults follow
+RepDistiller's CIFAR-100 recipe: T = 4, CE weight 0.1, KD weight 0.9.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
+from kdray.methods.losses import soft_kl
+
+
+class KDParams(MethodParams):
+    name: Literal["kd"] = "kd"
+    temperature: float = Field(4.0, gt=0, le=100, description="Softmax temperature T of the soft targets.")
+    alpha: float = Field(0.9, ge=0, le=1, description="Weight of the KD term; (1 - alpha) weighs the CE term.")
+
+
+@METHODS.register("kd")
+class KD(Method):
+    """Hinton KD from one frozen teacher (the first guide)."""
+
+    Params = KDParams
+    summary = "Hinton et al. 2015: (1-alpha)*CE + alpha*T^2*KL(teacher || student)"
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, torch.Tensor]:
+        params: KDParams = self.params  # type: ignore[assignment]
+        student_logits = self.student(images)
+        teacher_logits = self.guide_logits(0, images)
+        return {
+            "ce": (1 - params.alpha) * F.cross_entropy(student_logits, labels),
+            "kd": params.alpha * soft_kl(student_logits, teacher_logits, params.temperature),
+        }

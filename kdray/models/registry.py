@@ -1,0 +1,32 @@
+"""The model registry: every architecture is a function ``ModelInfo -> StagedNet``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kdray.models.staged import StagedNet
+from kdray.registry import Registry
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What an architecture needs to know about the data it will see."""
+
+    num_classes: int
+    in_channels: int = 3
+    image_size: int = 32
+
+
+MODELS: Registry[Callable[[ModelInfo], StagedNet]] = Registry("model")
+
+
+def build_model(name: str, info: ModelInfo) -> StagedNet:
+    """Build a freshly initialised ``name`` for ``info`` (call ``torch.manual_seed`` first to fix it)."""
+    if info.image_size < 8:
+        raise ValueError(f"images must be at least 8x8, got {info.image_size}x{info.image_size}")
+    return MODELS[name](info)
+
+
+def parameter_count(model: StagedNet) -> int:
+    return sum(p.numel() for p in model.parameters())

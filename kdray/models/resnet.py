@@ -1,0 +1,63 @@
+"""CIFAR ResNets (He et al., "Deep Residual Learning", CVPR 2016, section 4.2).
+
+Depth 6n+2 with three stages of n basic blocks. Widths follow RepDistiller (Tian et al., ICLR 2020):
+16-16-32-64 for resnet8..110, and 32-64-128-256 for the "x4" variants resnet8x4 / resnet32x4 used in
+its teacher/student table. Downsampling shortcuts are 1x1 convolutions with BatchNorm (option B).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdray.models.registry import MODELS, ModelInfo
+from kdray.models.staged import PooledLinearHead, StagedNet, conv3x3, init_weights
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, out_channels, stride)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def cifar_resnet(depth: int, widths: tuple[int, int, int, int], info: ModelInfo) -> StagedNet:
+    """Stages: ``stem`` (conv-bn-relu), ``layer1..3`` (n blocks each; layers 2 and 3 halve the size)."""
+    if (depth - 2) % 6:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+    blocks = (depth - 2) // 6
+    stem = nn.Sequential(conv3x3(info.in_channels, widths[0]), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+    stages: list[tuple[str, nn.Module]] = [("stem", stem)]
+    channels = widths[0]
+    for index, (width, stride) in enumerate(zip(widths[1:], (1, 2, 2), strict=True), start=1):
+        layer = [BasicBlock(channels if b == 0 else width, width, stride if b == 0 else 1) for b in range(blocks)]
+        stages.append((f"layer{index}", nn.Sequential(*layer)))
+        channels = width
+    model = StagedNet(stages, PooledLinearHead(channels, info.num_classes))
+    init_weights(model)
+    return model
+
+
+_STANDARD = (16, 16, 32, 64)
+_X4 = (32, 64, 128, 256)
+
+for _depth in (8, 14, 20, 26, 32, 44, 56, 110):
+    MODELS.add(
+        f"resnet{_depth}",
+        lambda info, d=_depth: cifar_resnet(d, _STANDARD, info),
+    )
+for _depth in (8, 32):
+    MODELS.add(f"resnet{_depth}x4", lambda info, d=_depth: cifar_resnet(d, _X4, info))

@@ -1,0 +1,168 @@
+"""``kdray train``: one experiment, stage by stage, with the model store and MLflow around the engine.
+
+MLflow layout: one parent run per invocation (params = the flattened resolved config, artifact
+``config.yaml``), one child run per stage. A stage found in the store is not trained again; its
+child run is tagged ``kdray.reused=true`` with ``kdray.source_run_id`` pointing at the run that
+trained it. The store entry is written before any MLflow artifact, so a tracking failure never
+loses a trained model; a failure marks the open runs FAILED (KILLED on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import kdray
+from kdray.config import ExperimentConfig
+from kdray.data import Dataset, load_dataset
+from kdray.distributed import local_context
+from kdray.engine import fit, model_info
+from kdray.stages import StagePlan, plan_stages
+from kdray.store import ModelStore, StoredModel
+from kdray.tracking import Tracking, flatten
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageOutcome:
+    plan: StagePlan
+    stored: StoredModel
+    run_id: str
+    reused: bool
+    metrics: dict[str, float]
+
+
+@dataclass
+class ExperimentResult:
+    parent_run_id: str
+    stages: list[StageOutcome] = field(default_factory=list)
+
+    @property
+    def student(self) -> StageOutcome:
+        return self.stages[-1]
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
+    tags = {
+        "kdray.version": kdray.__version__,
+        "method": cfg.method.name,
+        "dataset": cfg.data.name,
+        "teacher": cfg.teacher.name,
+        "student": cfg.student.name,
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def run_experiment(cfg: ExperimentConfig) -> ExperimentResult:
+    """Train (or reuse) every stage of ``cfg`` and record it all in MLflow."""
+    ctx = local_context(cfg.scaling.use_gpu)
+    if cfg.scaling.threads:
+        torch.set_num_threads(cfg.scaling.threads)
+    tracking = Tracking(cfg.tracking.uri, cfg.tracking.experiment)
+    dataset = load_dataset(cfg.data)
+    store = ModelStore(cfg.store.path)
+    plans = plan_stages(cfg, dataset.fingerprint())
+    tags = run_tags(cfg)
+    name = cfg.tracking.run_name or f"{cfg.method.name}-{cfg.student.name}"
+    parent = tracking.start_run(name, {**tags, "kdray.role": "experiment"})
+    result = ExperimentResult(parent)
+    open_runs = [parent]
+    try:
+        tracking.log_params(parent, flatten(cfg.dump()))
+        tracking.log_text(parent, cfg.to_yaml(), "config.yaml")
+        for plan in plans:
+            child = tracking.start_run(
+                plan.role, {**tags, "kdray.role": plan.role, "kdray.model_key": plan.key}, parent
+            )
+            open_runs.append(child)
+            outcome = _run_stage(cfg, plan, dataset, store, tracking, child, ctx)
+            result.stages.append(outcome)
+            tracking.end_run(open_runs.pop())
+        tracking.log_params(parent, {"data.fingerprint": dataset.fingerprint()})
+        tracking.logger(parent).log_metrics(result.student.metrics, step=cfg.train.epochs)
+        tracking.end_run(open_runs.pop())
+    except BaseException as error:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        for run_id in reversed(open_runs):
+            tracking.set_tags(run_id, {"kdray.error": f"{type(error).__name__}: {error}"[:5000]})
+            tracking.end_run(run_id, status)
+        raise
+    return result
+
+
+def _run_stage(
+    cfg: ExperimentConfig,
+    plan: StagePlan,
+    dataset: Dataset,
+    store: ModelStore,
+    tracking: Tracking,
+    run_id: str,
+    ctx,
+) -> StageOutcome:
+    stage_params = {
+        "model": plan.model,
+        **{f"train.{k}": v for k, v in plan.train.model_dump().items()},
+        "guides": ",".join(plan.guides) or "-",
+        **{f"method.{k}": v for k, v in plan.method.model_dump().items()},
+    }
+    tracking.log_params(run_id, stage_params)
+    stored = store.find(plan.key)
+    if stored is not None:
+        log.info("%-8s %s reused from the model store (%s)", plan.role, plan.model, plan.key)
+        tracking.set_tags(
+            run_id, {"kdray.reused": "true", "kdray.source_run_id": str(stored.meta.get("mlflow_run_id", ""))}
+        )
+        tracking.logger(run_id).log_metrics(stored.meta["metrics"], step=plan.train.epochs)
+        return StageOutcome(plan, stored, run_id, True, stored.meta["metrics"])
+    info = model_info(dataset)
+    guides = [store.load(key, info) for key in plan.guides]
+    outcome = fit(cfg, plan, dataset, guides, ctx, tracking.logger(run_id))
+    meta = {
+        "model": plan.model,
+        "role": plan.role,
+        "method": plan.method.model_dump(),
+        "guides": plan.guides,
+        "metrics": outcome.final,
+        "mlflow_run_id": run_id,
+        "kdray_version": kdray.__version__,
+    }
+    stored = store.save(plan.key, outcome.state_dict, cfg.to_yaml(), meta)
+    tracking.set_tags(run_id, {"kdray.reused": "false"})
+    # val/* of the last epoch is already in the per-epoch history; only test/* is new.
+    tests = {name: value for name, value in outcome.final.items() if name.startswith("test/")}
+    tracking.logger(run_id).log_metrics(tests, step=plan.train.epochs)
+    tracking.log_artifact(run_id, stored.weights)
+    tracking.log_artifact(run_id, stored.path / "config.yaml")
+    return StageOutcome(plan, stored, run_id, False, outcome.final)
+
+
+def describe(result: ExperimentResult, cfg: ExperimentConfig) -> str:
+    """A short table for the terminal: what was trained or reused, and how well it does."""
+    lines = [f"{'stage':<9}{'model':<12}{'key':<26}{'source':<9}{'val_acc':>8}{'test_acc':>9}"]
+    for stage in result.stages:
+        test = stage.metrics.get("test/acc")
+        lines.append(
+            f"{stage.plan.role:<9}{stage.plan.model:<12}{stage.plan.key:<26}"
+            f"{'reused' if stage.reused else 'trained':<9}{stage.metrics['val/acc']:>8.4f}"
+            f"{(f'{test:.4f}' if test is not None else '-'):>9}"
+        )
+    lines.append(f"MLflow: run {result.parent_run_id} in experiment '{cfg.tracking.experiment}' at {cfg.tracking.uri}")
+    lines.append(f"        view it with: mlflow ui --backend-store-uri {cfg.tracking.uri}")
+    lines.append(f"Store:  {Path(cfg.store.path).expanduser()}")
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""Shared fixtures: every test runs in its own folder, so MLflow stores and model stores never mix."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-train-jpg.tar.gz"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run inside a fresh folder with its own data cache; no MLFLOW_TRACKING_URI leaks in."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def make_image_folder(
+    root: Path, splits: dict[str, int], classes: tuple[str, ...] = ("cat", "dog", "eel"), size: int = 8, seed: int = 0
+) -> dict[str, list[tuple[np.ndarray, int]]]:
+    """Write ``splits[name]`` PNG images per class under ``root/<split>/<class>/``; return what was written."""
+    rng = np.random.default_rng(seed)
+    written: dict[str, list[tuple[np.ndarray, int]]] = {}
+    for split, per_class in splits.items():
+        written[split] = []
+        for label, name in enumerate(classes):
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                write_png(root / split / name / f"{i:03d}.png", pixels)
+                written[split].append((pixels, label))
+    return written
+
+
+def tar_folder(folder: Path, archive: Path, top: str = "data") -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=top)
+    return archive
+
+
+def add_bytes(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))

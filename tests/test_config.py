@@ -1,0 +1,105 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdray.config import ConfigError, ExperimentConfig, apply_overrides, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_empty_file_is_the_default_digits_kd_run(tmp_path: Path) -> None:
+    file = tmp_path / "empty.yaml"
+    file.write_text("")
+    cfg = load_config(file)
+    assert cfg.data.name == "digits" and cfg.method.name == "kd"
+    assert cfg.method.temperature == 4.0
+    # digits must not be flipped (a mirrored 2 is no 2): the dataset's defaults fill augment
+    assert cfg.data.augment.flip is False and cfg.data.augment.padding == 1
+
+
+def test_every_shipped_experiment_validates() -> None:
+    files = sorted((REPO / "experiments").glob("*.yaml"))
+    assert files
+    for file in files:
+        overrides = []
+        if "imagefolder" in file.read_text():
+            overrides = [f"data.root={REPO}"]  # any existing path; only validation is checked here
+        load_config(file, overrides)
+
+
+def test_overrides_are_typed_and_nested() -> None:
+    cfg = load_config(
+        None,
+        [
+            "method.temperature=2.5",
+            "train.epochs=3",
+            "train.milestones=[1, 2]",
+            "train.schedule=multistep",
+            "data.augment.flip=true",
+        ],
+    )
+    assert cfg.method.temperature == 2.5
+    assert cfg.train.epochs == 3 and cfg.train.milestones == [1, 2]
+    assert cfg.data.augment.flip is True
+
+
+def test_overrides_do_not_mutate_the_raw_dict() -> None:
+    raw = {"method": {"name": "kd", "temperature": 3}}
+    apply_overrides(raw, ["method.temperature=9"])
+    assert raw["method"]["temperature"] == 3
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, ["method.alpha=0.5"])
+    again = ExperimentConfig.model_validate(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+
+
+def test_method_without_name_means_kd(tmp_path: Path) -> None:
+    file = tmp_path / "x.yaml"
+    file.write_text("method:\n  temperature: 2\n")
+    assert load_config(file).method.name == "kd"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["method.temperature=-1"], "method.temperature: Input should be greater than 0 (got -1)"),
+        (["method.temprature=3"], "method.temprature: unknown key; allowed: name, temperature, alpha"),
+        (["student.name=resnet9"], "student.name: unknown model 'resnet9'; choose one of: plane2"),
+        (["method.name=dkd"], "method.name: unknown method 'dkd'; choose one of: kd, none"),
+        (["data.name=mnist"], "data.name: unknown dataset 'mnist'"),
+        (["data.name=imagefolder"], "data.root: dataset 'imagefolder' needs data.root"),
+        (["data.name=imagefolder", "data.root=/no/such/dir"], "data.root: '/no/such/dir' does not exist"),
+        (
+            ["data.name=cifar10", "data.root=/tmp"],
+            "data.root: no cifar-10-batches-py/ under /tmp; set data.download=true",
+        ),
+        (["train.epochs=ten"], "train.epochs: Input should be a valid integer"),
+        (["train.schedule=multistep"], "train: schedule=multistep needs train.milestones"),
+        (["trian.epochs=3"], "trian: unknown key; allowed: data, teacher, student, method"),
+        (["scaling.num_workers=2"], "scaling.num_workers: Ray Train workers are not available"),
+        (["search.space={foo.bar: {kind: float, low: 0, high: 1}}"], "search.space: 'foo.bar' is not a config field"),
+        (["epochs"], "override 'epochs': write section.field=value"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_field(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides)
+    message = str(caught.value)
+    assert message.startswith(expected), message
+    assert "\n" not in message
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such experiment file"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(listed)

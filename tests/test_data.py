@@ -1,0 +1,187 @@
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdray.config import load_config
+from kdray.data import DataError, Split, load_dataset, stratified_split
+from kdray.data.imagefolder import load_image_folder
+from tests.conftest import SHARED_CIFAR, add_bytes, make_image_folder, tar_folder, write_png
+
+
+def test_digits_splits_are_disjoint_stratified_and_uint8(workdir: Path) -> None:
+    data = load_dataset(load_config(None).data)
+    assert data.train.images.dtype == torch.uint8 and data.train.images.shape[1:] == (1, 8, 8)
+    assert len(data.train) + len(data.val) + len(data.test) == 1797
+    assert data.num_classes == 10
+    # every class appears in val, in about its share
+    assert torch.bincount(data.val.labels, minlength=10).min() >= 10
+    # normalisation statistics are the train split's own
+    assert data.mean[0] == pytest.approx(data.train.images.float().mean().item() / 255, rel=1e-5)
+
+
+def test_stratified_split_is_seeded_and_keeps_proportions() -> None:
+    labels = torch.tensor([0] * 80 + [1] * 20)
+    split = Split(torch.zeros(100, 1, 8, 8, dtype=torch.uint8), labels)
+    train, val = stratified_split(split, 0.1, seed=3)
+    again_train, again_val = stratified_split(split, 0.1, seed=3)
+    assert torch.bincount(val.labels).tolist() == [8, 2]
+    assert (
+        len(train) == 90 and torch.equal(val.labels, again_val.labels) and torch.equal(train.labels, again_train.labels)
+    )
+
+
+def test_limit_train_keeps_class_balance(workdir: Path) -> None:
+    data = load_dataset(load_config(None, ["data.limit_train=200"]).data)
+    assert 190 <= len(data.train) <= 210
+    counts = torch.bincount(data.train.labels, minlength=10)
+    assert counts.min() >= 15
+
+
+def _write_cifar(root: Path, per_batch: int, classes: int = 10, bad_label: int | None = None) -> dict:
+    """torchvision's cifar-10-batches-py layout: five train pickles, a test pickle, batches.meta."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = [int(x) for x in rng.integers(0, classes, per_batch)]
+        if bad_label is not None and name == "data_batch_3":
+            labels[0] = bad_label
+        with open(folder / name, "wb") as handle:
+            pickle.dump({"batch_label": name, "data": data, "labels": labels, "filenames": []}, handle)
+        written[name] = (data, labels)
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({"label_names": [f"c{i}" for i in range(classes)], "num_cases_per_batch": per_batch}, handle)
+    return written
+
+
+def test_cifar_pickle_layout(workdir: Path) -> None:
+    written = _write_cifar(workdir / "cifar", per_batch=20)
+    cfg = load_config(None, ["data.name=cifar10", f"data.root={workdir / 'cifar'}", "data.val_fraction=0.2"])
+    assert cfg.data.augment.padding == 4 and cfg.data.augment.flip is True
+    data = load_dataset(cfg.data)
+    assert len(data.train) + len(data.val) == 100 and len(data.test) == 20
+    # the first test image, rebuilt from the pickle's channel-planar row by hand
+    row = written["test_batch"][0][0]
+    expected = np.stack([row[:1024].reshape(32, 32), row[1024:2048].reshape(32, 32), row[2048:].reshape(32, 32)])
+    assert np.array_equal(data.test.images[0].numpy(), expected)
+    assert data.test.labels.tolist() == written["test_batch"][1]
+    assert data.classes[:2] == ["c0", "c1"]
+
+
+def test_cifar_label_out_of_range_names_the_files(workdir: Path) -> None:
+    _write_cifar(workdir / "cifar", per_batch=5, bad_label=12)
+    cfg = load_config(None, ["data.name=cifar10", f"data.root={workdir / 'cifar'}"])
+    with pytest.raises(
+        DataError, match=r"cifar-10-batches-py .*data_batch_3.*: label 12 is out of range for 10 classes"
+    ):
+        load_dataset(cfg.data)
+
+
+def test_image_folder_reads_pixels_labels_and_splits(workdir: Path) -> None:
+    written = make_image_folder(workdir / "folder", {"train": 6, "val": 2, "test": 3})
+    data = load_image_folder(workdir / "folder", workdir / "cache")
+    assert data.classes == ["cat", "dog", "eel"]
+    assert len(data.train) == 18 and len(data.val) == 6 and len(data.test) == 9
+    pixels, label = written["test"][4]
+    assert np.array_equal(data.test.images[4].permute(1, 2, 0).numpy(), pixels)  # PNG is lossless
+    assert data.test.labels[4].item() == label
+
+
+def test_image_folder_cache_is_used_and_invalidated(workdir: Path) -> None:
+    make_image_folder(workdir / "folder", {"train": 4})
+    first = load_image_folder(workdir / "folder", workdir / "cache")
+    cached = list((workdir / "cache" / "imagefolder").glob("*/meta.json"))
+    assert len(cached) == 1
+    again = load_image_folder(workdir / "folder", workdir / "cache")
+    assert torch.equal(first.train.images, again.train.images)
+    assert len(list((workdir / "cache" / "imagefolder").glob("*/meta.json"))) == 1
+    write_png(workdir / "folder" / "train" / "cat" / "new.png", np.zeros((8, 8, 3), np.uint8))
+    changed = load_image_folder(workdir / "folder", workdir / "cache")
+    assert len(changed.train) == len(first.train) + 1
+    assert len(list((workdir / "cache" / "imagefolder").glob("*/meta.json"))) == 2
+
+
+def test_image_folder_tar_gz_equals_folder(workdir: Path) -> None:
+    make_image_folder(workdir / "folder", {"train": 3, "valid": 2})
+    archive = tar_folder(workdir / "folder", workdir / "data.tar.gz")
+    from_dir = load_image_folder(workdir / "folder", workdir / "cache")
+    from_tar = load_image_folder(archive, workdir / "cache")
+    assert torch.equal(from_dir.train.images, from_tar.train.images)
+    assert torch.equal(from_dir.val.labels, from_tar.val.labels) and len(from_tar.val) == 6
+
+
+def test_tiny_imagenet_layout(workdir: Path) -> None:
+    root = workdir / "tiny"
+    rng = np.random.default_rng(1)
+    for wnid in ("n01", "n02"):
+        for i in range(3):
+            write_png(root / "train" / wnid / "images" / f"{wnid}_{i}.png", rng.integers(0, 255, (8, 8, 3), np.uint8))
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("ignored\n")
+    lines = []
+    for i, wnid in enumerate(("n02", "n01", "n02")):
+        write_png(root / "val" / "images" / f"val_{i}.png", rng.integers(0, 255, (8, 8, 3), np.uint8))
+        lines.append(f"val_{i}.png\t{wnid}\t0\t0\t8\t8")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    write_png(root / "test" / "images" / "test_0.png", rng.integers(0, 255, (8, 8, 3), np.uint8))
+    data = load_image_folder(root, workdir / "cache")
+    assert data.classes == ["n01", "n02"] and len(data.train) == 6
+    assert data.val.labels.tolist() == [1, 0, 1]
+    assert data.test is None  # unlabelled test images are skipped
+
+
+def test_corrupt_image_is_named(workdir: Path) -> None:
+    make_image_folder(workdir / "folder", {"train": 2})
+    bad = workdir / "folder" / "train" / "dog" / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    with pytest.raises(DataError, match=r"broken\.png: cannot decode image"):
+        load_image_folder(workdir / "folder", workdir / "cache")
+
+
+def test_corrupt_image_in_archive_is_named(workdir: Path) -> None:
+    make_image_folder(workdir / "folder", {"train": 2})
+    with tarfile.open(workdir / "extra.tar", "w") as tar:
+        tar.add(workdir / "folder", arcname="data")
+        add_bytes(tar, "data/train/cat/zz.jpg", b"\xff\xd8 truncated")
+    with pytest.raises(DataError, match=r"extra\.tar:data/train/cat/zz\.jpg: cannot decode image"):
+        load_image_folder(workdir / "extra.tar", workdir / "cache")
+
+
+def test_empty_class_folder_is_named(workdir: Path) -> None:
+    make_image_folder(workdir / "folder", {"train": 2})
+    (workdir / "folder" / "train" / "fox").mkdir()
+    with pytest.raises(DataError, match=r"class folder train/fox holds no images"):
+        load_image_folder(workdir / "folder", workdir / "cache")
+
+
+def test_mixed_sizes_are_named(workdir: Path) -> None:
+    make_image_folder(workdir / "folder", {"train": 2})
+    write_png(workdir / "folder" / "train" / "eel" / "big.png", np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(DataError, match=r"big\.png: image is 16x16 but .* is 8x8"):
+        load_image_folder(workdir / "folder", workdir / "cache")
+
+
+def test_val_class_unknown_to_train_is_named(workdir: Path) -> None:
+    make_image_folder(workdir / "folder", {"train": 2})
+    write_png(workdir / "folder" / "val" / "yak" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(DataError, match=r"a\.png: class 'yak' is not one of the 3 train classes"):
+        load_image_folder(workdir / "folder", workdir / "cache")
+
+
+def test_real_cifar10_jpeg_archive(workdir: Path) -> None:
+    """The shared CIFAR-10 training set (50,000 JPEGs) through the imagefolder source, then its cache."""
+    cfg = load_config(None, ["data.name=imagefolder", f"data.root={SHARED_CIFAR}", "data.val_fraction=0.1"])
+    data = load_dataset(cfg.data)
+    assert data.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert len(data.train) == 45_000 and len(data.val) == 5_000 and data.test is None
+    assert data.train.images.shape[1:] == (3, 32, 32)
+    assert torch.bincount(data.val.labels).tolist() == [500] * 10
+    # CIFAR-10's well-known channel means (0.491, 0.482, 0.447), up to JPEG re-encoding
+    assert data.mean == pytest.approx((0.491, 0.482, 0.447), abs=0.01)
+    again = load_dataset(cfg.data)  # from the uint8 cache
+    assert data.fingerprint() == again.fingerprint()

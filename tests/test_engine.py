@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdray.config import load_config
+from kdray.data import load_dataset
+from kdray.distributed import local_context
+from kdray.engine import TrainingDiverged, fit, lr_factor
+from kdray.stages import plan_stages
+
+QUICK = ["train.epochs=2", "teacher.name=plane4", "student.name=plane2", "method.name=none", "train.batch_size=64"]
+
+
+def test_two_runs_with_one_seed_are_identical(workdir: Path) -> None:
+    cfg = load_config(None, QUICK)
+    data = load_dataset(cfg.data)
+    (plan,) = plan_stages(cfg, data.fingerprint())
+    first = fit(cfg, plan, data, [], local_context(False))
+    second = fit(cfg, plan, data, [], local_context(False))
+    assert first.final == second.final
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict.values(), second.state_dict.values(), strict=True))
+    reseeded = load_config(None, [*QUICK, "train.seed=1"])
+    (other_plan,) = plan_stages(reseeded, data.fingerprint())
+    assert other_plan.key != plan.key
+    other = fit(reseeded, other_plan, data, [], local_context(False))
+    assert any(not torch.equal(a, b) for a, b in zip(first.state_dict.values(), other.state_dict.values(), strict=True))
+
+
+def test_training_learns_digits_and_logs_every_epoch(workdir: Path) -> None:
+    cfg = load_config(None, ["train.epochs=4", "student.name=resnet8", "method.name=none", "train.batch_size=64"])
+    data = load_dataset(cfg.data)
+    (plan,) = plan_stages(cfg, data.fingerprint())
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+            self.keys: set[str] = set()
+
+        def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+            self.steps.append(step)
+            self.keys |= set(metrics)
+
+    recorder = Recorder()
+    result = fit(cfg, plan, data, [], local_context(False), recorder)
+    assert recorder.steps == [1, 2, 3, 4]
+    assert {"loss/ce", "loss/total", "val/acc", "val/loss", "lr", "images_per_s"} <= recorder.keys
+    assert result.final["val/acc"] > 0.6  # chance is 0.1
+    assert 0 <= result.final["test/acc"] <= 1
+
+
+def test_diverging_loss_stops_with_a_clear_error(workdir: Path) -> None:
+    cfg = load_config(None, [*QUICK, "train.lr=1e30", "train.weight_decay=0"])
+    data = load_dataset(cfg.data)
+    (plan,) = plan_stages(cfg, data.fingerprint())
+    with pytest.raises(TrainingDiverged, match="lower train.lr"):
+        fit(cfg, plan, data, [], local_context(False))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["train.schedule=constant"], [1.0] * 10),
+        (
+            ["train.schedule=step", "train.step_size=2", "train.gamma=0.5"],
+            [1, 1, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125, 0.0625, 0.0625],
+        ),
+        (["train.schedule=multistep", "train.milestones=[3, 8]"], [1, 1, 1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01]),
+    ],
+)
+def test_lr_schedules_per_epoch(overrides: list[str], expected: list[float]) -> None:
+    train = load_config(None, ["train.epochs=10", *overrides]).train
+    factor = lr_factor(train, steps_per_epoch=4)
+    assert [factor(epoch * 4) for epoch in range(10)] == pytest.approx(expected)
+
+
+def test_cosine_with_warmup() -> None:
+    train = load_config(None, ["train.epochs=10", "train.warmup_epochs=2"]).train
+    factor = lr_factor(train, steps_per_epoch=5)
+    assert [factor(s) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert factor(10) == pytest.approx(1.0)  # warm-up done: cosine starts at the peak
+    assert factor(30) == pytest.approx(0.5)  # half-way through the cosine part
+    assert factor(49) < 0.01

@@ -1,0 +1,103 @@
+"""End to end: `kdray train` against a real sqlite MLflow store, read back through MlflowClient."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from kdray.config import ConfigError, load_config
+from kdray.engine import TrainingDiverged
+from kdray.run import run_experiment
+from kdray.store import ModelStore
+
+QUICK = [
+    "teacher.name=plane4",
+    "teacher.epochs=2",
+    "student.name=plane2",
+    "train.epochs=2",
+    "train.batch_size=64",
+    "tracking.experiment=test",
+]
+
+
+def _runs(uri: str, experiment: str = "test") -> list:
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_parent_and_stage_runs_with_metrics_and_teacher_reuse(workdir: Path) -> None:
+    cfg = load_config(None, QUICK)
+    assert cfg.tracking.uri == "sqlite:///mlflow.db"
+    first = run_experiment(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    parent = client.get_run(first.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["method.temperature"] == "4.0" and parent.data.params["student.name"] == "plane2"
+    assert parent.data.tags["method"] == "kd" and parent.data.tags["kdray.version"]
+    assert "config.yaml" in [a.path for a in client.list_artifacts(first.parent_run_id)]
+    children = {
+        r.info.run_name: r
+        for r in _runs(cfg.tracking.uri)
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    assert set(children) == {"teacher", "student"}
+    for role, run in children.items():
+        assert run.info.status == "FINISHED" and run.data.tags["kdray.reused"] == "false"
+        history = client.get_metric_history(run.info.run_id, "val/acc")
+        assert [m.step for m in history] == [1, 2]
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"model.pt", "config.yaml"}, role
+    assert "loss/kd" in children["student"].data.metrics and "loss/kd" not in children["teacher"].data.metrics
+    assert 0 <= children["student"].data.metrics["test/acc"] <= 1
+
+    again = run_experiment(load_config(None, [*QUICK, "method.temperature=2"]))
+    teacher_again, student_again = again.stages
+    assert teacher_again.reused and not student_again.reused
+    assert teacher_again.plan.key == first.stages[0].plan.key
+    reused_run = client.get_run(teacher_again.run_id)
+    assert reused_run.data.tags["kdray.reused"] == "true"
+    assert reused_run.data.tags["kdray.source_run_id"] == children["teacher"].info.run_id
+    assert student_again.plan.key != first.stages[1].plan.key
+
+
+def test_student_alone_has_no_teacher_stage(workdir: Path) -> None:
+    result = run_experiment(load_config(None, [*QUICK, "method.name=none"]))
+    assert [s.plan.role for s in result.stages] == ["student"]
+
+
+def test_stored_student_matches_a_fresh_identical_run(workdir: Path) -> None:
+    cfg = load_config(None, [*QUICK, "method.name=none", "store.path=a"])
+    first = run_experiment(cfg)
+    second = run_experiment(load_config(None, [*QUICK, "method.name=none", "store.path=b"]))
+    assert first.student.metrics == second.student.metrics
+    a = ModelStore("a").load(first.student.plan.key, _info())
+    b = ModelStore("b").load(second.student.plan.key, _info())
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def _info():
+    from kdray.models import ModelInfo
+
+    return ModelInfo(num_classes=10, in_channels=1, image_size=8)
+
+
+def test_unreachable_tracking_server_is_refused_before_training(workdir: Path) -> None:
+    cfg = load_config(None, [*QUICK, "tracking.uri=http://127.0.0.1:9"])
+    with pytest.raises(ConfigError, match="tracking.uri: cannot reach the MLflow server at http://127.0.0.1:9"):
+        run_experiment(cfg)
+    assert not Path(".kdray").exists()
+
+
+def test_failure_marks_runs_failed_and_keeps_stored_teacher(workdir: Path) -> None:
+    # The student diverges; the teacher trained before it stays stored and its run FINISHED.
+    cfg = load_config(None, [*QUICK, "train.lr=1e30", "train.weight_decay=0", "teacher.lr=0.05"])
+    with pytest.raises(TrainingDiverged):
+        run_experiment(cfg)
+    runs = {r.info.run_name: r for r in _runs(cfg.tracking.uri)}
+    assert runs["teacher"].info.status == "FINISHED"
+    assert runs["student"].info.status == "FAILED" and runs["kd-plane2"].info.status == "FAILED"
+    assert "lower train.lr" in runs["kd-plane2"].data.tags["kdray.error"]
+    teacher_key = runs["teacher"].data.tags["kdray.model_key"]
+    assert ModelStore(cfg.store.path).find(teacher_key) is not None
+    assert ModelStore(cfg.store.path).find(runs["student"].data.tags["kdray.model_key"]) is None
