@@ -279,7 +279,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: an experiment file is a mapping of sections (data, teacher, ...)")
-    return validate_config(apply_overrides(raw, overrides or []))
+    overrides = overrides or []
+    switched = [item.partition("=")[2].strip() for item in overrides if item.partition("=")[0].strip() == "method.name"]
+    if switched and isinstance(raw.get("method"), dict) and raw["method"].get("name", "kd") != switched[-1]:
+        # Switching method on the command line starts from the new method's defaults: the file's
+        # hyperparameters belong to the old method (method.* overrides still apply).
+        raw = {**raw, "method": {}}
+    return validate_config(apply_overrides(raw, overrides))
 
 
 def validate_config(raw: dict[str, Any]) -> ExperimentConfig:

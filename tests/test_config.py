@@ -103,3 +103,12 @@ def test_bad_files(tmp_path: Path) -> None:
     listed.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping of sections"):
         load_config(listed)
+
+
+def test_switching_method_on_the_command_line_drops_the_files_method_params() -> None:
+    quickstart = REPO / "experiments" / "quickstart.yaml"
+    assert load_config(quickstart, ["method.name=none"]).method.name == "none"
+    # the same method keeps the file's values, and method.* overrides still apply after a switch
+    assert load_config(quickstart, ["method.name=kd"]).method.temperature == 4.0
+    with pytest.raises(ConfigError, match="method.alpha: unknown key"):
+        load_config(quickstart, ["method.name=none", "method.alpha=0.5"])
