@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from kdray.data import DATASETS
 from kdray.methods import METHODS
@@ -39,7 +48,9 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    name: str = Field("digits", description="Dataset: " + ", ".join(DATASETS.names()) + ".")
+    name: Annotated[str, AfterValidator(DATASETS.require)] = Field(
+        "digits", description="Dataset: " + ", ".join(DATASETS.names()) + "."
+    )
     download: bool = Field(False, description="Let torchvision download CIFAR into data.root (needs internet).")
     root: str | None = Field(
         None, validate_default=True, description="Folder or .tar.gz of the data (cifar*, imagefolder)."
@@ -66,13 +77,6 @@ class DataConfig(Section):
             data = {**data, "augment": augment}
         return data
 
-    @field_validator("name")
-    @classmethod
-    def _known_dataset(cls, name: str) -> str:
-        if name not in DATASETS:
-            raise ValueError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS.names())}")
-        return name
-
     @field_validator("root")
     @classmethod
     def _root_exists(cls, root: str | None, info: ValidationInfo) -> str | None:
@@ -94,18 +98,15 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    name: str = Field("resnet8", description="Architecture (see `kdray models`).")
-
-    @field_validator("name")
-    @classmethod
-    def _known_model(cls, name: str) -> str:
-        if name not in MODELS:
-            raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(MODELS.names())}")
-        return name
+    name: Annotated[str, AfterValidator(MODELS.require)] = Field(
+        "resnet8", description="Architecture (see `kdray models`)."
+    )
 
 
 class TeacherConfig(ModelConfig):
-    name: str = Field("resnet20", description="Teacher architecture (see `kdray models`).")
+    name: Annotated[str, AfterValidator(MODELS.require)] = Field(
+        "resnet20", description="Teacher architecture (see `kdray models`)."
+    )
     epochs: int | None = Field(None, ge=1, description="Teacher training epochs; null = train.epochs.")
     lr: float | None = Field(None, gt=0, description="Teacher peak learning rate; null = train.lr.")
 

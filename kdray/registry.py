@@ -35,10 +35,13 @@ class Registry(Generic[T]):
         self._entries[name] = entry
 
     def __getitem__(self, name: str) -> T:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise KeyError(f"unknown {self.kind} '{name}'; choose one of: {', '.join(self.names())}") from None
+        return self._entries[self.require(name)]
+
+    def require(self, name: str) -> str:
+        """Return ``name`` if registered, else raise ValueError listing the choices (a pydantic validator)."""
+        if name not in self._entries:
+            raise ValueError(f"unknown {self.kind} '{name}'; choose one of: {', '.join(self.names())}")
+        return name
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

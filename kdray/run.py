@@ -98,12 +98,20 @@ def run_experiment(cfg: ExperimentConfig) -> ExperimentResult:
         tracking.logger(parent).log_metrics(result.student.metrics, step=cfg.train.epochs)
         tracking.end_run(open_runs.pop())
     except BaseException as error:
-        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-        for run_id in reversed(open_runs):
-            tracking.set_tags(run_id, {"kdray.error": f"{type(error).__name__}: {error}"[:5000]})
-            tracking.end_run(run_id, status)
+        _mark_failed(tracking, open_runs, error)
         raise
     return result
+
+
+def _mark_failed(tracking: Tracking, run_ids: list[str], error: BaseException) -> None:
+    """Close the open runs as FAILED (KILLED on Ctrl-C); a broken tracking store must not hide ``error``."""
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    for run_id in reversed(run_ids):
+        try:
+            tracking.set_tags(run_id, {"kdray.error": f"{type(error).__name__}: {error}"[:5000]})
+            tracking.end_run(run_id, status)
+        except Exception as tracking_error:  # reported; the original error propagates
+            log.warning("could not mark MLflow run %s %s: %s", run_id, status, tracking_error)
 
 
 def _run_stage(
