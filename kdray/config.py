@@ -101,6 +101,7 @@ class ModelConfig(Section):
     name: Annotated[str, AfterValidator(MODELS.require)] = Field(
         "resnet8", description="Architecture (see `kdray models`)."
     )
+    onthefly: bool = Field(False, description="Replace every 3x3 convolution by a 1x3 one (Pacemaker's student).")
 
 
 class TeacherConfig(ModelConfig):
@@ -115,8 +116,10 @@ MethodParams = Annotated[Union[tuple(cls.Params for _, cls in METHODS.items())],
 
 
 class AssistantsConfig(Section):
-    depth: int = Field(0, ge=0, description="Teacher assistants between teacher and student (chain methods).")
-    models: list[str] = Field(default_factory=list, description="Explicit assistant ladder, largest first.")
+    depth: int = Field(0, ge=0, le=8, description="Teacher assistants between teacher and student (takd, dgkd).")
+    models: list[Annotated[str, AfterValidator(MODELS.require)]] = Field(
+        default_factory=list, description="Ladder to pick assistants from, largest first (default: the built-in one)."
+    )
 
 
 class TrainConfig(Section):
@@ -224,8 +227,12 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
-        if self.assistants.depth or self.assistants.models:
-            raise ValueError("assistants: only chain methods use assistants, and none is available in this version")
+        from kdray.ladders import pick_assistants
+
+        if METHODS[self.method.name].guidance(self.method) == "chain":
+            pick_assistants(self.teacher.name, self.student.name, self.assistants)
+        elif self.assistants.depth or self.assistants.models:
+            raise ValueError("assistants: only chain methods (takd, dgkd) use assistants; remove the section")
         for key in self.search.space:
             if not _has_field(self, key):
                 raise ValueError(

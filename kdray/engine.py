@@ -51,8 +51,8 @@ class FitResult:
     final: dict[str, float] = field(default_factory=dict)
 
 
-def model_info(dataset: Dataset) -> ModelInfo:
-    return ModelInfo(dataset.num_classes, dataset.in_channels, dataset.image_size)
+def model_info(dataset: Dataset, onthefly: bool = False) -> ModelInfo:
+    return ModelInfo(dataset.num_classes, dataset.in_channels, dataset.image_size, onthefly)
 
 
 def build_optimizer(params: Sequence[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
@@ -93,19 +93,39 @@ def autocast(ctx: WorkerContext, enabled: bool) -> tuple[contextlib.AbstractCont
 
 
 @torch.no_grad()
-def evaluate(model: StagedNet, split: DeviceSplit, batch_size: int, ctx: WorkerContext) -> dict[str, float]:
-    """Accuracy and mean cross-entropy over the whole split (all workers' shards summed)."""
+def evaluate(
+    model: StagedNet,
+    split: DeviceSplit,
+    batch_size: int,
+    ctx: WorkerContext,
+    extra: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, float]:
+    """Accuracy and mean cross-entropy over the whole split (all workers' shards summed).
+
+    ``extra`` returns further per-sample statistics (a method's ``eval_terms``), averaged the same way.
+    """
     was_training = model.training
     model.eval()
-    totals = torch.zeros(3, device=ctx.device, dtype=torch.float64)
+    names = ["loss", "acc"]
+    totals: torch.Tensor | None = None
+    count = 0
     for batch in eval_batches(split, batch_size, ctx.rank, ctx.world_size):
         logits = model(batch.images).float()
-        totals[0] += F.cross_entropy(logits, batch.labels, reduction="sum")
-        totals[1] += (logits.argmax(1) == batch.labels).sum()
-        totals[2] += len(batch.labels)
+        columns = [
+            F.cross_entropy(logits, batch.labels, reduction="none"),
+            (logits.argmax(1) == batch.labels).double(),
+        ]
+        if extra is not None:
+            terms = extra(batch.images, batch.labels)
+            names = ["loss", "acc", *terms]
+            columns += list(terms.values())
+        sums = torch.stack([column.double().sum() for column in columns])
+        totals = sums if totals is None else totals + sums
+        count += len(batch.labels)
     model.train(was_training)
-    loss, correct, count = all_reduce_sum(totals, ctx).tolist()
-    return {"acc": correct / count, "loss": loss / count}
+    assert totals is not None
+    counted = all_reduce_sum(torch.cat([totals, totals.new_tensor([count])]), ctx).tolist()
+    return {name: value / counted[-1] for name, value in zip(names, counted[:-1], strict=True)}
 
 
 def fit(
@@ -121,7 +141,7 @@ def fit(
     train_cfg = plan.train
     epochs = train_cfg.epochs
     torch.manual_seed(train_cfg.seed)
-    student = build_model(plan.model, model_info(dataset))
+    student = build_model(plan.model.name, model_info(dataset, plan.model.onthefly))
     method: Method = METHODS[plan.method.name](student, guides, plan.method).to(ctx.device)
     splits = {
         name: DeviceSplit(split, dataset.mean, dataset.std, ctx.device)
@@ -172,11 +192,11 @@ def fit(
             raise TrainingDiverged(
                 f"{plan.role}: the loss became {values['loss/total']} in epoch {epoch + 1}; lower train.lr"
             )
-        val = evaluate(student, splits["val"], train_cfg.eval_batch_size, ctx)
+        method.eval()
+        val = evaluate(method.deployable(), splits["val"], train_cfg.eval_batch_size, ctx, method.eval_terms)
         metrics = {
             **values,
-            "val/acc": val["acc"],
-            "val/loss": val["loss"],
+            **{f"val/{name}": value for name, value in val.items()},
             "lr": lr,
             "images_per_s": steps_per_epoch * train_cfg.batch_size * ctx.world_size / elapsed,
         }
@@ -193,9 +213,10 @@ def fit(
                 metrics["images_per_s"],
                 lr,
             )
-    result.final = {"val/acc": result.history[-1]["val/acc"], "val/loss": result.history[-1]["val/loss"]}
+    result.final = {name: value for name, value in result.history[-1].items() if name.startswith("val/")}
     if "test" in splits:
-        test = evaluate(student, splits["test"], train_cfg.eval_batch_size, ctx)
-        result.final.update({"test/acc": test["acc"], "test/loss": test["loss"]})
-    result.state_dict = {name: tensor.detach().cpu() for name, tensor in student.state_dict().items()}
+        test = evaluate(method.deployable(), splits["test"], train_cfg.eval_batch_size, ctx, method.eval_terms)
+        result.final.update({f"test/{name}": value for name, value in test.items()})
+    deployable = method.deployable().state_dict()
+    result.state_dict = {name: tensor.detach().cpu() for name, tensor in deployable.items()}
     return result

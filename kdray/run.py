@@ -124,7 +124,7 @@ def _run_stage(
     ctx,
 ) -> StageOutcome:
     stage_params = {
-        "model": plan.model,
+        **{f"model.{k}": v for k, v in plan.model.model_dump().items()},
         **{f"train.{k}": v for k, v in plan.train.model_dump().items()},
         "guides": ",".join(plan.guides) or "-",
         **{f"method.{k}": v for k, v in plan.method.model_dump().items()},
@@ -132,7 +132,7 @@ def _run_stage(
     tracking.log_params(run_id, stage_params)
     stored = store.find(plan.key)
     if stored is not None:
-        log.info("%-8s %s reused from the model store (%s)", plan.role, plan.model, plan.key)
+        log.info("%-8s %s reused from the model store (%s)", plan.role, plan.model.name, plan.key)
         tracking.set_tags(
             run_id, {"kdray.reused": "true", "kdray.source_run_id": str(stored.meta.get("mlflow_run_id", ""))}
         )
@@ -142,7 +142,7 @@ def _run_stage(
     guides = [store.load(key, info) for key in plan.guides]
     outcome = fit(cfg, plan, dataset, guides, ctx, tracking.logger(run_id))
     meta = {
-        "model": plan.model,
+        "model": plan.model.model_dump(),
         "role": plan.role,
         "method": plan.method.model_dump(),
         "guides": plan.guides,
@@ -162,11 +162,11 @@ def _run_stage(
 
 def describe(result: ExperimentResult, cfg: ExperimentConfig) -> str:
     """A short table for the terminal: what was trained or reused, and how well it does."""
-    lines = [f"{'stage':<9}{'model':<12}{'key':<26}{'source':<9}{'val_acc':>8}{'test_acc':>9}"]
+    lines = [f"{'stage':<11}{'model':<12}{'key':<26}{'source':<9}{'val_acc':>8}{'test_acc':>9}"]
     for stage in result.stages:
         test = stage.metrics.get("test/acc")
         lines.append(
-            f"{stage.plan.role:<9}{stage.plan.model:<12}{stage.plan.key:<26}"
+            f"{stage.plan.role:<11}{stage.plan.model.name:<12}{stage.plan.key:<26}"
             f"{'reused' if stage.reused else 'trained':<9}{stage.metrics['val/acc']:>8.4f}"
             f"{(f'{test:.4f}' if test is not None else '-'):>9}"
         )

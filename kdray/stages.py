@@ -1,8 +1,9 @@
 """An experiment as an ordered list of stages; each stage trains (or reuses) one stored model.
 
-Teachers, and later assistant chains, are not special engines: a stage is an ordinary run whose
-finished model becomes a guide of the next stage. Each stage's store key is computed from its
-identity before anything trains, so reuse is decided up front.
+Teachers, assistant chains and pacemakers are not special engines: a stage is an ordinary run whose
+finished model becomes a guide of later stages. Each stage's store key is computed from its identity
+before anything trains, so reuse is decided up front, and an assistant shared by two experiments (or
+two search trials) with the same recipe and guides is trained once.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from kdray.config import ExperimentConfig, MethodParams, TrainConfig
+from kdray.config import ExperimentConfig, MethodParams, ModelConfig, TrainConfig
+from kdray.ladders import pick_assistants
 from kdray.methods import METHODS
 from kdray.store import model_key
 
@@ -22,7 +24,7 @@ class StagePlan(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     role: str
-    model: str
+    model: ModelConfig
     method: MethodParams
     train: TrainConfig
     guides: list[str]
@@ -30,54 +32,67 @@ class StagePlan(BaseModel):
 
 
 def stage_identity(
-    cfg: ExperimentConfig, model: str, method: dict[str, Any], train: TrainConfig, guides: list[str], fingerprint: str
+    cfg: ExperimentConfig,
+    model: ModelConfig,
+    method: MethodParams,
+    train: TrainConfig,
+    guides: list[str],
+    fingerprint: str,
 ) -> dict[str, Any]:
     """Everything that determines a trained model's weights, and nothing that does not."""
     recipe = train.model_dump(mode="json")
     recipe.pop("eval_batch_size")
     return {
-        "model": model,
-        "data": {
-            "fingerprint": fingerprint,
-            "augment": cfg.data.augment.model_dump(mode="json"),
-        },
+        "model": model.model_dump(mode="json"),
+        "data": {"fingerprint": fingerprint, "augment": cfg.data.augment.model_dump(mode="json")},
         "train": recipe,
-        "method": method,
+        "method": method.model_dump(mode="json"),
         "guides": guides,
     }
 
 
-def plan_stages(cfg: ExperimentConfig, fingerprint: str) -> list[StagePlan]:
-    """Teacher (when the method needs one), then the student."""
-    plans: list[StagePlan] = []
-    guides: list[str] = []
-    if METHODS[cfg.method.name].needs_teacher:
-        teacher_method = METHODS["none"].Params()
+class _Planner:
+    def __init__(self, cfg: ExperimentConfig, fingerprint: str) -> None:
+        self.cfg = cfg
+        self.fingerprint = fingerprint
+        self.plans: list[StagePlan] = []
+
+    def add(self, role: str, model: ModelConfig, method: MethodParams, guides: list[str], train: TrainConfig) -> str:
+        key = model_key(stage_identity(self.cfg, model, method, train, guides, self.fingerprint))
+        self.plans.append(StagePlan(role=role, model=model, method=method, train=train, guides=guides, key=key))
+        return key
+
+    def teacher(self) -> str:
+        cfg = self.cfg
         recipe = cfg.train.model_copy(
             update={"epochs": cfg.teacher.epochs or cfg.train.epochs, "lr": cfg.teacher.lr or cfg.train.lr}
         )
-        identity = stage_identity(cfg, cfg.teacher.name, teacher_method.model_dump(), recipe, [], fingerprint)
-        plans.append(
-            StagePlan(
-                role="teacher",
-                model=cfg.teacher.name,
-                method=teacher_method,
-                train=recipe,
-                guides=[],
-                key=model_key(identity),
-            )
-        )
-        guides = [plans[-1].key]
-    method = cfg.method.model_dump(mode="json")
-    identity = stage_identity(cfg, cfg.student.name, method, cfg.train, guides, fingerprint)
-    plans.append(
-        StagePlan(
-            role="student",
-            model=cfg.student.name,
-            method=cfg.method,
-            train=cfg.train,
-            guides=guides,
-            key=model_key(identity),
-        )
-    )
-    return plans
+        model = ModelConfig(name=cfg.teacher.name, onthefly=cfg.teacher.onthefly)
+        return self.add("teacher", model, METHODS["none"].Params(), [], recipe)
+
+
+def plan_stages(cfg: ExperimentConfig, fingerprint: str) -> list[StagePlan]:
+    """The stages of ``cfg`` in training order; the student is always last."""
+    planner = _Planner(cfg, fingerprint)
+    method = cfg.method
+    guidance = METHODS[method.name].guidance(method)
+    guides: list[str] = []
+    if guidance == "teacher":
+        guides = [planner.teacher()]
+    elif guidance == "chain":
+        # Every link learns by the chain's method. TAKD: from the next larger model only; DGKD: from
+        # every larger model (teacher first), as ``METHODS[...].dense`` says.
+        chain = [planner.teacher()]
+        dense = getattr(METHODS[method.name], "dense", False)
+        for index, name in enumerate(pick_assistants(cfg.teacher.name, cfg.student.name, cfg.assistants), start=1):
+            link = list(chain) if dense else [chain[-1]]
+            chain.append(planner.add(f"assistant{index}", ModelConfig(name=name), method, link, cfg.train))
+        guides = list(chain) if dense else [chain[-1]]
+    elif guidance == "pacemaker":
+        teacher = planner.teacher()
+        pacemaker_model = ModelConfig(name=method.pacemaker or cfg.student.name)  # type: ignore[union-attr]
+        pacemaker_method = METHODS["kd"].Params(temperature=method.temperature, alpha=method.alpha)  # type: ignore[union-attr]
+        pacemaker = planner.add("pacemaker", pacemaker_model, pacemaker_method, [teacher], cfg.train)
+        guides = [pacemaker, teacher]
+    planner.add("student", cfg.student, method, guides, cfg.train)
+    return planner.plans

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,7 @@ class ModelStore:
         stored = self.find(key)
         if stored is None:
             raise FileNotFoundError(f"model {key} is not in the store at {self.root}")
-        model = build_model(stored.meta["model"], info)
+        spec = stored.meta["model"]
+        model = build_model(spec["name"], replace(info, onthefly=spec.get("onthefly", False)))
         model.load_state_dict(torch.load(stored.weights, map_location="cpu", weights_only=True))
         return model

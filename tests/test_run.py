@@ -101,3 +101,27 @@ def test_failure_marks_runs_failed_and_keeps_stored_teacher(workdir: Path) -> No
     teacher_key = runs["teacher"].data.tags["kdray.model_key"]
     assert ModelStore(cfg.store.path).find(teacher_key) is not None
     assert ModelStore(cfg.store.path).find(runs["student"].data.tags["kdray.model_key"]) is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "terms"),
+    [
+        (["method.name=triplet", "method.mining=semihard"], {"ce", "kd", "triplet"}),
+        (["method.name=feature_mixup", "method.branches=3"], {"ce", "kd"}),
+        (["method.name=stkd", "method.clean_kd=0.5"], {"ce", "kd", "kd_clean"}),
+        (["method.name=takd", "teacher.name=plane8", "assistants.depth=1"], {"ce", "kd"}),
+        (["method.name=dgkd", "teacher.name=plane8", "assistants.depth=2"], {"ce", "kd"}),
+        (["method.name=pacemaker", "student.onthefly=true"], {"ce", "kd_pacemaker", "kd_teacher"}),
+        (["method.name=online_branch", "method.branches=2"], {"ce", "kd", "ce_fused", "cd"}),
+    ],
+)
+def test_every_method_trains_end_to_end_and_logs_its_terms(workdir: Path, overrides: list[str], terms: set) -> None:
+    cfg = load_config(None, [*QUICK, "teacher.epochs=1", "train.epochs=1", *overrides])
+    result = run_experiment(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    student = client.get_run(result.student.run_id)
+    logged = {name.removeprefix("loss/") for name in student.data.metrics if name.startswith("loss/")}
+    assert logged == terms | {"total"}
+    assert 0 <= student.data.metrics["val/acc"] <= 1
+    assert student.data.tags["kdray.role"] == "student"
+    assert ModelStore(cfg.store.path).find(result.student.plan.key) is not None

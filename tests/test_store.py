@@ -22,7 +22,9 @@ def test_miss_then_hit_round_trips_weights(tmp_path: Path) -> None:
     assert store.find("k1") is None
     torch.manual_seed(0)
     model = build_model("resnet8", INFO)
-    stored = store.save("k1", model.state_dict(), "student:\n  name: resnet8\n", {"model": "resnet8", "metrics": {}})
+    stored = store.save(
+        "k1", model.state_dict(), "student:\n  name: resnet8\n", {"model": {"name": "resnet8"}, "metrics": {}}
+    )
     assert store.find("k1") == stored
     assert json.loads((stored.path / "meta.json").read_text())["key"] == "k1"
     loaded = store.load("k1", INFO)
@@ -35,15 +37,17 @@ def test_miss_then_hit_round_trips_weights(tmp_path: Path) -> None:
 def test_second_writer_keeps_the_first_entry(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
     first = build_model("plane2", INFO).state_dict()
-    store.save("same", first, "", {"model": "plane2", "metrics": {"val/acc": 1.0}})
-    store.save("same", build_model("plane2", INFO).state_dict(), "", {"model": "plane2", "metrics": {"val/acc": 0.0}})
+    store.save("same", first, "", {"model": {"name": "plane2"}, "metrics": {"val/acc": 1.0}})
+    store.save(
+        "same", build_model("plane2", INFO).state_dict(), "", {"model": {"name": "plane2"}, "metrics": {"val/acc": 0.0}}
+    )
     assert store.find("same").meta["metrics"] == {"val/acc": 1.0}
     assert not list(tmp_path.glob(".same-*"))
 
 
 def test_loading_refuses_pickled_code(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
-    store.save("evil", {}, "", {"model": "plane2", "metrics": {}})
+    store.save("evil", {}, "", {"model": {"name": "plane2"}, "metrics": {}})
     torch.save({"weights": torch.zeros(1), "payload": Path("x")}, store.find("evil").weights)  # not plain tensors
     with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
         store.load("evil", INFO)

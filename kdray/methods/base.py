@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -41,16 +41,28 @@ class MethodParams(BaseModel):
     name: str
 
 
+Guidance = Literal["alone", "teacher", "chain", "pacemaker"]
+
+
 class Method(nn.Module):
-    """Base class: ``forward(images, labels, step)`` returns ``{term: weighted scalar loss}``."""
+    """Base class: ``forward(images, labels, step)`` returns ``{term: weighted scalar loss}``.
+
+    ``guidance`` tells the stage planner which models a method learns from: none (``alone``), the
+    teacher, an assistant chain ending at the teacher, or a pacemaker and the teacher.
+    """
 
     Params: ClassVar[type[MethodParams]]
-    needs_teacher: ClassVar[bool] = True
+    kind: ClassVar[Guidance] = "teacher"
     summary: ClassVar[str] = ""
+
+    @classmethod
+    def guidance(cls, params: MethodParams) -> Guidance:
+        """Which guides this method needs with these hyperparameters (some methods can run alone)."""
+        return cls.kind
 
     def __init__(self, student: StagedNet, guides: Sequence[StagedNet], params: MethodParams) -> None:
         super().__init__()
-        if self.needs_teacher and not guides:
+        if self.guidance(params) != "alone" and not guides:
             raise ValueError(f"method '{params.name}' needs a teacher")
         self.student = student
         self.guides = nn.ModuleList(guides)
@@ -67,6 +79,14 @@ class Method(nn.Module):
     def trainable(self) -> list[nn.Parameter]:
         """Parameters the optimiser updates (the student; methods with extra modules extend this)."""
         return [p for p in self.student.parameters() if p.requires_grad]
+
+    def deployable(self) -> StagedNet:
+        """The model that is evaluated, stored and deployed (the student; one branch for multi-branch)."""
+        return self.student
+
+    def eval_terms(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra per-sample validation statistics (e.g. each branch's correctness), averaged by the engine."""
+        return {}
 
     def guide_logits(self, index: int, images: torch.Tensor) -> torch.Tensor:
         """Logits of frozen guide ``index``, computed without building a graph."""

@@ -19,7 +19,7 @@ class StudentOnly(Method):
     """``L = CE(s(x), y)``."""
 
     Params = StudentOnlyParams
-    needs_teacher = False
+    kind = "alone"
     summary = "no distillation: cross-entropy on the labels (baseline; trains teachers)"
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ def plane_cnn(depth: int, info: ModelInfo) -> StagedNet:
     for index, widths in enumerate(conv_stages, start=1):
         layers: list[nn.Module] = []
         for width in widths:
-            layers += [conv3x3(channels, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            layers += [conv3x3(channels, width, onthefly=info.onthefly), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
             channels = width
         layers.append(nn.MaxPool2d(2, ceil_mode=True))
         stages.append((f"block{index}", nn.Sequential(*layers)))

@@ -11,11 +11,12 @@ from kdray.registry import Registry
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What an architecture needs to know about the data it will see."""
+    """What an architecture needs to know: the data it will see, and its filter shape."""
 
     num_classes: int
     in_channels: int = 3
     image_size: int = 32
+    onthefly: bool = False  # every 3x3 convolution becomes 1x3 (Pacemaker KD's student)
 
 
 MODELS: Registry[Callable[[ModelInfo], StagedNet]] = Registry("model")

@@ -15,11 +15,11 @@ from kdray.models.staged import PooledLinearHead, StagedNet, conv3x3, init_weigh
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, onthefly: bool = False) -> None:
         super().__init__()
-        self.conv1 = conv3x3(in_channels, out_channels, stride)
+        self.conv1 = conv3x3(in_channels, out_channels, stride, onthefly)
         self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = conv3x3(out_channels, out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels, onthefly=onthefly)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
@@ -39,11 +39,16 @@ def cifar_resnet(depth: int, widths: tuple[int, int, int, int], info: ModelInfo)
     if (depth - 2) % 6:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
     blocks = (depth - 2) // 6
-    stem = nn.Sequential(conv3x3(info.in_channels, widths[0]), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+    stem = nn.Sequential(
+        conv3x3(info.in_channels, widths[0], onthefly=info.onthefly), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+    )
     stages: list[tuple[str, nn.Module]] = [("stem", stem)]
     channels = widths[0]
     for index, (width, stride) in enumerate(zip(widths[1:], (1, 2, 2), strict=True), start=1):
-        layer = [BasicBlock(channels if b == 0 else width, width, stride if b == 0 else 1) for b in range(blocks)]
+        layer = [
+            BasicBlock(channels if b == 0 else width, width, stride if b == 0 else 1, info.onthefly)
+            for b in range(blocks)
+        ]
         stages.append((f"layer{index}", nn.Sequential(*layer)))
         channels = width
     model = StagedNet(stages, PooledLinearHead(channels, info.num_classes))

@@ -44,10 +44,22 @@ class StagedNet(nn.Module):
         logits = self.head(x)
         return (logits, outputs) if features else logits
 
-    def forward_from(self, stage: str, hidden: torch.Tensor) -> torch.Tensor:
-        """Continue a forward pass from the output of ``stage`` (which must be a stage name)."""
+    def forward_to(self, stage: str, x: torch.Tensor) -> torch.Tensor:
+        """Run the stages up to and including ``stage``; its output is what ``forward_from`` takes."""
+        self._check_stage(stage)
+        for name, module in self.stages.items():
+            x = module(x)
+            if name == stage:
+                break
+        return x
+
+    def _check_stage(self, stage: str) -> None:
         if stage not in self.stages:
             raise KeyError(f"unknown stage '{stage}'; stages are {', '.join(self.stage_names)}")
+
+    def forward_from(self, stage: str, hidden: torch.Tensor) -> torch.Tensor:
+        """Continue a forward pass from the output of ``stage`` (which must be a stage name)."""
+        self._check_stage(stage)
         names = self.stage_names
         for name in names[names.index(stage) + 1 :]:
             hidden = self.stages[name](hidden)
@@ -66,8 +78,14 @@ class PooledLinearHead(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    """The 3x3 convolution every family is built from (padding keeps the size at stride 1)."""
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1, onthefly: bool = False) -> nn.Conv2d:
+    """The 3x3 convolution every family is built from (padding keeps the size at stride 1).
+
+    ``onthefly`` makes it a 1x3 convolution, the "on-the-fly" 1xN filter of Pacemaker KD
+    (Son et al., 2020): a third of the weights, same output size (padding 0 vertically, 1 horizontally).
+    """
+    if onthefly:
+        return nn.Conv2d(in_channels, out_channels, kernel_size=(1, 3), stride=stride, padding=(0, 1), bias=False)
     return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
 
 

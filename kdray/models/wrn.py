@@ -14,12 +14,12 @@ from kdray.models.staged import PooledLinearHead, StagedNet, conv3x3, init_weigh
 
 
 class PreActBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, onthefly: bool = False) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_channels)
-        self.conv1 = conv3x3(in_channels, out_channels, stride)
+        self.conv1 = conv3x3(in_channels, out_channels, stride, onthefly)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.conv2 = conv3x3(out_channels, out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels, onthefly=onthefly)
         self.shortcut: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
@@ -37,11 +37,12 @@ def wide_resnet(depth: int, widen: int, info: ModelInfo) -> StagedNet:
         raise ValueError(f"WRN depth must be 6n+4, got {depth}")
     blocks = (depth - 4) // 6
     widths = (16 * widen, 32 * widen, 64 * widen)
-    stages: list[tuple[str, nn.Module]] = [("stem", conv3x3(info.in_channels, 16))]
+    stages: list[tuple[str, nn.Module]] = [("stem", conv3x3(info.in_channels, 16, onthefly=info.onthefly))]
     channels = 16
     for index, (width, stride) in enumerate(zip(widths, (1, 2, 2), strict=True), start=1):
         layer: list[nn.Module] = [
-            PreActBlock(channels if b == 0 else width, width, stride if b == 0 else 1) for b in range(blocks)
+            PreActBlock(channels if b == 0 else width, width, stride if b == 0 else 1, info.onthefly)
+            for b in range(blocks)
         ]
         if index == 3:
             layer += [nn.BatchNorm2d(width), nn.ReLU(inplace=True)]

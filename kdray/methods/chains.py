@@ -1,0 +1,73 @@
+"""Teacher-assistant chains: TAKD (Mirzadeh et al., AAAI 2020) and DGKD (Son, Na, Choi, Hwang, ICCV 2021).
+
+A chain is planned as ordinary stages (``kdray.stages``): teacher → assistant 1 → … → student, the
+assistants picked evenly from a ladder (``kdray.ladders``). Each link is trained by the chain's
+method from its guides:
+
+- TAKD: the next larger model only, by Hinton KD:
+  ``L = (1 − α)·CE + α·T²·KL(softmax(z_prev/T) ‖ softmax(z_s/T))``.
+- DGKD: every larger model (the teacher and every larger assistant), with stochastic teaching:
+  ``L = (1 − λ)·CE + λ·T²·Σ_{k∈K} KL(softmax(z_k/T) ‖ softmax(z_s/T))``, where each mini-batch
+  drops ``drop_num`` of the guides uniformly at random (the teacher's term too; at least one stays).
+  Dropped guides are not evaluated (the authors' code runs them anyway). ``reduce: mean`` averages the
+  kept terms instead of summing them. The authors' code uses ``KLDivLoss()`` with mean reduction
+  (1/C of the batch mean); kdray uses the batch mean, so its λ·T² scale is the paper's formula.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
+from kdray.methods.kd import KD, KDParams
+from kdray.methods.losses import soft_kl
+
+
+class TAKDParams(KDParams):
+    name: Literal["takd"] = "takd"  # type: ignore[assignment]
+
+
+@METHODS.register("takd")
+class TAKD(KD):
+    """Hinton KD along a chain: each link's single guide is the next larger model."""
+
+    Params = TAKDParams
+    kind = "chain"
+    summary = "Mirzadeh et al. 2020: KD link by link along teacher > assistants > student"
+
+
+class DGKDParams(MethodParams):
+    name: Literal["dgkd"] = "dgkd"
+    temperature: float = Field(5.0, gt=0, le=100, description="Softmax temperature T (authors' code: 5).")
+    alpha: float = Field(0.9, ge=0, le=1, description="lambda: weight of the KD sum; (1 - lambda) weighs CE.")
+    drop_num: int = Field(1, ge=0, le=8, description="Guides dropped per mini-batch (at least one always stays).")
+    reduce: Literal["sum", "mean"] = Field("sum", description="Sum (paper) or average the kept guides' KL terms.")
+
+
+@METHODS.register("dgkd")
+class DGKD(Method):
+    """Densely guided KD: learn from every larger model, dropping some guides per batch."""
+
+    Params = DGKDParams
+    kind = "chain"
+    dense = True  # the stage planner gives each link every larger model as a guide
+    summary = "Son et al. 2021: (1-l)*CE + l*T^2*sum_k KL(z_k || z_s), drop_num guides dropped per batch"
+
+    def kept_guides(self) -> list[int]:
+        """Indices of the guides used for this batch: all but ``drop_num`` of them, at least one."""
+        params: DGKDParams = self.params  # type: ignore[assignment]
+        count = len(self.guides)
+        keep = max(1, count - params.drop_num)
+        return sorted(torch.randperm(count)[:keep].tolist())
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, torch.Tensor]:
+        params: DGKDParams = self.params  # type: ignore[assignment]
+        student = self.student(images)
+        kept = self.kept_guides()
+        kls = [soft_kl(student, self.guide_logits(index, images), params.temperature) for index in kept]
+        kd = torch.stack(kls).sum() / (len(kls) if params.reduce == "mean" else 1)
+        return {"ce": (1 - params.alpha) * F.cross_entropy(student, labels), "kd": params.alpha * kd}

@@ -1,0 +1,157 @@
+"""Online multi-branch KD with a Feature Fusion Module and Classifier Diversification
+(Li et al., "Online Knowledge Distillation via Multi-branch Diversity Enhancement", ACCV 2020, arXiv 2010.00795).
+
+No pretrained teacher: the student's stages up to the last are shared, and m branches each own a
+copy of the last stage and of the head. Branch 0 is the student's own last stage and head, so the
+deployable student is an ordinary model of the student architecture.
+
+- Feature Fusion Module (FFM): the branches' last-stage maps are concatenated, mixed by a 1x1
+  convolution, re-weighted by channel attention (squeeze-and-excitation) and classified: ``z_f``.
+- Target: ``z_ens = z_f`` with the FFM, else the mean of the branch logits (ONE/DML-style baseline);
+  it is detached, so the branches learn from it without pulling it towards themselves.
+- Classifier Diversification (CD): ``Σ_{i<j} ‖W_iᵀ W_j‖²_F`` over the branch classifiers' weights
+  W_b (classes × features), with gradient (a public re-implementation detaches W, which makes the
+  term a constant).
+
+    L = Σ_b [CE(z_b, y) + r(p)·T²·KL(softmax(z_ens/T) ‖ softmax(z_b/T))] + CE(z_f, y) + λ_cd·CD
+
+``r(p) = exp(−5(1 − min(1, p/rampup))²)`` is the sigmoid-shaped ramp-up of the co-author's OKDDip code
+(80 of 300 epochs there, so ``rampup`` = 0.25 of training by default). T = 3, m = 4, λ_cd = 5e-8 follow
+the re-implementations named in docs/methods.md (the paper itself could not be read).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
+from kdray.methods.losses import soft_kl
+from kdray.models import StagedNet
+from kdray.models.staged import init_weights
+
+
+class OnlineBranchParams(MethodParams):
+    name: Literal["online_branch"] = "online_branch"
+    branches: int = Field(4, ge=2, le=8, description="Number of branches m.")
+    temperature: float = Field(3.0, gt=0, le=100, description="Softmax temperature T.")
+    ffm: bool = Field(True, description="Feature Fusion Module target (false = mean of branches, ONE/DML-style).")
+    cd_weight: float = Field(5e-8, ge=0, le=1, description="Weight of the Classifier Diversification loss (0 = off).")
+    rampup: float = Field(0.25, ge=0, le=1, description="Fraction of training over which the KD weight ramps up.")
+
+
+class FeatureFusion(nn.Module):
+    """Concatenate branch maps, mix them (1x1 conv), apply channel attention, classify."""
+
+    def __init__(self, channels: int, branches: int, num_classes: int) -> None:
+        super().__init__()
+        self.mix = nn.Sequential(
+            nn.Conv2d(channels * branches, channels, kernel_size=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
+        hidden = max(4, channels // 4)
+        self.attention = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(channels, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, channels),
+            nn.Sigmoid(),
+        )
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        mixed = self.mix(torch.cat(list(features), dim=1))
+        attended = mixed * self.attention(mixed)[:, :, None, None]
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(attended, 1), 1))
+
+
+def classifier_diversity(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``Σ_{i<j} ‖W_iᵀ W_j‖²_F``: zero when the branch classifiers use orthogonal feature directions."""
+    return sum((wi.t() @ wj).pow(2).sum() for wi, wj in itertools.combinations(weights, 2))
+
+
+def rampup_weight(progress: float, rampup: float) -> float:
+    if rampup <= 0:
+        return 1.0
+    done = min(1.0, progress / rampup)
+    return math.exp(-5.0 * (1.0 - done) ** 2)
+
+
+@METHODS.register("online_branch")
+class OnlineBranch(Method):
+    """m branches on shared low-level stages, taught by their fused (or averaged) prediction."""
+
+    Params = OnlineBranchParams
+    kind = "alone"
+    summary = "Li et al. 2020: m branches, FFM-fused soft target, classifier-diversification loss"
+
+    def __init__(self, student: StagedNet, guides: Sequence[StagedNet], params: OnlineBranchParams) -> None:
+        super().__init__(student, guides, params)
+        if len(student.stage_names) < 2:
+            raise ValueError("online_branch needs a student with at least two stages")
+        self.shared_until = student.stage_names[-2]
+        last = student.stages[student.stage_names[-1]]
+        self.branch_stages = nn.ModuleList([last])
+        self.branch_heads = nn.ModuleList([student.head])
+        for _ in range(params.branches - 1):
+            stage, head = copy.deepcopy(last), copy.deepcopy(student.head)
+            init_weights(stage)
+            init_weights(head)
+            self.branch_stages.append(stage)
+            self.branch_heads.append(head)
+        channels = [m for m in last.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
+        num_classes = student.classifier.out_features
+        self.fusion = FeatureFusion(channels, params.branches, num_classes) if params.ffm else None
+
+    def trainable(self) -> list[nn.Parameter]:
+        """The student, the extra branches and the fusion module (no teacher)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def branch_outputs(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        hidden = self.student.forward_to(self.shared_until, images)
+        features = [stage(hidden) for stage in self.branch_stages]
+        logits = [head(feature) for head, feature in zip(self.branch_heads, features, strict=True)]
+        fused = self.fusion(features) if self.fusion is not None else None
+        return logits, fused
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, torch.Tensor]:
+        params: OnlineBranchParams = self.params  # type: ignore[assignment]
+        logits, fused = self.branch_outputs(images)
+        target = (fused if fused is not None else torch.stack(logits).mean(0)).detach()
+        weight = rampup_weight(step.progress, params.rampup)
+        terms = {
+            "ce": sum(F.cross_entropy(z, labels) for z in logits),
+            "kd": weight * sum(soft_kl(z, target, params.temperature) for z in logits),
+        }
+        if fused is not None:
+            terms["ce_fused"] = F.cross_entropy(fused, labels)
+        if params.cd_weight:
+            weights = [head_classifier(head).weight for head in self.branch_heads]
+            terms["cd"] = params.cd_weight * classifier_diversity(weights)
+        return terms
+
+    def eval_terms(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-branch, ensemble and fused accuracy, and the branches' mean pairwise disagreement."""
+        logits, fused = self.branch_outputs(images)
+        predictions = [z.argmax(1) for z in logits]
+        terms = {f"acc_branch{b}": (p == labels).float() for b, p in enumerate(predictions)}
+        terms["acc_ensemble"] = (torch.stack(logits).mean(0).argmax(1) == labels).float()
+        if fused is not None:
+            terms["acc_fused"] = (fused.argmax(1) == labels).float()
+        pairs = list(itertools.combinations(predictions, 2))
+        terms["disagreement"] = sum((a != b).float() for a, b in pairs) / len(pairs)
+        return terms
+
+
+def head_classifier(head: nn.Module) -> nn.Linear:
+    return [m for m in head.modules() if isinstance(m, nn.Linear)][-1]

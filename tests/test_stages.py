@@ -1,0 +1,77 @@
+"""Stage planning: which models an experiment trains, in which order, from which guides."""
+
+import pytest
+
+from kdray.config import AssistantsConfig, ConfigError, load_config
+from kdray.ladders import pick_assistants
+from kdray.stages import plan_stages
+
+
+@pytest.mark.parametrize(
+    ("depth", "expected"),
+    [
+        (0, []),
+        (1, ["resnet26"]),
+        (2, ["resnet32", "resnet20"]),
+        (5, ["resnet44", "resnet32", "resnet26", "resnet20", "resnet14"]),
+    ],
+)
+def test_assistants_are_evenly_spaced_on_the_ladder(depth: int, expected: list[str]) -> None:
+    assert pick_assistants("resnet56", "resnet8", AssistantsConfig(depth=depth)) == expected
+
+
+def test_explicit_ladder_and_too_deep_chains() -> None:
+    chosen = pick_assistants("resnet110", "resnet8", AssistantsConfig(depth=1, models=["resnet20"]))
+    assert chosen == ["resnet20"]
+    with pytest.raises(ValueError, match="assistants.depth=3 but the built-in ladder .* has 2 model"):
+        pick_assistants("plane8", "plane2", AssistantsConfig(depth=3))
+    with pytest.raises(ConfigError, match="assistants.depth=3 but"):
+        load_config(None, ["method.name=takd", "teacher.name=plane8", "student.name=plane2", "assistants.depth=3"])
+    with pytest.raises(ConfigError, match="only chain methods"):
+        load_config(None, ["assistants.depth=1"])
+
+
+def _plans(*overrides: str):
+    return plan_stages(load_config(None, list(overrides)), fingerprint="f")
+
+
+def test_takd_links_each_model_to_the_next_larger() -> None:
+    plans = _plans("method.name=takd", "teacher.name=plane10", "student.name=plane2", "assistants.depth=2")
+    assert [(p.role, p.model.name) for p in plans] == [
+        ("teacher", "plane10"),
+        ("assistant1", "plane8"),
+        ("assistant2", "plane4"),
+        ("student", "plane2"),
+    ]
+    keys = [p.key for p in plans]
+    assert [p.guides for p in plans] == [[], keys[:1], keys[1:2], keys[2:3]]
+    assert [p.method.name for p in plans] == ["none", "takd", "takd", "takd"]
+
+
+def test_dgkd_links_each_model_to_every_larger_one() -> None:
+    plans = _plans("method.name=dgkd", "teacher.name=plane10", "student.name=plane2", "assistants.depth=2")
+    keys = [p.key for p in plans]
+    assert [p.guides for p in plans] == [[], keys[:1], keys[:2], keys[:3]]
+
+
+def test_assistants_are_shared_between_experiments_with_the_same_recipe() -> None:
+    base = ("method.name=takd", "teacher.name=plane10", "assistants.depth=1", "assistants.models=[plane6]")
+    to_plane2 = _plans(*base, "student.name=plane2")
+    to_plane4 = _plans(*base, "student.name=plane4")
+    assert to_plane2[1].key == to_plane4[1].key  # the plane6 assistant is trained once for both
+    other_temperature = _plans(*base, "student.name=plane2", "method.temperature=2")
+    assert other_temperature[0].key == to_plane2[0].key and other_temperature[1].key != to_plane2[1].key
+
+
+def test_pacemaker_plans_an_nxn_pacemaker_then_the_onthefly_student() -> None:
+    plans = _plans("method.name=pacemaker", "teacher.name=resnet20", "student.name=resnet8", "student.onthefly=true")
+    teacher, pacemaker, student = plans
+    assert (pacemaker.role, pacemaker.model.name, pacemaker.model.onthefly) == ("pacemaker", "resnet8", False)
+    assert pacemaker.method.name == "kd" and pacemaker.guides == [teacher.key]
+    assert student.model.onthefly and student.guides == [pacemaker.key, teacher.key]
+
+
+def test_methods_that_learn_alone_plan_one_stage() -> None:
+    assert [p.role for p in _plans("method.name=online_branch")] == ["student"]
+    assert [p.role for p in _plans("method.name=feature_mixup", "method.w_kd=0")] == ["student"]
+    assert [p.role for p in _plans("method.name=feature_mixup")] == ["teacher", "student"]
