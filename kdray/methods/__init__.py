@@ -1,15 +1,18 @@
-"""Distillation methods; importing this package registers every method listed here."""
+"""Distillation methods; importing this package registers every method, in the order listed here."""
 
-from kdray.methods import (  # noqa: F401  (registration)
-    chains,
-    feature_mixup,
-    kd,
-    online_branch,
-    pacemaker,
-    stkd,
+# isort: off
+from kdray.methods import (  # noqa: F401  (registration; the order is the order of `kdray methods`)
     student_only,
+    kd,
     triplet,
+    feature_mixup,
+    stkd,
+    chains,
+    pacemaker,
+    online_branch,
 )
+
+# isort: on
 from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
 
 __all__ = ["METHODS", "Method", "MethodParams", "StepInfo"]
