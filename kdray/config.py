@@ -152,17 +152,15 @@ class TrainConfig(Section):
 
 
 class ScalingConfig(Section):
-    num_workers: int = Field(0, ge=0, description="0 = train in this process; N >= 1 = Ray Train workers.")
-    use_gpu: bool | None = Field(None, description="null = use a GPU when one is visible.")
+    num_workers: int = Field(0, ge=0, description="0 = train in this process; N >= 1 = N Ray Train workers (DDP).")
+    use_gpu: bool | None = Field(None, description="null = use GPUs when the machine (or Ray cluster) has them.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (null = torch's default).")
-    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Ray resources per worker.")
-
-    @field_validator("num_workers")
-    @classmethod
-    def _in_process_only(cls, workers: int) -> int:
-        if workers != 0:
-            raise ValueError("Ray Train workers are not available in this kdray version; use 0 (in-process)")
-        return workers
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Ray resources per worker, e.g. {CPU: 4, GPU: 1}."
+    )
+    storage_path: str = Field(
+        ".kdray/ray", description="Ray Train run storage (checkpoints); shared storage (s3://, NFS) on several nodes."
+    )
 
 
 class TrackingConfig(Section):

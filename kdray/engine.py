@@ -135,8 +135,14 @@ def fit(
     guides: Sequence[StagedNet],
     ctx: WorkerContext,
     logger: MetricLogger | None = None,
+    wrap: Callable[[Method], torch.nn.Module] | None = None,
 ) -> FitResult:
-    """Train ``plan.model`` by ``plan.method`` with ``plan.train``; evaluate on val each epoch, test at the end."""
+    """Train ``plan.model`` by ``plan.method`` with ``plan.train``; evaluate on val each epoch, test at the end.
+
+    ``wrap`` prepares the method for data-parallel training (Ray Train's ``prepare_model`` wraps it in
+    DDP, so the student and any extra trainable modules are synchronised; frozen guides have no
+    gradients and DDP leaves them alone). Evaluation and storing use the unwrapped method.
+    """
     logger = logger or NullLogger()
     train_cfg = plan.train
     epochs = train_cfg.epochs
@@ -151,13 +157,14 @@ def fit(
     steps_per_epoch = len(splits["train"]) // ctx.world_size // train_cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size={train_cfg.batch_size} exceeds the {len(splits['train'])} training images")
+    stepper = wrap(method) if wrap is not None else method
     optimizer = build_optimizer(method.trainable(), train_cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(train_cfg, steps_per_epoch))
     precision, scaler = autocast(ctx, train_cfg.amp)
     result = FitResult(state_dict={})
     augment = cfg.data.augment
     for epoch in range(epochs):
-        method.train()
+        stepper.train()
         sums: dict[str, torch.Tensor] = {}
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -175,7 +182,7 @@ def fit(
         ):
             step = StepInfo(epoch, epoch * steps_per_epoch + index, steps_per_epoch, epochs * steps_per_epoch)
             with precision:
-                terms = method(batch.images, batch.labels, step)
+                terms = stepper(batch.images, batch.labels, step)
             loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -19,11 +19,11 @@ import torch
 import kdray
 from kdray.config import ExperimentConfig
 from kdray.data import Dataset, load_dataset
-from kdray.distributed import local_context
+from kdray.distributed import WorkerContext, local_context
 from kdray.engine import fit, model_info
 from kdray.stages import StagePlan, plan_stages
 from kdray.store import ModelStore, StoredModel
-from kdray.tracking import Tracking, flatten
+from kdray.tracking import Tracking, absolute_uri, flatten
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +71,13 @@ def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
 
 def run_experiment(cfg: ExperimentConfig) -> ExperimentResult:
     """Train (or reuse) every stage of ``cfg`` and record it all in MLflow."""
-    ctx = local_context(cfg.scaling.use_gpu)
+    # In-process runs train here; Ray runs pick each worker's device on the worker.
+    ctx = local_context(cfg.scaling.use_gpu) if cfg.scaling.num_workers == 0 else None
     if cfg.scaling.threads:
         torch.set_num_threads(cfg.scaling.threads)
-    tracking = Tracking(cfg.tracking.uri, cfg.tracking.experiment)
+    tracking = Tracking(absolute_uri(cfg.tracking.uri), cfg.tracking.experiment)
     dataset = load_dataset(cfg.data)
-    store = ModelStore(cfg.store.path)
+    store = ModelStore(Path(cfg.store.path).expanduser().resolve())
     plans = plan_stages(cfg, dataset.fingerprint())
     tags = run_tags(cfg)
     name = cfg.tracking.run_name or f"{cfg.method.name}-{cfg.student.name}"
@@ -121,7 +122,7 @@ def _run_stage(
     store: ModelStore,
     tracking: Tracking,
     run_id: str,
-    ctx,
+    ctx: WorkerContext | None,
 ) -> StageOutcome:
     stage_params = {
         **{f"model.{k}": v for k, v in plan.model.model_dump().items()},
@@ -138,9 +139,14 @@ def _run_stage(
         )
         tracking.logger(run_id).log_metrics(stored.meta["metrics"], step=plan.train.epochs)
         return StageOutcome(plan, stored, run_id, True, stored.meta["metrics"])
-    info = model_info(dataset)
-    guides = [store.load(key, info) for key in plan.guides]
-    outcome = fit(cfg, plan, dataset, guides, ctx, tracking.logger(run_id))
+    if cfg.scaling.num_workers >= 1:
+        from kdray.launch import fit_on_ray
+
+        outcome = fit_on_ray(cfg, plan, store.root, tracking.uri, run_id)
+    else:
+        guides = [store.load(key, model_info(dataset)) for key in plan.guides]
+        assert ctx is not None
+        outcome = fit(cfg, plan, dataset, guides, ctx, tracking.logger(run_id))
     meta = {
         "model": plan.model.model_dump(),
         "role": plan.role,

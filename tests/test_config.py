@@ -79,7 +79,6 @@ def test_method_without_name_means_kd(tmp_path: Path) -> None:
         (["train.epochs=ten"], "train.epochs: Input should be a valid integer"),
         (["train.schedule=multistep"], "train: schedule=multistep needs train.milestones"),
         (["trian.epochs=3"], "trian: unknown key; allowed: data, teacher, student, method"),
-        (["scaling.num_workers=2"], "scaling.num_workers: Ray Train workers are not available"),
         (["search.space={foo.bar: {kind: float, low: 0, high: 1}}"], "search.space: 'foo.bar' is not a config field"),
         (["epochs"], "override 'epochs': write section.field=value"),
     ],

@@ -1,0 +1,95 @@
+"""Ray Train: one stage's ``fit`` on N data-parallel workers (``scaling.num_workers >= 1``).
+
+The driver builds a ``TorchTrainer`` (Train V2) whose workers each run ``stage_worker``: the same
+``engine.fit`` an in-process run calls, with a ``WorkerContext`` from ``ray.train.get_context()`` and
+the method wrapped in DDP by ``ray.train.torch.prepare_model`` (gloo on CPU, NCCL on GPU, chosen by
+Ray from ``use_gpu``). Each worker trains on its own shard of the epoch's seeded permutation. Only
+the chief (rank 0) logs to MLflow and reports the trained weights as a Ray checkpoint; the driver
+then puts them in the model store. Guides are read from the model store by every worker, so on
+several nodes the store must be on shared storage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdray.config import ExperimentConfig
+from kdray.distributed import WorkerContext
+from kdray.engine import FitResult, NullLogger, fit, model_info
+from kdray.stages import StagePlan
+from kdray.store import ModelStore
+
+
+def stage_worker(config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs: rebuild the inputs from plain data, train, report."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = ExperimentConfig.model_validate(config["experiment"])
+    plan = StagePlan.model_validate(config["plan"])
+    context = ray.train.get_context()
+    ctx = WorkerContext(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
+    if cfg.scaling.threads:
+        torch.set_num_threads(cfg.scaling.threads)
+    from kdray.data import load_dataset
+
+    dataset = load_dataset(cfg.data)
+    store = ModelStore(config["store"])
+    guides = [store.load(key, model_info(dataset)) for key in plan.guides]
+    logger: Any = NullLogger()
+    if ctx.is_chief:
+        from mlflow.tracking import MlflowClient
+
+        from kdray.tracking import MlflowRunLogger
+
+        client = MlflowClient(tracking_uri=config["tracking_uri"])
+        client.log_param(config["run_id"], "world_size", ctx.world_size)
+        logger = MlflowRunLogger(client, config["run_id"])
+    result = fit(cfg, plan, dataset, guides, ctx, logger, wrap=ray.train.torch.prepare_model)
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if ctx.is_chief:
+            torch.save(result.state_dict, os.path.join(folder, "model.pt"))
+            Path(folder, "result.json").write_text(json.dumps({"history": result.history, "final": result.final}))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report({"val/acc": result.final["val/acc"]}, checkpoint=checkpoint)
+
+
+def fit_on_ray(cfg: ExperimentConfig, plan: StagePlan, store_root: Path, tracking_uri: str, run_id: str) -> FitResult:
+    """Train one stage on ``cfg.scaling.num_workers`` Ray Train workers and return the chief's result."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    scaling = cfg.scaling
+    use_gpu = scaling.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    trainer = TorchTrainer(
+        stage_worker,
+        train_loop_config={
+            "experiment": cfg.dump(),
+            "plan": plan.model_dump(mode="json"),
+            "store": str(store_root),
+            "tracking_uri": tracking_uri,
+            "run_id": run_id,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=use_gpu, resources_per_worker=scaling.resources_per_worker or None
+        ),
+        run_config=RunConfig(name=f"{run_id}-{plan.role}", storage_path=str(Path(scaling.storage_path).resolve())),
+    )
+    outcome = trainer.fit()
+    assert outcome.checkpoint is not None, "the chief reported no checkpoint"
+    with outcome.checkpoint.as_directory() as folder:
+        state = torch.load(os.path.join(folder, "model.pt"), map_location="cpu", weights_only=True)
+        saved = json.loads(Path(folder, "result.json").read_text())
+    return FitResult(state_dict=state, history=saved["history"], final=saved["final"])
