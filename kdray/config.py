@@ -102,6 +102,7 @@ class ModelConfig(Section):
         "resnet8", description="Architecture (see `kdray models`)."
     )
     onthefly: bool = Field(False, description="Replace every 3x3 convolution by a 1x3 one (Pacemaker's student).")
+    batchnorm: bool = Field(True, description="BatchNorm layers (false: none, e.g. to compare worker counts).")
 
 
 class TeacherConfig(ModelConfig):
@@ -127,7 +128,11 @@ class TrainConfig(Section):
     batch_size: int = Field(128, ge=2, description="Images per step on each worker.")
     eval_batch_size: int = Field(1024, ge=1, description="Images per evaluation step.")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="SGD (momentum) or AdamW.")
-    lr: float = Field(0.05, gt=0, description="Peak learning rate.")
+    lr: float = Field(0.05, gt=0, description="Peak learning rate (per worker batch; see lr_scaling).")
+    lr_scaling: Literal["none", "linear"] = Field(
+        "none",
+        description="linear: multiply lr by the number of workers (Goyal et al. 2017), as the global batch grows.",
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (AdamW: beta1).")
     nesterov: bool = Field(False, description="Nesterov momentum (SGD).")
     weight_decay: float = Field(5e-4, ge=0, description="Weight decay.")
@@ -158,15 +163,27 @@ class ScalingConfig(Section):
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="Ray resources per worker, e.g. {CPU: 4, GPU: 1}."
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="Ray placement of the workers: PACK fills a node first, SPREAD puts them on different nodes.",
+    )
     storage_path: str = Field(
         ".kdray/ray", description="Ray Train run storage (checkpoints); shared storage (s3://, NFS) on several nodes."
     )
 
 
+def absolute_uri(uri: str) -> str:
+    """A sqlite URI with an absolute path: valid from any working directory (Ray workers have their own)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).expanduser().resolve())
+    return uri
+
+
 class TrackingConfig(Section):
-    uri: str = Field(
+    uri: Annotated[str, AfterValidator(absolute_uri)] = Field(
         default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
-        description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).",
+        validate_default=True,
+        description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db as sqlite).",
     )
     experiment: str = Field("kdray", min_length=1, description="MLflow experiment name.")
     run_name: str | None = Field(None, description="Name of the parent run (default: method-student).")

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -51,15 +51,20 @@ class FitResult:
     final: dict[str, float] = field(default_factory=dict)
 
 
-def model_info(dataset: Dataset, onthefly: bool = False) -> ModelInfo:
-    return ModelInfo(dataset.num_classes, dataset.in_channels, dataset.image_size, onthefly)
+def model_info(dataset: Dataset) -> ModelInfo:
+    return ModelInfo(dataset.num_classes, dataset.in_channels, dataset.image_size)
 
 
-def build_optimizer(params: Sequence[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: Sequence[torch.nn.Parameter], train: TrainConfig, world_size: int = 1
+) -> torch.optim.Optimizer:
+    """SGD or AdamW at the peak LR; ``lr_scaling: linear`` multiplies it by the number of workers,
+    the linear scaling rule of Goyal et al. (2017) for a global batch ``world_size`` times larger."""
+    lr = train.lr * (world_size if train.lr_scaling == "linear" else 1)
     if train.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=train.lr, betas=(train.momentum, 0.999), weight_decay=train.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=(train.momentum, 0.999), weight_decay=train.weight_decay)
     return torch.optim.SGD(
-        params, lr=train.lr, momentum=train.momentum, nesterov=train.nesterov, weight_decay=train.weight_decay
+        params, lr=lr, momentum=train.momentum, nesterov=train.nesterov, weight_decay=train.weight_decay
     )
 
 
@@ -147,7 +152,8 @@ def fit(
     train_cfg = plan.train
     epochs = train_cfg.epochs
     torch.manual_seed(train_cfg.seed)
-    student = build_model(plan.model.name, model_info(dataset, plan.model.onthefly))
+    info = replace(model_info(dataset), onthefly=plan.model.onthefly, batchnorm=plan.model.batchnorm)
+    student = build_model(plan.model.name, info)
     method: Method = METHODS[plan.method.name](student, guides, plan.method).to(ctx.device)
     splits = {
         name: DeviceSplit(split, dataset.mean, dataset.std, ctx.device)
@@ -158,7 +164,7 @@ def fit(
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size={train_cfg.batch_size} exceeds the {len(splits['train'])} training images")
     stepper = wrap(method) if wrap is not None else method
-    optimizer = build_optimizer(method.trainable(), train_cfg)
+    optimizer = build_optimizer(method.trainable(), train_cfg, ctx.world_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(train_cfg, steps_per_epoch))
     precision, scaler = autocast(ctx, train_cfg.amp)
     result = FitResult(state_dict={})

@@ -12,6 +12,7 @@ several nodes the store must be on shared storage.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -25,9 +26,12 @@ from kdray.engine import FitResult, NullLogger, fit, model_info
 from kdray.stages import StagePlan
 from kdray.store import ModelStore
 
+log = logging.getLogger(__name__)
+
 
 def stage_worker(config: dict[str, Any]) -> None:
     """What every Ray Train worker runs: rebuild the inputs from plain data, train, report."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -50,6 +54,10 @@ def stage_worker(config: dict[str, Any]) -> None:
 
         client = MlflowClient(tracking_uri=config["tracking_uri"])
         client.log_param(config["run_id"], "world_size", ctx.world_size)
+    nodes: list[str | None] = [None] * ctx.world_size
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    if ctx.is_chief:
+        client.log_param(config["run_id"], "worker_nodes", len(set(nodes)))
         logger = MlflowRunLogger(client, config["run_id"])
     result = fit(cfg, plan, dataset, guides, ctx, logger, wrap=ray.train.torch.prepare_model)
     with tempfile.TemporaryDirectory() as folder:
@@ -70,6 +78,13 @@ def fit_on_ray(cfg: ExperimentConfig, plan: StagePlan, store_root: Path, trackin
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     scaling = cfg.scaling
+    storage = scaling.storage_path
+    if len([node for node in ray.nodes() if node["Alive"]]) > 1 and "://" not in storage:
+        log.warning(
+            "scaling.storage_path=%s is a local path on a cluster of several nodes: checkpoints and restores need "
+            "storage every node reaches (s3://..., gs://..., or an NFS mount); the model store does too (store.path)",
+            storage,
+        )
     use_gpu = scaling.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -83,9 +98,14 @@ def fit_on_ray(cfg: ExperimentConfig, plan: StagePlan, store_root: Path, trackin
             "run_id": run_id,
         },
         scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=use_gpu, resources_per_worker=scaling.resources_per_worker or None
+            num_workers=scaling.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=scaling.resources_per_worker or None,
+            placement_strategy=scaling.placement_strategy,
         ),
-        run_config=RunConfig(name=f"{run_id}-{plan.role}", storage_path=str(Path(scaling.storage_path).resolve())),
+        run_config=RunConfig(
+            name=f"{run_id}-{plan.role}", storage_path=storage if "://" in storage else str(Path(storage).resolve())
+        ),
     )
     outcome = trainer.fit()
     assert outcome.checkpoint is not None, "the chief reported no checkpoint"

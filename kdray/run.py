@@ -23,7 +23,7 @@ from kdray.distributed import WorkerContext, local_context
 from kdray.engine import fit, model_info
 from kdray.stages import StagePlan, plan_stages
 from kdray.store import ModelStore, StoredModel
-from kdray.tracking import Tracking, absolute_uri, flatten
+from kdray.tracking import Tracking, flatten
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def run_experiment(cfg: ExperimentConfig) -> ExperimentResult:
     ctx = local_context(cfg.scaling.use_gpu) if cfg.scaling.num_workers == 0 else None
     if cfg.scaling.threads:
         torch.set_num_threads(cfg.scaling.threads)
-    tracking = Tracking(absolute_uri(cfg.tracking.uri), cfg.tracking.experiment)
+    tracking = Tracking(cfg.tracking.uri, cfg.tracking.experiment)
     dataset = load_dataset(cfg.data)
     store = ModelStore(Path(cfg.store.path).expanduser().resolve())
     plans = plan_stages(cfg, dataset.fingerprint())

@@ -43,6 +43,7 @@ def stage_identity(
     recipe = train.model_dump(mode="json")
     recipe.pop("eval_batch_size")
     return {
+        "world_size": max(1, cfg.scaling.num_workers),  # the global batch, and so the result, depends on it
         "model": model.model_dump(mode="json"),
         "data": {"fingerprint": fingerprint, "augment": cfg.data.augment.model_dump(mode="json")},
         "train": recipe,
@@ -67,7 +68,7 @@ class _Planner:
         recipe = cfg.train.model_copy(
             update={"epochs": cfg.teacher.epochs or cfg.train.epochs, "lr": cfg.teacher.lr or cfg.train.lr}
         )
-        model = ModelConfig(name=cfg.teacher.name, onthefly=cfg.teacher.onthefly)
+        model = ModelConfig.model_validate(cfg.teacher.model_dump(include=set(ModelConfig.model_fields)))
         return self.add("teacher", model, METHODS["none"].Params(), [], recipe)
 
 

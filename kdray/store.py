@@ -80,6 +80,8 @@ class ModelStore:
         if stored is None:
             raise FileNotFoundError(f"model {key} is not in the store at {self.root}")
         spec = stored.meta["model"]
-        model = build_model(spec["name"], replace(info, onthefly=spec.get("onthefly", False)))
+        model = build_model(
+            spec["name"], replace(info, onthefly=spec.get("onthefly", False), batchnorm=spec.get("batchnorm", True))
+        )
         model.load_state_dict(torch.load(stored.weights, map_location="cpu", weights_only=True))
         return model

@@ -49,13 +49,6 @@ def check_reachable(uri: str) -> None:
             raise ConfigError(f"tracking.uri: folder {folder} of the sqlite store does not exist; create it first")
 
 
-def absolute_uri(uri: str) -> str:
-    """A sqlite URI with an absolute path, valid from any working directory (Ray workers have their own)."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).expanduser().resolve())
-    return uri
-
-
 class Tracking:
     """The driver's side: experiment, runs, params, tags and artifacts."""
 

@@ -5,9 +5,11 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from mlflow import MlflowClient
 
 from kdray.config import load_config
+from kdray.models import ModelInfo, build_model
 from kdray.run import run_experiment
 from kdray.store import ModelStore
 
@@ -45,3 +47,31 @@ def test_two_gloo_workers_train_a_kd_run_on_digits(local_ray: None, workdir: Pat
         )
         assert ModelStore(cfg.store.path).find(stage.plan.key) is not None
     assert set(client.get_run(result.student.run_id).data.metrics) >= {"loss/ce", "loss/kd", "test/acc"}
+
+
+def test_two_workers_reach_the_parameters_of_one_worker_with_the_same_global_batch(
+    local_ray: None, workdir: Path
+) -> None:
+    """Without BatchNorm and augmentation, DDP over 2 x 16 images is SGD over 32: same weights."""
+    common = [
+        "method.name=none",
+        "student.name=plane4",
+        "student.batchnorm=false",
+        "train.epochs=1",
+        "train.schedule=constant",
+        "data.augment.padding=0",
+        "data.augment.flip=false",
+        "scaling.use_gpu=false",
+        "scaling.threads=1",
+        "tracking.experiment=equivalence",
+    ]
+    one = run_experiment(load_config(None, [*common, "train.batch_size=32", "store.path=one"]))
+    two = run_experiment(load_config(None, [*common, "train.batch_size=16", "scaling.num_workers=2", "store.path=two"]))
+    info = ModelInfo(num_classes=10, in_channels=1, image_size=8, batchnorm=False)
+    alone = ModelStore("one").load(one.student.plan.key, info).state_dict()
+    parallel = ModelStore("two").load(two.student.plan.key, info).state_dict()
+    for name, tensor in alone.items():
+        assert torch.allclose(tensor, parallel[name], atol=1e-5), name  # 40 SGD steps, float32 sums reordered
+    torch.manual_seed(0)
+    fresh = build_model("plane4", info).state_dict()
+    assert any(not torch.allclose(fresh[name], tensor) for name, tensor in alone.items())  # training moved them

@@ -29,7 +29,7 @@ def _runs(uri: str, experiment: str = "test") -> list:
 
 def test_parent_and_stage_runs_with_metrics_and_teacher_reuse(workdir: Path) -> None:
     cfg = load_config(None, QUICK)
-    assert cfg.tracking.uri == "sqlite:///mlflow.db"
+    assert cfg.tracking.uri == f"sqlite:///{workdir}/mlflow.db"  # made absolute: workers have other folders
     first = run_experiment(cfg)
     client = MlflowClient(cfg.tracking.uri)
     parent = client.get_run(first.parent_run_id)

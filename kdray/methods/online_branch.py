@@ -109,7 +109,7 @@ class OnlineBranch(Method):
             init_weights(head)
             self.branch_stages.append(stage)
             self.branch_heads.append(head)
-        channels = [m for m in last.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
+        channels = [m for m in last.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
         num_classes = student.classifier.out_features
         self.fusion = FeatureFusion(channels, params.branches, num_classes) if params.ffm else None
 

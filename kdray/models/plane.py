@@ -13,7 +13,7 @@ import math
 from torch import nn
 
 from kdray.models.registry import MODELS, ModelInfo
-from kdray.models.staged import StagedNet, conv3x3, init_weights
+from kdray.models.staged import StagedNet, conv3x3, init_weights, norm2d
 
 PLANE_BOOK: dict[int, tuple[list[list[int]], list[int]]] = {
     # depth: (conv widths per stage, hidden linear widths)
@@ -33,7 +33,11 @@ def plane_cnn(depth: int, info: ModelInfo) -> StagedNet:
     for index, widths in enumerate(conv_stages, start=1):
         layers: list[nn.Module] = []
         for width in widths:
-            layers += [conv3x3(channels, width, onthefly=info.onthefly), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            layers += [
+                conv3x3(channels, width, onthefly=info.onthefly),
+                norm2d(width, info.batchnorm),
+                nn.ReLU(inplace=True),
+            ]
             channels = width
         layers.append(nn.MaxPool2d(2, ceil_mode=True))
         stages.append((f"block{index}", nn.Sequential(*layers)))

@@ -17,6 +17,7 @@ class ModelInfo:
     in_channels: int = 3
     image_size: int = 32
     onthefly: bool = False  # every 3x3 convolution becomes 1x3 (Pacemaker KD's student)
+    batchnorm: bool = True  # False: no normalisation layers at all
 
 
 MODELS: Registry[Callable[[ModelInfo], StagedNet]] = Registry("model")

@@ -11,21 +11,21 @@ import torch
 from torch import nn
 
 from kdray.models.registry import MODELS, ModelInfo
-from kdray.models.staged import PooledLinearHead, StagedNet, conv3x3, init_weights
+from kdray.models.staged import PooledLinearHead, StagedNet, conv3x3, init_weights, norm2d
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: int, onthefly: bool = False) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, info: ModelInfo) -> None:
         super().__init__()
-        self.conv1 = conv3x3(in_channels, out_channels, stride, onthefly)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = conv3x3(out_channels, out_channels, onthefly=onthefly)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv1 = conv3x3(in_channels, out_channels, stride, info.onthefly)
+        self.bn1 = norm2d(out_channels, info.batchnorm)
+        self.conv2 = conv3x3(out_channels, out_channels, onthefly=info.onthefly)
+        self.bn2 = norm2d(out_channels, info.batchnorm)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
+                norm2d(out_channels, info.batchnorm),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,15 +40,14 @@ def cifar_resnet(depth: int, widths: tuple[int, int, int, int], info: ModelInfo)
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
     blocks = (depth - 2) // 6
     stem = nn.Sequential(
-        conv3x3(info.in_channels, widths[0], onthefly=info.onthefly), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+        conv3x3(info.in_channels, widths[0], onthefly=info.onthefly),
+        norm2d(widths[0], info.batchnorm),
+        nn.ReLU(inplace=True),
     )
     stages: list[tuple[str, nn.Module]] = [("stem", stem)]
     channels = widths[0]
     for index, (width, stride) in enumerate(zip(widths[1:], (1, 2, 2), strict=True), start=1):
-        layer = [
-            BasicBlock(channels if b == 0 else width, width, stride if b == 0 else 1, info.onthefly)
-            for b in range(blocks)
-        ]
+        layer = [BasicBlock(channels if b == 0 else width, width, stride if b == 0 else 1, info) for b in range(blocks)]
         stages.append((f"layer{index}", nn.Sequential(*layer)))
         channels = width
     model = StagedNet(stages, PooledLinearHead(channels, info.num_classes))

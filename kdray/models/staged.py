@@ -89,6 +89,12 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1, onthefly: bool
     return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
+def norm2d(channels: int, batchnorm: bool = True) -> nn.Module:
+    """BatchNorm, or nothing: without BatchNorm, data-parallel training is exactly large-batch training
+    (no per-worker batch statistics), which is what the multi-worker equivalence test relies on."""
+    return nn.BatchNorm2d(channels) if batchnorm else nn.Identity()
+
+
 def init_weights(model: nn.Module) -> None:
     """He initialisation for convolutions, unit BatchNorm, small linear layers (as in He et al. 2016)."""
     for module in model.modules():

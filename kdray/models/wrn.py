@@ -10,16 +10,16 @@ import torch
 from torch import nn
 
 from kdray.models.registry import MODELS, ModelInfo
-from kdray.models.staged import PooledLinearHead, StagedNet, conv3x3, init_weights
+from kdray.models.staged import PooledLinearHead, StagedNet, conv3x3, init_weights, norm2d
 
 
 class PreActBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: int, onthefly: bool = False) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, info: ModelInfo) -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_channels)
-        self.conv1 = conv3x3(in_channels, out_channels, stride, onthefly)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.conv2 = conv3x3(out_channels, out_channels, onthefly=onthefly)
+        self.bn1 = norm2d(in_channels, info.batchnorm)
+        self.conv1 = conv3x3(in_channels, out_channels, stride, info.onthefly)
+        self.bn2 = norm2d(out_channels, info.batchnorm)
+        self.conv2 = conv3x3(out_channels, out_channels, onthefly=info.onthefly)
         self.shortcut: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
@@ -41,11 +41,10 @@ def wide_resnet(depth: int, widen: int, info: ModelInfo) -> StagedNet:
     channels = 16
     for index, (width, stride) in enumerate(zip(widths, (1, 2, 2), strict=True), start=1):
         layer: list[nn.Module] = [
-            PreActBlock(channels if b == 0 else width, width, stride if b == 0 else 1, info.onthefly)
-            for b in range(blocks)
+            PreActBlock(channels if b == 0 else width, width, stride if b == 0 else 1, info) for b in range(blocks)
         ]
         if index == 3:
-            layer += [nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            layer += [norm2d(width, info.batchnorm), nn.ReLU(inplace=True)]
         stages.append((f"layer{index}", nn.Sequential(*layer)))
         channels = width
     model = StagedNet(stages, PooledLinearHead(channels, info.num_classes))
