@@ -167,6 +167,8 @@ class ScalingConfig(Section):
         "PACK",
         description="Ray placement of the workers: PACK fills a node first, SPREAD puts them on different nodes.",
     )
+    checkpoint_every: int = Field(1, ge=1, description="Ray runs: checkpoint the training state every K epochs.")
+    max_failures: int = Field(0, ge=0, description="Ray runs: restart from the last checkpoint up to N times.")
     storage_path: str = Field(
         ".kdray/ray", description="Ray Train run storage (checkpoints); shared storage (s3://, NFS) on several nodes."
     )

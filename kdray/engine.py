@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,14 @@ class NullLogger:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         return None
+
+
+class Checkpointer(Protocol):
+    """Where a stage's training state goes at the end of an epoch, and comes back from after a failure."""
+
+    def restore(self) -> dict[str, Any] | None: ...
+
+    def save(self, epoch: int, state: dict[str, Any], metrics: dict[str, float]) -> None: ...
 
 
 class TrainingDiverged(RuntimeError):
@@ -141,12 +149,15 @@ def fit(
     ctx: WorkerContext,
     logger: MetricLogger | None = None,
     wrap: Callable[[Method], torch.nn.Module] | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> FitResult:
     """Train ``plan.model`` by ``plan.method`` with ``plan.train``; evaluate on val each epoch, test at the end.
 
     ``wrap`` prepares the method for data-parallel training (Ray Train's ``prepare_model`` wraps it in
     DDP, so the student and any extra trainable modules are synchronised; frozen guides have no
     gradients and DDP leaves them alone). Evaluation and storing use the unwrapped method.
+    ``checkpointer`` receives the full training state after every epoch and, on a restart after a
+    failure, gives the last one back: training continues from the epoch after it.
     """
     logger = logger or NullLogger()
     train_cfg = plan.train
@@ -169,7 +180,19 @@ def fit(
     precision, scaler = autocast(ctx, train_cfg.amp)
     result = FitResult(state_dict={})
     augment = cfg.data.augment
-    for epoch in range(epochs):
+    first_epoch = 0
+    restored = checkpointer.restore() if checkpointer is not None else None
+    if restored is not None:
+        missing, _ = method.load_state_dict(restored["method"], strict=False)
+        assert all(name.startswith("guides.") for name in missing), missing
+        optimizer.load_state_dict(restored["optimizer"])
+        scheduler.load_state_dict(restored["scheduler"])
+        scaler.load_state_dict(restored["scaler"])
+        torch.set_rng_state(restored["rng"])
+        result.history = restored["history"]
+        first_epoch = restored["epoch"]
+        log.info("%s: resumed after epoch %d", plan.role, first_epoch)
+    for epoch in range(first_epoch, epochs):
         stepper.train()
         sums: dict[str, torch.Tensor] = {}
         started = time.perf_counter()
@@ -215,6 +238,17 @@ def fit(
         }
         result.history.append(metrics)
         logger.log_metrics(metrics, step=epoch + 1)
+        if checkpointer is not None:
+            state = {
+                "method": {k: v for k, v in method.state_dict().items() if not k.startswith("guides.")},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "history": result.history,
+                "epoch": epoch + 1,
+            }
+            checkpointer.save(epoch + 1, state, metrics)
         if ctx.is_chief:
             log.info(
                 "%-8s epoch %3d/%d  loss %.4f  val_acc %.4f  %6.0f img/s  lr %.4g",

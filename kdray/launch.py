@@ -29,6 +29,68 @@ from kdray.store import ModelStore
 log = logging.getLogger(__name__)
 
 
+FAULT_EPOCH = "KDRAY_FAULT_EPOCH"
+FAULT_MARKER = "KDRAY_FAULT_MARKER"
+
+
+class RayCheckpointer:
+    """Reports every epoch to Ray Train; every K epochs (and the last) the chief adds the training state."""
+
+    def __init__(self, ctx: WorkerContext, every: int, epochs: int) -> None:
+        self.ctx = ctx
+        self.every = every
+        self.epochs = epochs
+        self.resumed_from: int | None = None
+
+    def restore(self) -> dict[str, Any] | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            state = os.path.join(folder, "state.pt")
+            if not os.path.exists(state):  # the final report (weights only): nothing left to resume
+                return None
+            restored = torch.load(state, map_location=self.ctx.device, weights_only=True)
+        self.resumed_from = restored["epoch"]
+        return restored
+
+    def save(self, epoch: int, state: dict[str, Any], metrics: dict[str, float]) -> None:
+        import ray.train
+
+        due = epoch % self.every == 0 or epoch == self.epochs
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if due and self.ctx.is_chief:
+                torch.save(state, os.path.join(folder, "state.pt"))
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report({**metrics, "epoch": epoch}, checkpoint=checkpoint)
+        inject_fault(epoch, self.ctx)
+
+
+def inject_fault(epoch: int, ctx: WorkerContext) -> None:
+    """Test hook: with KDRAY_FAULT_EPOCH=e and KDRAY_FAULT_MARKER=path set, the last worker kills its own
+    process once, after epoch e (the marker file makes it happen once). Off unless both are set."""
+    marker = os.environ.get(FAULT_MARKER)
+    armed = marker and os.environ.get(FAULT_EPOCH) == str(epoch) and ctx.rank == ctx.world_size - 1
+    if armed and not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)
+
+
+class SkipLogged:
+    """After a restart, skip the epochs MLflow already holds, so the history has no repeated steps."""
+
+    def __init__(self, inner: Any, logged_until: int) -> None:
+        self.inner = inner
+        self.logged_until = logged_until
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step > self.logged_until:
+            self.inner.log_metrics(metrics, step)
+
+
 def stage_worker(config: dict[str, Any]) -> None:
     """What every Ray Train worker runs: rebuild the inputs from plain data, train, report."""
     import ray
@@ -54,12 +116,16 @@ def stage_worker(config: dict[str, Any]) -> None:
 
         client = MlflowClient(tracking_uri=config["tracking_uri"])
         client.log_param(config["run_id"], "world_size", ctx.world_size)
+        logged = client.get_metric_history(config["run_id"], "val/acc")
+        logger = SkipLogged(MlflowRunLogger(client, config["run_id"]), max((m.step for m in logged), default=0))
     nodes: list[str | None] = [None] * ctx.world_size
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if ctx.is_chief:
         client.log_param(config["run_id"], "worker_nodes", len(set(nodes)))
-        logger = MlflowRunLogger(client, config["run_id"])
-    result = fit(cfg, plan, dataset, guides, ctx, logger, wrap=ray.train.torch.prepare_model)
+    checkpointer = RayCheckpointer(ctx, cfg.scaling.checkpoint_every, plan.train.epochs)
+    result = fit(cfg, plan, dataset, guides, ctx, logger, wrap=ray.train.torch.prepare_model, checkpointer=checkpointer)
+    if ctx.is_chief and checkpointer.resumed_from is not None:
+        client.set_tag(config["run_id"], "kdray.resumed_from_epoch", str(checkpointer.resumed_from))
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if ctx.is_chief:
@@ -72,7 +138,7 @@ def stage_worker(config: dict[str, Any]) -> None:
 def fit_on_ray(cfg: ExperimentConfig, plan: StagePlan, store_root: Path, tracking_uri: str, run_id: str) -> FitResult:
     """Train one stage on ``cfg.scaling.num_workers`` Ray Train workers and return the chief's result."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
@@ -104,7 +170,9 @@ def fit_on_ray(cfg: ExperimentConfig, plan: StagePlan, store_root: Path, trackin
             placement_strategy=scaling.placement_strategy,
         ),
         run_config=RunConfig(
-            name=f"{run_id}-{plan.role}", storage_path=storage if "://" in storage else str(Path(storage).resolve())
+            name=f"{run_id}-{plan.role}",
+            storage_path=storage if "://" in storage else str(Path(storage).resolve()),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
         ),
     )
     outcome = trainer.fit()
