@@ -188,7 +188,9 @@ def fit(
         optimizer.load_state_dict(restored["optimizer"])
         scheduler.load_state_dict(restored["scheduler"])
         scaler.load_state_dict(restored["scaler"])
-        torch.set_rng_state(restored["rng"])
+        torch.set_rng_state(restored["rng"].cpu())
+        if ctx.device.type == "cuda" and "cuda_rng" in restored:
+            torch.cuda.set_rng_state(restored["cuda_rng"].cpu(), ctx.device)
         result.history = restored["history"]
         first_epoch = restored["epoch"]
         log.info("%s: resumed after epoch %d", plan.role, first_epoch)
@@ -245,6 +247,7 @@ def fit(
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "rng": torch.get_rng_state(),
+                **({"cuda_rng": torch.cuda.get_rng_state(ctx.device)} if ctx.device.type == "cuda" else {}),
                 "history": result.history,
                 "epoch": epoch + 1,
             }
