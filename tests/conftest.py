@@ -12,6 +12,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-train-jpg.tar.gz"
+# Two CPU workers of one thread each, small batches: what every Ray test trains with.
+TWO_CPU_WORKERS = ["scaling.num_workers=2", "scaling.use_gpu=false", "scaling.threads=1", "train.batch_size=32"]
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from kdray.config import load_config
 from kdray.launch import FAULT_EPOCH, FAULT_MARKER
 from kdray.run import run_experiment
+from tests.conftest import TWO_CPU_WORKERS
 
 
 @pytest.fixture
@@ -28,14 +29,11 @@ def test_killed_worker_resumes_from_checkpoint_without_repeating_metrics(ray_wit
     cfg = load_config(
         None,
         [
+            *TWO_CPU_WORKERS,
             "method.name=none",
             "student.name=plane2",
             "train.epochs=5",
-            "train.batch_size=32",
-            "scaling.num_workers=2",
             "scaling.max_failures=1",
-            "scaling.use_gpu=false",
-            "scaling.threads=1",
             "tracking.experiment=faults",
         ],
     )

@@ -10,6 +10,7 @@ from ray.cluster_utils import Cluster
 
 from kdray.config import load_config
 from kdray.run import run_experiment
+from tests.conftest import TWO_CPU_WORKERS
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +28,11 @@ def test_spread_workers_run_on_two_nodes(three_nodes: Cluster, workdir: Path) ->
     cfg = load_config(
         None,
         [
+            *TWO_CPU_WORKERS,
             "method.name=none",
             "student.name=plane2",
             "train.epochs=1",
-            "train.batch_size=32",
-            "scaling.num_workers=2",
             "scaling.placement_strategy=SPREAD",
-            "scaling.use_gpu=false",
-            "scaling.threads=1",
             "tracking.experiment=multinode",
         ],
     )

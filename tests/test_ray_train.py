@@ -12,6 +12,7 @@ from kdray.config import load_config
 from kdray.models import ModelInfo, build_model
 from kdray.run import run_experiment
 from kdray.store import ModelStore
+from tests.conftest import TWO_CPU_WORKERS
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +26,11 @@ def test_two_gloo_workers_train_a_kd_run_on_digits(local_ray: None, workdir: Pat
     cfg = load_config(
         None,
         [
+            *TWO_CPU_WORKERS,
             "teacher.name=plane4",
             "teacher.epochs=1",
             "student.name=plane2",
             "train.epochs=2",
-            "train.batch_size=32",
-            "scaling.num_workers=2",
-            "scaling.use_gpu=false",
-            "scaling.threads=1",
             "tracking.experiment=ray",
         ],
     )
