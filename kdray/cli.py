@@ -1,10 +1,11 @@
-"""The ``kdray`` command line: train, validate, and list methods, models and datasets."""
+"""The ``kdray`` command line: train, tune, report, validate, and list methods, models and datasets."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from kdray.config import ConfigError, ExperimentConfig, load_config
 from kdray.data import DATASETS, DataError
@@ -22,6 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train the teacher (unless stored) and the student of an experiment")
     _config_args(train)
+    tune = commands.add_parser("tune", help="search hyperparameters (Ray Tune + Optuna), every trial in MLflow")
+    tune.add_argument("file", nargs="?", help="experiment YAML file with a search section")
+    tune.add_argument("overrides", nargs="*", metavar="section.field=value", help="e.g. search.num_samples=20")
+    tune.add_argument("--resume", metavar="NAME", help="continue the search NAME whose driver stopped")
+    tune.add_argument("--storage", default=".kdray/ray", help="with --resume: the search's scaling.storage_path")
+    report = commands.add_parser("report", help="print a search's summary from MLflow and redraw its plots")
+    report.add_argument("name", help="search name (printed by kdray tune)")
+    report.add_argument(
+        "--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)"
+    )
+    report.add_argument("--out", default=None, help="folder to write summary.md and the plots into")
     validate = commands.add_parser("validate", help="print the fully resolved config, or the first error")
     _config_args(validate)
     commands.add_parser("methods", help="list distillation methods with their hyperparameters")
@@ -76,24 +88,61 @@ def main(argv: list[str] | None = None) -> int:
         print(_list_datasets())
         return 0
     try:
+        if args.command == "report":
+            return _report(args.name, args.tracking_uri, args.out)
+        if args.command == "tune" and args.resume:
+            return _tune(None, None, args.resume, args.storage)
+        if args.file is None:
+            raise ConfigError("give an experiment file (or --resume NAME)")
         cfg: ExperimentConfig = load_config(args.file, args.overrides)
-    except ConfigError as error:
-        print(f"kdray: config error: {error}", file=sys.stderr)
+        if args.command == "validate":
+            print(cfg.to_yaml(), end="")
+            return 0
+        if args.command == "tune":
+            return _tune(cfg, Path(args.file).stem, None)
+        return _train(cfg)
+    except (ConfigError, DataError) as error:
+        kind = "config" if isinstance(error, ConfigError) else "data"
+        print(f"kdray: {kind} error: {error}", file=sys.stderr)
         return EXIT_CONFIG
-    if args.command == "validate":
-        print(cfg.to_yaml(), end="")
-        return 0
-    return _train(cfg)
 
 
 def _train(cfg: ExperimentConfig) -> int:
     from kdray.run import describe, run_experiment
 
-    try:
-        result = run_experiment(cfg)
-    except (ConfigError, DataError) as error:
-        kind = "config" if isinstance(error, ConfigError) else "data"
-        print(f"kdray: {kind} error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+    result = run_experiment(cfg)
     print(describe(result, cfg))
+    return 0
+
+
+def _tune(cfg: ExperimentConfig | None, default_name: str | None, resume: str | None, storage: str = "") -> int:
+    from kdray.search.driver import resume_search, run_search
+
+    if cfg is not None:
+        assert default_name is not None
+        outcome = run_search(cfg, default_name)
+        uri = cfg.tracking.uri
+    else:
+        assert resume is not None
+        outcome = resume_search(resume, storage)
+        uri = outcome.tracking_uri
+    print(outcome.report.markdown)
+    print(f"Search '{outcome.name}': MLflow run {outcome.parent_run_id} (summary.md and plots/ among its artifacts)")
+    print(f"  view it with:   mlflow ui --backend-store-uri {uri}")
+    print(f"  print it again: kdray report {outcome.name}")
+    return 0
+
+
+def _report(name: str, tracking_uri: str | None, out: str | None) -> int:
+    from kdray.search.report import report_by_name
+
+    report = report_by_name(name, tracking_uri)
+    print(report.markdown)
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "summary.md").write_text(report.markdown)
+        for plot, png in report.plots.items():
+            (folder / f"{plot}.png").write_bytes(png)
+        print(f"written to {folder}/: summary.md, " + ", ".join(f"{plot}.png" for plot in report.plots))
     return 0

@@ -167,7 +167,15 @@ class ScalingConfig(Section):
         "PACK",
         description="Ray placement of the workers: PACK fills a node first, SPREAD puts them on different nodes.",
     )
-    checkpoint_every: int = Field(1, ge=1, description="Ray runs: checkpoint the training state every K epochs.")
+    parallelism: Literal["data", "branches"] = Field(
+        "data",
+        description="data: DDP, each worker trains on its shard; branches: online ensembles (online_branch, dml) "
+        "with one branch per worker, all workers on the same batches (num_workers = number of branches).",
+    )
+    sync_batchnorm: bool = Field(
+        False, description="Data parallelism on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)."
+    )
+    checkpoint_every: int = Field(1, ge=1, description="Checkpoint the training state every K epochs.")
     max_failures: int = Field(0, ge=0, description="Ray runs: restart from the last checkpoint up to N times.")
     storage_path: str = Field(
         ".kdray/ray", description="Ray Train run storage (checkpoints); shared storage (s3://, NFS) on several nodes."
@@ -200,6 +208,9 @@ class SearchParam(Section):
     low: float | None = Field(None, description="Lower bound (float, logfloat, int).")
     high: float | None = Field(None, description="Upper bound (float, logfloat, int).")
     values: list[Any] | None = Field(None, description="Choices (choice).")
+    methods: list[Annotated[str, AfterValidator(METHODS.require)]] | None = Field(
+        None, description="method.* parameters: only for these methods (default: every method that has the field)."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> SearchParam:
@@ -213,11 +224,40 @@ class SearchParam(Section):
         return self
 
 
+class SchedulerConfig(Section):
+    name: Literal["asha", "none"] = Field("asha", description="asha: stop weak trials early (ASHA); none: run all.")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped.")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: 1/reduction_factor of trials go on at each rung.")
+    max_t: int | None = Field(None, ge=1, description="ASHA: the most epochs of a trial (null = train.epochs).")
+
+
+class SamplerConfig(Section):
+    name: Literal["tpe", "gp", "random"] = Field("tpe", description="Optuna sampler: TPE, Gaussian process, random.")
+    seed: int = Field(0, description="Sampler seed: the same search proposes the same trials.")
+
+
 class SearchConfig(Section):
-    metric: str = Field("val/acc", description="Metric the search optimises.")
+    name: str | None = Field(None, description="Search name (Tune folder, MLflow run); null = <file>-<time>.")
+    metric: str = Field("val/acc", description="Metric of the final student the search optimises (a val/* metric).")
     mode: Literal["max", "min"] = Field("max", description="Maximise or minimise the metric.")
     num_samples: int = Field(8, ge=1, description="Number of trials.")
+    max_concurrent_trials: int = Field(2, ge=1, description="Trials running at the same time.")
+    resources_per_trial: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0},
+        description="Ray resources of an in-process trial, e.g. {CPU: 2, GPU: 0.25} (fractional GPUs allowed).",
+    )
+    max_failures: int = Field(1, ge=0, description="Retries of a trial that crashes (a diverged loss is not retried).")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    references: bool = Field(True, description="Also train the student alone and default KD, same budget, to compare.")
     space: dict[str, SearchParam] = Field(default_factory=dict, description="Dotted config field -> range.")
+
+    @field_validator("metric")
+    @classmethod
+    def _validation_metric(cls, metric: str) -> str:
+        if not metric.startswith("val/"):
+            raise ValueError(f"'{metric}': use a validation metric such as val/acc or val/loss (test/* never selects)")
+        return metric
 
 
 class ExperimentConfig(Section):
@@ -250,12 +290,59 @@ class ExperimentConfig(Section):
             pick_assistants(self.teacher.name, self.student.name, self.assistants)
         elif self.assistants.depth or self.assistants.models:
             raise ValueError("assistants: only chain methods (takd, dgkd) use assistants; remove the section")
-        for key in self.search.space:
-            if not _has_field(self, key):
+        if self.scaling.parallelism == "branches":
+            self._check_branch_parallel()
+        if self.scaling.sync_batchnorm and (
+            self.scaling.num_workers < 1 or self.scaling.use_gpu is False or self.scaling.parallelism != "data"
+        ):
+            raise ValueError(
+                "scaling.sync_batchnorm: needs data-parallel GPU workers (num_workers >= 1, use_gpu not false, "
+                "parallelism=data); PyTorch's SyncBatchNorm runs on CUDA only"
+            )
+        self._check_search_fields()
+        return self
+
+    def _check_search_fields(self) -> None:
+        """Every searched key is a config field; a method.* key is a field of at least one searched method."""
+        space = self.search.space
+        methods = [self.method.name]
+        if "method.name" in space:
+            methods = [str(v) for v in space["method.name"].values or []]
+            unknown = [m for m in methods if m not in METHODS]
+            if space["method.name"].kind != "choice" or unknown:
+                raise ValueError(f"search.space: method.name must be a choice of: {', '.join(METHODS.names())}")
+        for key, param in space.items():
+            if key == "method.name":
+                continue
+            if key.startswith("method."):
+                field = key.removeprefix("method.")
+                owners = [m for m in methods if field in METHODS[m].Params.model_fields]
+                if not owners:
+                    raise ValueError(f"search.space: '{key}' is not a parameter of {', '.join(methods)}")
+                outside = [m for m in param.methods or [] if m not in methods]
+                if outside:
+                    raise ValueError(f"search.space: {key}.methods names {', '.join(outside)}, which is not searched")
+            elif not _has_field(self, key):
                 raise ValueError(
                     f"search.space: '{key}' is not a config field (use dotted names like method.temperature)"
                 )
-        return self
+
+    def _check_branch_parallel(self) -> None:
+        from kdray.methods.ensemble import EnsembleMethod
+
+        method = METHODS[self.method.name]
+        if not issubclass(method, EnsembleMethod):
+            ensembles = [name for name, cls in METHODS.items() if issubclass(cls, EnsembleMethod)]
+            raise ValueError(
+                f"scaling.parallelism=branches: method '{self.method.name}' has no branches; "
+                f"use one of {', '.join(ensembles)} or scaling.parallelism=data"
+            )
+        count = method.branch_count(self.method)
+        if self.scaling.num_workers != count:
+            raise ValueError(
+                f"scaling.num_workers: parallelism=branches needs one worker per branch; set it to {count} "
+                f"(the method's {count} branches)"
+            )
 
     def dump(self) -> dict[str, Any]:
         """Plain data (JSON/YAML-safe); ``ExperimentConfig.model_validate`` turns it back."""
@@ -276,18 +363,26 @@ def _has_field(model: BaseModel, dotted: str) -> bool:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set ``section.field=value`` pairs on a raw config dict; values are parsed as YAML scalars."""
-    result = {key: (dict(value) if isinstance(value, dict) else value) for key, value in raw.items()}
+    values: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}': write section.field=value, e.g. method.temperature=4")
-        parts = key.strip().split(".")
+        values[key.strip()] = yaml.safe_load(text) if text.strip() else None
+    return set_fields(raw, values)
+
+
+def set_fields(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``raw`` with ``{"section.field": value}`` set (the nested dicts on the way are copied)."""
+    result = {key: (dict(value) if isinstance(value, dict) else value) for key, value in raw.items()}
+    for key, value in values.items():
+        parts = key.split(".")
         node = result
         for part in parts[:-1]:
             child = node.get(part)
             node[part] = dict(child) if isinstance(child, dict) else {}
             node = node[part]
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        node[parts[-1]] = value
     return result
 
 

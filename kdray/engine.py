@@ -23,6 +23,7 @@ from kdray.config import ExperimentConfig, TrainConfig
 from kdray.data import Dataset, DeviceSplit, eval_batches, train_batches
 from kdray.distributed import WorkerContext, all_reduce_sum
 from kdray.methods import METHODS, Method, StepInfo
+from kdray.methods.ensemble import EnsembleMethod
 from kdray.models import ModelInfo, StagedNet, build_model
 from kdray.stages import StagePlan
 
@@ -42,6 +43,8 @@ class NullLogger:
 
 class Checkpointer(Protocol):
     """Where a stage's training state goes at the end of an epoch, and comes back from after a failure."""
+
+    resumed_from: int | None
 
     def restore(self) -> dict[str, Any] | None: ...
 
@@ -166,16 +169,24 @@ def fit(
     info = replace(model_info(dataset), onthefly=plan.model.onthefly, batchnorm=plan.model.batchnorm)
     student = build_model(plan.model.name, info)
     method: Method = METHODS[plan.method.name](student, guides, plan.method).to(ctx.device)
+    # Branch parallelism: this worker keeps one branch and every worker sees the whole batch stream,
+    # so batches and evaluation use a one-worker view of the data (``shard``).
+    ensemble = method if isinstance(method, EnsembleMethod) else None
+    peers = ensemble is not None and cfg.scaling.parallelism == "branches" and ctx.world_size > 1
+    if peers:
+        ensemble.split_across(ctx.rank, ctx.world_size)  # type: ignore[union-attr]
+    shard = replace(ctx, rank=0, world_size=1) if peers else ctx
+    loss_scale = 1 / ctx.world_size if peers else 1.0
     splits = {
         name: DeviceSplit(split, dataset.mean, dataset.std, ctx.device)
         for name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))
         if split is not None
     }
-    steps_per_epoch = len(splits["train"]) // ctx.world_size // train_cfg.batch_size
+    steps_per_epoch = len(splits["train"]) // shard.world_size // train_cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size={train_cfg.batch_size} exceeds the {len(splits['train'])} training images")
-    stepper = wrap(method) if wrap is not None else method
-    optimizer = build_optimizer(method.trainable(), train_cfg, ctx.world_size)
+    stepper = wrap(method) if wrap is not None and not peers else method
+    optimizer = build_optimizer(method.trainable(), train_cfg, shard.world_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(train_cfg, steps_per_epoch))
     precision, scaler = autocast(ctx, train_cfg.amp)
     result = FitResult(state_dict={})
@@ -194,6 +205,8 @@ def fit(
         result.history = restored["history"]
         first_epoch = restored["epoch"]
         log.info("%s: resumed after epoch %d", plan.role, first_epoch)
+        for epoch, metrics in enumerate(result.history, start=1):  # a logger that holds them already skips them
+            logger.log_metrics(metrics, step=epoch)
     for epoch in range(first_epoch, epochs):
         stepper.train()
         sums: dict[str, torch.Tensor] = {}
@@ -207,8 +220,8 @@ def fit(
                 train_cfg.seed,
                 augment.padding,
                 augment.flip,
-                ctx.rank,
-                ctx.world_size,
+                shard.rank,
+                shard.world_size,
             )
         ):
             step = StepInfo(epoch, epoch * steps_per_epoch + index, steps_per_epoch, epochs * steps_per_epoch)
@@ -216,7 +229,9 @@ def fit(
                 terms = stepper(batch.images, batch.labels, step)
             loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(loss * loss_scale).backward()
+            if peers:
+                ensemble.sync_shared_gradients()  # type: ignore[union-attr]
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -231,12 +246,12 @@ def fit(
                 f"{plan.role}: the loss became {values['loss/total']} in epoch {epoch + 1}; lower train.lr"
             )
         method.eval()
-        val = evaluate(method.deployable(), splits["val"], train_cfg.eval_batch_size, ctx, method.eval_terms)
+        val = evaluate(method.deployable(), splits["val"], train_cfg.eval_batch_size, shard, method.eval_terms)
         metrics = {
             **values,
             **{f"val/{name}": value for name, value in val.items()},
             "lr": lr,
-            "images_per_s": steps_per_epoch * train_cfg.batch_size * ctx.world_size / elapsed,
+            "images_per_s": steps_per_epoch * train_cfg.batch_size * shard.world_size / elapsed,
         }
         result.history.append(metrics)
         logger.log_metrics(metrics, step=epoch + 1)
@@ -265,7 +280,7 @@ def fit(
             )
     result.final = {name: value for name, value in result.history[-1].items() if name.startswith("val/")}
     if "test" in splits:
-        test = evaluate(method.deployable(), splits["test"], train_cfg.eval_batch_size, ctx, method.eval_terms)
+        test = evaluate(method.deployable(), splits["test"], train_cfg.eval_batch_size, shard, method.eval_terms)
         result.final.update({f"test/{name}": value for name, value in test.items()})
     deployable = method.deployable().state_dict()
     result.state_dict = {name: tensor.detach().cpu() for name, tensor in deployable.items()}

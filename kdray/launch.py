@@ -15,12 +15,13 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kdray.config import ExperimentConfig
+from kdray.config import ConfigError, ExperimentConfig
 from kdray.distributed import WorkerContext
 from kdray.engine import FitResult, NullLogger, fit, model_info
 from kdray.stages import StagePlan
@@ -34,22 +35,37 @@ FAULT_MARKER = "KDRAY_FAULT_MARKER"
 
 
 class RayCheckpointer:
-    """Reports every epoch to Ray Train; every K epochs (and the last) the chief adds the training state."""
+    """Reports every epoch to Ray Train; every K epochs (and the last) adds the training state.
 
-    def __init__(self, ctx: WorkerContext, every: int, epochs: int) -> None:
+    ``api="tune"`` reports to Ray Tune instead, from a search trial that trains in its own process.
+    The chief's state is the whole state in data-parallel runs (DDP keeps the replicas equal). With
+    branch parallelism every worker owns a different branch, so each writes its own ``state-<rank>.pt``;
+    Ray Train merges the workers' files into one checkpoint folder.
+    """
+
+    def __init__(
+        self, ctx: WorkerContext, every: int, epochs: int, every_rank: bool = False, api: str = "train"
+    ) -> None:
         self.ctx = ctx
+        self.api = api
         self.every = every
         self.epochs = epochs
+        self.every_rank = every_rank
+        self.file = f"state-{ctx.rank}.pt" if every_rank else "state.pt"
         self.resumed_from: int | None = None
 
-    def restore(self) -> dict[str, Any] | None:
+    def _ray(self) -> Any:
         import ray.train
+        import ray.tune
 
-        checkpoint = ray.train.get_checkpoint()
+        return ray.tune if self.api == "tune" else ray.train
+
+    def restore(self) -> dict[str, Any] | None:
+        checkpoint = self._ray().get_checkpoint()
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            state = os.path.join(folder, "state.pt")
+            state = os.path.join(folder, self.file)
             if not os.path.exists(state):  # the final report (weights only): nothing left to resume
                 return None
             restored = torch.load(state, map_location=self.ctx.device, weights_only=True)
@@ -57,15 +73,20 @@ class RayCheckpointer:
         return restored
 
     def save(self, epoch: int, state: dict[str, Any], metrics: dict[str, float]) -> None:
-        import ray.train
-
+        """Report the epoch (and, when due, the state). In a search the final epoch is not reported to Tune
+        from here: the trial reports it once the model is stored, so a scheduler's stop cannot come between
+        the last epoch and the store (``kdray_final`` tells Train-to-Tune forwarding which reports to pass)."""
+        if self.api == "tune" and epoch == self.epochs:
+            return
+        ray = self._ray()
+        metrics = {**metrics, "epoch": epoch, "kdray_final": float(epoch == self.epochs)}
         due = epoch % self.every == 0 or epoch == self.epochs
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
-            if due and self.ctx.is_chief:
-                torch.save(state, os.path.join(folder, "state.pt"))
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report({**metrics, "epoch": epoch}, checkpoint=checkpoint)
+            if due and (self.ctx.is_chief or self.every_rank):
+                torch.save(state, os.path.join(folder, self.file))
+                checkpoint = ray.Checkpoint.from_directory(folder)
+            ray.report(metrics, checkpoint=checkpoint)
         inject_fault(epoch, self.ctx)
 
 
@@ -79,16 +100,18 @@ def inject_fault(epoch: int, ctx: WorkerContext) -> None:
         os._exit(1)
 
 
-class SkipLogged:
-    """After a restart, skip the epochs MLflow already holds, so the history has no repeated steps."""
+def data_parallel(cfg: ExperimentConfig) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """DDP through Ray Train; with ``scaling.sync_batchnorm`` the BatchNorm layers first become
+    SyncBatchNorm, so their statistics cover the global batch (frozen guides stay in eval mode, where
+    SyncBatchNorm is plain BatchNorm)."""
+    import ray.train.torch
 
-    def __init__(self, inner: Any, logged_until: int) -> None:
-        self.inner = inner
-        self.logged_until = logged_until
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        if cfg.scaling.sync_batchnorm:
+            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return ray.train.torch.prepare_model(module)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step > self.logged_until:
-            self.inner.log_metrics(metrics, step)
+    return wrap
 
 
 def stage_worker(config: dict[str, Any]) -> None:
@@ -112,18 +135,18 @@ def stage_worker(config: dict[str, Any]) -> None:
     if ctx.is_chief:
         from mlflow.tracking import MlflowClient
 
-        from kdray.tracking import MlflowRunLogger
+        from kdray.tracking import MlflowRunLogger, SkipLogged, logged_until
 
         client = MlflowClient(tracking_uri=config["tracking_uri"])
         client.log_param(config["run_id"], "world_size", ctx.world_size)
-        logged = client.get_metric_history(config["run_id"], "val/acc")
-        logger = SkipLogged(MlflowRunLogger(client, config["run_id"]), max((m.step for m in logged), default=0))
+        logger = SkipLogged(MlflowRunLogger(client, config["run_id"]), logged_until(client, config["run_id"]))
     nodes: list[str | None] = [None] * ctx.world_size
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if ctx.is_chief:
         client.log_param(config["run_id"], "worker_nodes", len(set(nodes)))
-    checkpointer = RayCheckpointer(ctx, cfg.scaling.checkpoint_every, plan.train.epochs)
-    result = fit(cfg, plan, dataset, guides, ctx, logger, wrap=ray.train.torch.prepare_model, checkpointer=checkpointer)
+    every_rank = cfg.scaling.parallelism == "branches"
+    checkpointer = RayCheckpointer(ctx, cfg.scaling.checkpoint_every, plan.train.epochs, every_rank)
+    result = fit(cfg, plan, dataset, guides, ctx, logger, wrap=data_parallel(cfg), checkpointer=checkpointer)
     if ctx.is_chief and checkpointer.resumed_from is not None:
         client.set_tag(config["run_id"], "kdray.resumed_from_epoch", str(checkpointer.resumed_from))
     with tempfile.TemporaryDirectory() as folder:
@@ -135,11 +158,39 @@ def stage_worker(config: dict[str, Any]) -> None:
         ray.train.report({"val/acc": result.final["val/acc"]}, checkpoint=checkpoint)
 
 
-def fit_on_ray(cfg: ExperimentConfig, plan: StagePlan, store_root: Path, tracking_uri: str, run_id: str) -> FitResult:
-    """Train one stage on ``cfg.scaling.num_workers`` Ray Train workers and return the chief's result."""
+def _forward_epochs_class() -> type:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ForwardEpochs(TuneReportCallback):
+        """Ray Train's bridge to Tune, passing the chief's per-epoch reports except the final one."""
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if metrics and metrics[0].get("kdray_final") == 0.0:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return ForwardEpochs
+
+
+def fit_on_ray(
+    cfg: ExperimentConfig,
+    plan: StagePlan,
+    store_root: Path,
+    tracking_uri: str,
+    run_id: str,
+    folder_name: str,
+    report_to_tune: bool = False,
+) -> FitResult:
+    """Train one stage on ``cfg.scaling.num_workers`` Ray Train workers and return the chief's result.
+
+    The Train run is named ``folder_name`` (run name + stage key) under ``scaling.storage_path``: a
+    rerun of an interrupted experiment finds its checkpoints there and continues from the latest.
+    ``report_to_tune``: called from a search trial; the chief's epoch reports are forwarded to Tune.
+    """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    ForwardEpochs = _forward_epochs_class()  # noqa: N806
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
@@ -154,6 +205,8 @@ def fit_on_ray(cfg: ExperimentConfig, plan: StagePlan, store_root: Path, trackin
     use_gpu = scaling.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    if scaling.sync_batchnorm and not use_gpu:
+        raise ConfigError("scaling.sync_batchnorm: the Ray cluster has no GPUs and SyncBatchNorm runs on CUDA only")
     trainer = TorchTrainer(
         stage_worker,
         train_loop_config={
@@ -170,9 +223,10 @@ def fit_on_ray(cfg: ExperimentConfig, plan: StagePlan, store_root: Path, trackin
             placement_strategy=scaling.placement_strategy,
         ),
         run_config=RunConfig(
-            name=f"{run_id}-{plan.role}",
+            name=folder_name,
             storage_path=storage if "://" in storage else str(Path(storage).resolve()),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
+            callbacks=[ForwardEpochs()] if report_to_tune else None,
         ),
     )
     outcome = trainer.fit()

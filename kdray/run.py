@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 
 import kdray
+from kdray.checkpoints import LocalCheckpointer, stage_folder_name
 from kdray.config import ExperimentConfig
 from kdray.data import Dataset, load_dataset
 from kdray.distributed import WorkerContext, local_context
-from kdray.engine import fit, model_info
+from kdray.engine import Checkpointer, fit, model_info
 from kdray.stages import StagePlan, plan_stages
-from kdray.store import ModelStore, StoredModel
+from kdray.store import ModelStore, StoredModel, model_key
 from kdray.tracking import Tracking, flatten
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,17 @@ def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
     return tags
 
 
-def run_experiment(cfg: ExperimentConfig) -> ExperimentResult:
-    """Train (or reuse) every stage of ``cfg`` and record it all in MLflow."""
+def run_experiment(
+    cfg: ExperimentConfig, parent_run_id: str | None = None, role: str = "experiment"
+) -> ExperimentResult:
+    """Train (or reuse) every stage of ``cfg`` and record it all in MLflow.
+
+    ``parent_run_id`` nests the experiment's run under another (a search's reference runs do that).
+
+    If the newest run of this name and config did not finish (its driver was killed, or it failed),
+    this call continues it: the same parent run, finished stages taken from the store, the interrupted
+    stage resumed from its last checkpoint in its own child run.
+    """
     # In-process runs train here; Ray runs pick each worker's device on the worker.
     ctx = local_context(cfg.scaling.use_gpu) if cfg.scaling.num_workers == 0 else None
     if cfg.scaling.threads:
@@ -79,32 +89,54 @@ def run_experiment(cfg: ExperimentConfig) -> ExperimentResult:
     dataset = load_dataset(cfg.data)
     store = ModelStore(Path(cfg.store.path).expanduser().resolve())
     plans = plan_stages(cfg, dataset.fingerprint())
-    tags = run_tags(cfg)
-    name = cfg.tracking.run_name or f"{cfg.method.name}-{cfg.student.name}"
-    parent = tracking.start_run(name, {**tags, "kdray.role": "experiment"})
+    tags = {**run_tags(cfg), "kdray.config_hash": model_key(cfg.dump())}
+    name = run_name(cfg)
+    unfinished = tracking.find_unfinished(name, {"kdray.role": role, "kdray.config_hash": tags["kdray.config_hash"]})
+    if unfinished is not None:
+        parent = unfinished.info.run_id
+        log.info("continuing the unfinished run '%s' (%s)", name, parent)
+        tracking.reopen(parent)
+        earlier = tracking.children(parent)
+    else:
+        parent = tracking.start_run(name, {**tags, "kdray.role": role}, parent_run_id)
+        earlier = {}
     result = ExperimentResult(parent)
     open_runs = [parent]
     try:
-        tracking.log_params(parent, flatten(cfg.dump()))
-        tracking.log_text(parent, cfg.to_yaml(), "config.yaml")
+        if unfinished is None:
+            tracking.log_params(parent, flatten(cfg.dump()))
+            tracking.log_text(parent, cfg.to_yaml(), "config.yaml")
         for plan in plans:
-            child = tracking.start_run(
-                plan.role, {**tags, "kdray.role": plan.role, "kdray.model_key": plan.key}, parent
-            )
+            previous = earlier.get(plan.key)
+            stored = store.find(plan.key)
+            if previous is not None and previous.info.status == "FINISHED" and stored is not None:
+                result.stages.append(StageOutcome(plan, stored, previous.info.run_id, True, stored.meta["metrics"]))
+                continue
+            if previous is not None:
+                child = previous.info.run_id
+                tracking.reopen(child)
+            else:
+                child = tracking.start_run(
+                    plan.role, {**tags, "kdray.role": plan.role, "kdray.model_key": plan.key}, parent
+                )
             open_runs.append(child)
-            outcome = _run_stage(cfg, plan, dataset, store, tracking, child, ctx)
+            outcome = run_stage(cfg, plan, dataset, store, tracking, child, ctx, stage_folder_name(name, plan.key))
             result.stages.append(outcome)
             tracking.end_run(open_runs.pop())
         tracking.log_params(parent, {"data.fingerprint": dataset.fingerprint()})
         tracking.logger(parent).log_metrics(result.student.metrics, step=cfg.train.epochs)
         tracking.end_run(open_runs.pop())
     except BaseException as error:
-        _mark_failed(tracking, open_runs, error)
+        mark_failed(tracking, open_runs, error)
         raise
     return result
 
 
-def _mark_failed(tracking: Tracking, run_ids: list[str], error: BaseException) -> None:
+def run_name(cfg: ExperimentConfig) -> str:
+    return cfg.tracking.run_name or f"{cfg.method.name}-{cfg.student.name}"
+
+
+def mark_failed(tracking: Tracking, run_ids: list[str], error: BaseException) -> None:
     """Close the open runs as FAILED (KILLED on Ctrl-C); a broken tracking store must not hide ``error``."""
     status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
     for run_id in reversed(run_ids):
@@ -115,7 +147,7 @@ def _mark_failed(tracking: Tracking, run_ids: list[str], error: BaseException) -
             log.warning("could not mark MLflow run %s %s: %s", run_id, status, tracking_error)
 
 
-def _run_stage(
+def run_stage(
     cfg: ExperimentConfig,
     plan: StagePlan,
     dataset: Dataset,
@@ -123,7 +155,14 @@ def _run_stage(
     tracking: Tracking,
     run_id: str,
     ctx: WorkerContext | None,
+    folder_name: str,
+    report_to_tune: bool = False,
 ) -> StageOutcome:
+    """Train one stage (or take it from the store) into MLflow run ``run_id`` and the store.
+
+    Checkpoints go to ``scaling.storage_path/folder_name``. ``report_to_tune``: the stage is a search
+    trial's student, whose epochs (and checkpoints) are reported to Ray Tune.
+    """
     stage_params = {
         **{f"model.{k}": v for k, v in plan.model.model_dump().items()},
         **{f"train.{k}": v for k, v in plan.train.model_dump().items()},
@@ -139,14 +178,25 @@ def _run_stage(
         )
         tracking.logger(run_id).log_metrics(stored.meta["metrics"], step=plan.train.epochs)
         return StageOutcome(plan, stored, run_id, True, stored.meta["metrics"])
+    checkpointer = None
     if cfg.scaling.num_workers >= 1:
         from kdray.launch import fit_on_ray
 
-        outcome = fit_on_ray(cfg, plan, store.root, tracking.uri, run_id)
+        outcome = fit_on_ray(cfg, plan, store.root, tracking.uri, run_id, folder_name, report_to_tune)
     else:
-        guides = [store.load(key, model_info(dataset)) for key in plan.guides]
         assert ctx is not None
-        outcome = fit(cfg, plan, dataset, guides, ctx, tracking.logger(run_id))
+        guides = [store.load(key, model_info(dataset)) for key in plan.guides]
+        every = cfg.scaling.checkpoint_every
+        if report_to_tune:
+            from kdray.launch import RayCheckpointer
+
+            checkpointer: Checkpointer = RayCheckpointer(ctx, every, plan.train.epochs, api="tune")
+        else:
+            folder = Path(cfg.scaling.storage_path).expanduser().resolve() / folder_name
+            checkpointer = LocalCheckpointer(folder, every, plan.train.epochs, ctx.device)
+        outcome = fit(cfg, plan, dataset, guides, ctx, tracking.continuing_logger(run_id), checkpointer=checkpointer)
+        if checkpointer.resumed_from is not None:
+            tracking.set_tags(run_id, {"kdray.resumed_from_epoch": str(checkpointer.resumed_from)})
     meta = {
         "model": plan.model.model_dump(),
         "role": plan.role,
@@ -163,6 +213,8 @@ def _run_stage(
     tracking.logger(run_id).log_metrics(tests, step=plan.train.epochs)
     tracking.log_artifact(run_id, stored.weights)
     tracking.log_artifact(run_id, stored.path / "config.yaml")
+    if isinstance(checkpointer, LocalCheckpointer):
+        checkpointer.discard()
     return StageOutcome(plan, stored, run_id, False, outcome.final)
 
 

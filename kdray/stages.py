@@ -43,7 +43,9 @@ def stage_identity(
     recipe = train.model_dump(mode="json")
     recipe.pop("eval_batch_size")
     return {
-        "world_size": max(1, cfg.scaling.num_workers),  # the global batch, and so the result, depends on it
+        # Data parallelism: the global batch, and so the result, depends on the number of workers.
+        # Branch parallelism computes what one process computes.
+        "world_size": max(1, cfg.scaling.num_workers) if cfg.scaling.parallelism == "data" else 1,
         "model": model.model_dump(mode="json"),
         "data": {"fingerprint": fingerprint, "augment": cfg.data.augment.model_dump(mode="json")},
         "train": recipe,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import filelock
 import torch
 
 from kdray.models import ModelInfo, StagedNet, build_model
@@ -48,6 +49,14 @@ class ModelStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
+
+    def lock(self, key: str) -> filelock.FileLock:
+        """An inter-process lock for producing entry ``key``: concurrent search trials that need the same
+        teacher or assistant take it, and all but the first find the entry when they get it. (File locks
+        need a file system that honours them; on a cluster, a shared POSIX file system such as NFSv4.)"""
+        folder = self.root / ".locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        return filelock.FileLock(folder / f"{key}.lock")
 
     def find(self, key: str) -> StoredModel | None:
         entry = self.root / key

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from kdray.config import ConfigError
@@ -29,6 +29,23 @@ class MlflowRunLogger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         stamp = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in metrics.items()])
+
+
+class SkipLogged:
+    """Drops epochs MLflow already holds: after a restore, the history continues without repeated steps."""
+
+    def __init__(self, inner: MlflowRunLogger, logged_until: int) -> None:
+        self.inner = inner
+        self.logged_until = logged_until
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step > self.logged_until:
+            self.inner.log_metrics(metrics, step)
+
+
+def logged_until(client: MlflowClient, run_id: str, metric: str = "val/acc") -> int:
+    """The last epoch whose metrics a run already holds (0 for a new run)."""
+    return max((m.step for m in client.get_metric_history(run_id, metric)), default=0)
 
 
 def check_reachable(uri: str) -> None:
@@ -64,6 +81,36 @@ class Tracking:
             tags = {**tags, "mlflow.parentRunId": parent_id}
         return self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
 
+    def find_unfinished(self, name: str, tags: dict[str, str]) -> Run | None:
+        """The newest run called ``name`` with these tags that did not finish (killed, failed, or still
+        RUNNING because its driver died): the run a rerun continues."""
+        conditions = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+        runs = self.client.search_runs(
+            [self.experiment_id], " and ".join(conditions), order_by=["attributes.start_time DESC"], max_results=20
+        )
+        for run in runs:
+            if run.info.run_name == name:
+                return run if run.info.status != "FINISHED" else None
+        return None
+
+    def runs_under(self, parent_id: str, role: str | None = None) -> list[Run]:
+        """A parent's child runs (with tag ``kdray.role`` = ``role`` if given), oldest first."""
+        condition = f"tags.`mlflow.parentRunId` = '{parent_id}'"
+        if role is not None:
+            condition += f" and tags.`kdray.role` = '{role}'"
+        runs = self.client.search_runs(
+            [self.experiment_id], condition, max_results=10000, order_by=["attributes.start_time ASC"]
+        )
+        return list(runs)
+
+    def children(self, parent_id: str) -> dict[str, Run]:
+        """A parent's child runs by stage key (tag ``kdray.model_key``)."""
+        runs = self.runs_under(parent_id)
+        return {run.data.tags["kdray.model_key"]: run for run in runs if "kdray.model_key" in run.data.tags}
+
+    def reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         items = [Param(key, str(value)[:6000]) for key, value in params.items()]
         for start in range(0, len(items), 100):
@@ -74,6 +121,10 @@ class Tracking:
 
     def logger(self, run_id: str) -> MlflowRunLogger:
         return MlflowRunLogger(self.client, run_id)
+
+    def continuing_logger(self, run_id: str) -> SkipLogged:
+        """A logger for a run that may already hold epochs (a resumed stage): those are not logged again."""
+        return SkipLogged(self.logger(run_id), logged_until(self.client, run_id))
 
     def log_text(self, run_id: str, text: str, path: str) -> None:
         self.client.log_text(run_id, text, path)

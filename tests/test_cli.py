@@ -42,7 +42,9 @@ def test_listings() -> None:
     assert methods.returncode == 0
     assert "method.temperature = 4.0" in methods.stdout and methods.stdout.startswith("none:")
     listed = {line.split(":")[0] for line in methods.stdout.splitlines() if not line.startswith(" ")}
-    assert listed == {"none", "kd", "triplet", "feature_mixup", "stkd", "takd", "dgkd", "pacemaker", "online_branch"}
+    assert listed == {
+        *("none", "kd", "triplet", "feature_mixup", "stkd", "takd", "dgkd", "pacemaker", "online_branch", "dml")
+    }
     assert "method.margin = 5.0" in methods.stdout and "method.drop_num = 1" in methods.stdout
     models = kdray("models")
     assert "resnet32x4" in models.stdout and "wrn_40_2" in models.stdout and "plane10" in models.stdout

@@ -81,6 +81,15 @@ def test_method_without_name_means_kd(tmp_path: Path) -> None:
         (["trian.epochs=3"], "trian: unknown key; allowed: data, teacher, student, method"),
         (["search.space={foo.bar: {kind: float, low: 0, high: 1}}"], "search.space: 'foo.bar' is not a config field"),
         (["epochs"], "override 'epochs': write section.field=value"),
+        (["scaling.sync_batchnorm=true"], "scaling.sync_batchnorm: needs data-parallel GPU workers"),
+        (
+            ["scaling.parallelism=branches", "scaling.num_workers=2"],
+            "scaling.parallelism=branches: method 'kd' has no branches; use one of online_branch, dml",
+        ),
+        (
+            ["method.name=online_branch", "scaling.parallelism=branches", "scaling.num_workers=2"],
+            "scaling.num_workers: parallelism=branches needs one worker per branch; set it to 4",
+        ),
     ],
 )
 def test_bad_input_is_one_line_naming_the_field(overrides: list[str], expected: str) -> None:

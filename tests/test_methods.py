@@ -252,7 +252,7 @@ def test_online_branch_shapes_and_cd_changes_the_classifiers() -> None:
     trainable = {id(p) for p in method.trainable()}
     assert {id(p) for p in fusion.parameters()} <= trainable and {id(p) for p in student.parameters()} <= trainable
     # the branches start different (re-initialised copies), so they can disagree
-    heads = [h.fc.weight for h in method.branch_heads]
+    heads = [method.branches[str(b)].classifier.weight for b in range(3)]
     assert not torch.equal(heads[0], heads[1])
     images, labels = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     terms = method(images, labels, StepInfo(0, 0, 10, 10))
@@ -283,3 +283,28 @@ def test_rampup_is_sigmoid_shaped() -> None:
     assert rampup_weight(0.0, 0.25) == pytest.approx(math.exp(-5))
     assert rampup_weight(0.25, 0.25) == 1.0 and rampup_weight(0.9, 0.25) == 1.0
     assert rampup_weight(0.0, 0.0) == 1.0
+
+
+# --- dml -----------------------------------------------------------------------------------------
+
+
+def test_dml_loss_is_each_peers_ce_plus_its_mean_kl_to_the_others() -> None:
+    """Three peers with fixed logits: L = Σ_k CE_k + T²/(m−1) Σ_k Σ_{l≠k} KL(p_l ‖ p_k), by hand."""
+    table = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    torch.manual_seed(0)
+    method = METHODS["dml"](as_staged(FixedLogits(table)), [], METHODS["dml"].Params(peers=3, temperature=2.0))
+    for index, scale in ((1, -1.0), (2, 3.0)):  # distinct peers: scaled copies of the table
+        method.branches[str(index)].head.table.data = table * scale
+    images = torch.zeros(2, 1, 1, 1)
+    images[1, 0, 0, 0] = 1
+    labels = torch.tensor([0, 1])
+    terms = method(images, labels, STEP)
+    logits = [table, -table, 3 * table]
+    probs = [torch.softmax(z / 2.0, 1) for z in logits]
+    ce = sum(-torch.log_softmax(z, 1)[torch.arange(2), labels].mean() for z in logits)
+    kl = sum(
+        (probs[j] * (probs[j].log() - probs[k].log())).sum(1).mean() for k in range(3) for j in range(3) if j != k
+    )
+    assert terms["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert terms["kd"].item() == pytest.approx((4.0 / 2 * kl).item(), rel=1e-5)
+    assert method.deployable() is method.student and method.branches["0"] is method.student

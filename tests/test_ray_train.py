@@ -8,7 +8,7 @@ import ray
 import torch
 from mlflow import MlflowClient
 
-from kdray.config import load_config
+from kdray.config import ConfigError, load_config
 from kdray.models import ModelInfo, build_model
 from kdray.run import run_experiment
 from kdray.store import ModelStore
@@ -73,3 +73,10 @@ def test_two_workers_reach_the_parameters_of_one_worker_with_the_same_global_bat
     torch.manual_seed(0)
     fresh = build_model("plane4", info).state_dict()
     assert any(not torch.allclose(fresh[name], tensor) for name, tensor in alone.items())  # training moved them
+
+
+def test_sync_batchnorm_is_refused_on_a_cluster_without_gpus(local_ray: None, workdir: Path) -> None:
+    cfg = load_config(None, ["scaling.num_workers=1", "scaling.sync_batchnorm=true", "method.name=none"])
+    with pytest.raises(ConfigError, match="scaling.sync_batchnorm: the Ray cluster has no GPUs"):
+        run_experiment(cfg)
+    assert not Path(cfg.scaling.storage_path).exists()  # refused before any Train run started

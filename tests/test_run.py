@@ -113,6 +113,7 @@ def test_failure_marks_runs_failed_and_keeps_stored_teacher(workdir: Path) -> No
         (["method.name=dgkd", "teacher.name=plane8", "assistants.depth=2"], {"ce", "kd"}),
         (["method.name=pacemaker", "student.onthefly=true"], {"ce", "kd_pacemaker", "kd_teacher"}),
         (["method.name=online_branch", "method.branches=2"], {"ce", "kd", "ce_fused", "cd"}),
+        (["method.name=dml", "method.peers=3"], {"ce", "kd"}),
     ],
 )
 def test_every_method_trains_end_to_end_and_logs_its_terms(workdir: Path, overrides: list[str], terms: set) -> None:

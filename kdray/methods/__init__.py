@@ -10,6 +10,7 @@ from kdray.methods import (  # noqa: F401  (registration; the order is the order
     chains,
     pacemaker,
     online_branch,
+    dml,
 )
 
 # isort: on

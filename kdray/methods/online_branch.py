@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
+from kdray.methods.base import METHODS, MethodParams, StepInfo
+from kdray.methods.ensemble import EnsembleMethod, ensemble_statistics
 from kdray.methods.losses import soft_kl
 from kdray.models import StagedNet
 from kdray.models.staged import init_weights
@@ -87,12 +88,28 @@ def rampup_weight(progress: float, rampup: float) -> float:
     return math.exp(-5.0 * (1.0 - done) ** 2)
 
 
+class Branch(nn.Module):
+    """One branch: a copy of the student's last stage and its head."""
+
+    def __init__(self, stage: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.stage = stage
+        self.head = head
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return [m for m in self.head.modules() if isinstance(m, nn.Linear)][-1]
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feature = self.stage(hidden)
+        return self.head(feature), feature
+
+
 @METHODS.register("online_branch")
-class OnlineBranch(Method):
+class OnlineBranch(EnsembleMethod):
     """m branches on shared low-level stages, taught by their fused (or averaged) prediction."""
 
     Params = OnlineBranchParams
-    kind = "alone"
     summary = "Li et al. 2020: m branches, FFM-fused soft target, classifier-diversification loss"
 
     def __init__(self, student: StagedNet, guides: Sequence[StagedNet], params: OnlineBranchParams) -> None:
@@ -101,32 +118,36 @@ class OnlineBranch(Method):
             raise ValueError("online_branch needs a student with at least two stages")
         self.shared_until = student.stage_names[-2]
         last = student.stages[student.stage_names[-1]]
-        self.branch_stages = nn.ModuleList([last])
-        self.branch_heads = nn.ModuleList([student.head])
-        for _ in range(params.branches - 1):
+        self.branches["0"] = Branch(last, student.head)
+        for index in range(1, params.branches):
             stage, head = copy.deepcopy(last), copy.deepcopy(student.head)
             init_weights(stage)
             init_weights(head)
-            self.branch_stages.append(stage)
-            self.branch_heads.append(head)
+            self.branches[str(index)] = Branch(stage, head)
+        self.owned = list(range(params.branches))
         channels = [m for m in last.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
         num_classes = student.classifier.out_features
         self.fusion = FeatureFusion(channels, params.branches, num_classes) if params.ffm else None
 
-    def trainable(self) -> list[nn.Parameter]:
-        """The student, the extra branches and the fusion module (no teacher)."""
-        return [p for p in self.parameters() if p.requires_grad]
+    @classmethod
+    def branch_count(cls, params: MethodParams) -> int:
+        return params.branches  # type: ignore[attr-defined]
 
-    def branch_outputs(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        hidden = self.student.forward_to(self.shared_until, images)
-        features = [stage(hidden) for stage in self.branch_stages]
-        logits = [head(feature) for head, feature in zip(self.branch_heads, features, strict=True)]
-        fused = self.fusion(features) if self.fusion is not None else None
-        return logits, fused
+    def shared_modules(self) -> list[nn.Module]:
+        """The trunk (every stage of the student but the last) and the fusion module."""
+        names = self.student.stage_names[:-1]
+        return [*(self.student.stages[n] for n in names), *([self.fusion] if self.fusion is not None else [])]
+
+    def trunk(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student.forward_to(self.shared_until, images)
+
+    def run_branch(self, index: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.branches[str(index)](hidden)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, torch.Tensor]:
         params: OnlineBranchParams = self.params  # type: ignore[assignment]
-        logits, fused = self.branch_outputs(images)
+        logits, features = self.branch_outputs(images)
+        fused = self.fusion(features) if self.fusion is not None else None
         target = (fused if fused is not None else torch.stack(logits).mean(0)).detach()
         weight = rampup_weight(step.progress, params.rampup)
         terms = {
@@ -136,22 +157,14 @@ class OnlineBranch(Method):
         if fused is not None:
             terms["ce_fused"] = F.cross_entropy(fused, labels)
         if params.cd_weight:
-            weights = [head_classifier(head).weight for head in self.branch_heads]
+            weights = self.collect([self.branches[str(i)].classifier.weight for i in self.owned])
             terms["cd"] = params.cd_weight * classifier_diversity(weights)
         return terms
 
     def eval_terms(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-branch, ensemble and fused accuracy, and the branches' mean pairwise disagreement."""
-        logits, fused = self.branch_outputs(images)
-        predictions = [z.argmax(1) for z in logits]
-        terms = {f"acc_branch{b}": (p == labels).float() for b, p in enumerate(predictions)}
-        terms["acc_ensemble"] = (torch.stack(logits).mean(0).argmax(1) == labels).float()
-        if fused is not None:
-            terms["acc_fused"] = (fused.argmax(1) == labels).float()
-        pairs = list(itertools.combinations(predictions, 2))
-        terms["disagreement"] = sum((a != b).float() for a, b in pairs) / len(pairs)
+        logits, features = self.branch_outputs(images)
+        terms = ensemble_statistics(logits, labels)
+        if self.fusion is not None:
+            terms["acc_fused"] = (self.fusion(features).argmax(1) == labels).float()
         return terms
-
-
-def head_classifier(head: nn.Module) -> nn.Linear:
-    return [m for m in head.modules() if isinstance(m, nn.Linear)][-1]

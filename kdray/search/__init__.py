@@ -1,0 +1,1 @@
+"""Hyperparameter search: Ray Tune runs the trials, Optuna samples them, MLflow records them."""

@@ -1,0 +1,243 @@
+"""``kdray tune``: a Ray Tune search with Optuna's samplers over an experiment, recorded in MLflow.
+
+Layout in MLflow: one parent run per search (role ``search``), one child run per trial (role
+``trial``, created by the trial itself and found again by its Tune trial id), guide stages trained by
+a trial nested under that trial, and the reference experiments (student alone, default KD) nested
+under the search. Tune keeps its state under ``scaling.storage_path/<search name>`` beside
+``kdray-search.json`` (the resolved config and the parent run id), so ``kdray tune --resume NAME``
+needs nothing else to continue a search whose driver was killed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from kdray.config import ConfigError, ExperimentConfig, SamplerConfig, validate_config
+from kdray.run import run_experiment, run_tags
+from kdray.search.report import SearchReport, build_report, publish
+from kdray.search.space import check_space, default_points, sample
+from kdray.search.trial import TRIAL_ID_TAG, run_trial
+from kdray.tracking import Tracking, flatten
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "kdray-search.json"
+
+
+@dataclass
+class SearchOutcome:
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    report: SearchReport
+
+
+def storage_root(cfg: ExperimentConfig) -> str:
+    storage = cfg.scaling.storage_path
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def make_sampler(sampler: SamplerConfig) -> Any:
+    """Optuna's seeded TPE (default), Gaussian-process or random sampler."""
+    import optuna
+
+    if sampler.name == "gp":
+        return optuna.samplers.GPSampler(seed=sampler.seed)
+    if sampler.name == "random":
+        return optuna.samplers.RandomSampler(seed=sampler.seed)
+    return optuna.samplers.TPESampler(seed=sampler.seed)
+
+
+def make_scheduler(cfg: ExperimentConfig) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    scheduler = cfg.search.scheduler
+    if scheduler.name == "none":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="epoch",
+        max_t=scheduler.max_t or cfg.train.epochs,
+        grace_period=scheduler.grace_period,
+        reduction_factor=scheduler.reduction_factor,
+    )
+
+
+class TrialRunCloser(Callback):
+    """A Tune callback on the driver: closes the trial runs a trial could not close itself.
+
+    A trial stopped by ASHA is ended from outside, so its run is still RUNNING: it becomes KILLED with
+    ``kdray.stopped``. A trial that errored after its retries becomes FAILED with the error's last line.
+    """
+
+    def __init__(self, uri: str, experiment: str, parent_run_id: str) -> None:
+        super().__init__()
+        self.uri = uri
+        self.experiment = experiment
+        self.parent_run_id = parent_run_id
+
+    def _running(self, trial_id: str) -> str | None:
+        tracking = Tracking(self.uri, self.experiment)
+        runs = tracking.client.search_runs(
+            [tracking.experiment_id],
+            f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
+        )
+        return runs[0].info.run_id if runs and runs[0].info.status == "RUNNING" else None
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._running(trial.trial_id)
+        if run_id is not None:
+            epoch = (trial.last_result or {}).get("epoch", 0)
+            tracking = Tracking(self.uri, self.experiment)
+            tracking.set_tags(run_id, {"kdray.stopped": f"stopped by ASHA after epoch {epoch}"})
+            tracking.end_run(run_id, "KILLED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._running(trial.trial_id)
+        if run_id is not None:
+            reason = "the trial failed"
+            if trial.error_file and os.path.exists(trial.error_file):
+                lines = [line for line in Path(trial.error_file).read_text().splitlines() if line.strip()]
+                reason = lines[-1] if lines else reason
+            tracking = Tracking(self.uri, self.experiment)
+            tracking.set_tags(run_id, {"kdray.error": reason[:5000]})
+            tracking.end_run(run_id, "FAILED")
+
+
+def _trainable(cfg: ExperimentConfig, setup: dict[str, Any]) -> Any:
+    from ray import tune
+
+    trainable = tune.with_parameters(run_trial, setup=setup)
+    if cfg.scaling.num_workers >= 1:
+        # The trial only launches a TorchTrainer, whose workers hold the resources.
+        return tune.with_resources(trainable, {"CPU": 0})
+    return tune.with_resources(trainable, dict(cfg.search.resources_per_trial))
+
+
+def _init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+
+
+def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
+    """Start a new search; every check runs before Ray or MLflow is touched."""
+    check_space(cfg)
+    name = cfg.search.name or f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    root = storage_root(cfg)
+    folder = Path(root) / name
+    if "://" not in root and folder.exists():
+        raise ConfigError(
+            f"search.name: a search called '{name}' exists under {root}; "
+            f"continue it with `kdray tune --resume {name}` or choose another name"
+        )
+    tracking = Tracking(cfg.tracking.uri, cfg.tracking.experiment)
+    tags = {**run_tags(cfg), "kdray.role": "search", "kdray.search_name": name}
+    parent = tracking.start_run(name, tags)
+    tracking.log_params(parent, flatten(cfg.dump()))
+    tracking.log_text(parent, cfg.to_yaml(), "config.yaml")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / STATE_FILE).write_text(json.dumps({"config": cfg.dump(), "parent_run_id": parent}))
+    try:
+        from ray import tune
+        from ray.tune.search.optuna import OptunaSearch
+
+        _init_ray()
+        setup = {"base": cfg.dump(), "parent_run_id": parent, "search_name": name, "store": _store(cfg)}
+        search = cfg.search
+        searcher = OptunaSearch(
+            space=partial(sample, space={k: v.model_dump() for k, v in search.space.items()}, method=cfg.method.name),
+            metric=search.metric,
+            mode=search.mode,
+            points_to_evaluate=default_points(cfg),
+            sampler=make_sampler(search.sampler),
+        )
+        tuner = tune.Tuner(
+            _trainable(cfg, setup),
+            tune_config=tune.TuneConfig(
+                metric=search.metric,
+                mode=search.mode,
+                search_alg=searcher,
+                scheduler=make_scheduler(cfg),
+                num_samples=search.num_samples,
+                max_concurrent_trials=search.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=root,
+                failure_config=tune.FailureConfig(max_failures=search.max_failures),
+                callbacks=[TrialRunCloser(cfg.tracking.uri, cfg.tracking.experiment, parent)],
+                verbose=0,
+            ),
+        )
+        tuner.fit()
+        return _finish(cfg, name, parent, tracking)
+    except BaseException as error:
+        _fail(tracking, parent, error)
+        raise
+
+
+def resume_search(name: str, storage_path: str) -> SearchOutcome:
+    """Continue a search whose driver died: Tune's trials and the searcher's state come back from the
+    search folder, the same MLflow runs continue."""
+    root = storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
+    state_file = Path(root) / name / STATE_FILE
+    if not state_file.exists():
+        raise ConfigError(f"--resume {name}: no search of that name under {root} (set --storage to its storage_path)")
+    state = json.loads(state_file.read_text())
+    cfg = validate_config(state["config"])
+    parent = state["parent_run_id"]
+    tracking = Tracking(cfg.tracking.uri, cfg.tracking.experiment)
+    tracking.reopen(parent)
+    try:
+        from ray import tune
+
+        _init_ray()
+        setup = {"base": cfg.dump(), "parent_run_id": parent, "search_name": name, "store": _store(cfg)}
+        tuner = tune.Tuner.restore(
+            str(Path(root) / name), trainable=_trainable(cfg, setup), resume_unfinished=True, resume_errored=True
+        )
+        tuner.fit()
+        return _finish(cfg, name, parent, tracking)
+    except BaseException as error:
+        _fail(tracking, parent, error)
+        raise
+
+
+def _store(cfg: ExperimentConfig) -> str:
+    return str(Path(cfg.store.path).expanduser().resolve())
+
+
+def _fail(tracking: Tracking, parent: str, error: BaseException) -> None:
+    from kdray.run import mark_failed
+
+    mark_failed(tracking, [parent], error)
+
+
+def _finish(cfg: ExperimentConfig, name: str, parent: str, tracking: Tracking) -> SearchOutcome:
+    """Close what is still open, train the references, write the report to the parent run."""
+    for run in tracking.runs_under(parent, role="trial"):
+        if run.info.status == "RUNNING":  # its trial is over (the search is): nothing will close it
+            tracking.set_tags(run.info.run_id, {"kdray.stopped": "not finished when the search ended"})
+            tracking.end_run(run.info.run_id, "KILLED")
+    references = {}
+    if cfg.search.references:
+        for method in ("none", "kd"):
+            raw = {**cfg.dump(), "method": {"name": method}, "assistants": {}, "search": {}}
+            raw["tracking"] = {**raw["tracking"], "run_name": f"{name}-reference-{method}"}
+            result = run_experiment(validate_config(raw), parent_run_id=parent, role="reference")
+            references[method] = result.student.metrics.get(cfg.search.metric, math.nan)
+    report = build_report(tracking, parent, cfg, references)
+    publish(tracking, parent, report)
+    tracking.end_run(parent)
+    return SearchOutcome(name, parent, cfg.tracking.uri, report)

@@ -1,0 +1,278 @@
+"""What a search found, read back from MLflow: a markdown summary and Optuna's plots.
+
+Everything comes from the MLflow runs (the search run, its trial runs and reference runs), so
+``kdray report NAME`` rebuilds the same table and plots long after the Ray session is gone. The
+plots use Optuna's matplotlib visualisations on a study rebuilt from the trials' sampled values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdray.config import ExperimentConfig, SearchParam
+from kdray.search.space import optuna_name
+from kdray.tracking import Tracking
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialRow:
+    run_id: str
+    name: str
+    status: str
+    method: str
+    sampled: dict[str, Any]
+    value: float  # the search metric at the trial's last epoch (nan if none)
+    epochs: int
+    note: str = ""
+
+
+@dataclass
+class SearchReport:
+    metric: str
+    mode: str
+    rows: list[TrialRow]
+    references: dict[str, float]
+    counts: dict[str, int]
+    markdown: str = ""
+    plots: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def ranked(self) -> list[TrialRow]:
+        scored = [row for row in self.rows if math.isfinite(row.value)]
+        return sorted(scored, key=lambda row: row.value, reverse=self.mode == "max")
+
+    @property
+    def best(self) -> TrialRow | None:
+        return self.ranked[0] if self.ranked else None
+
+
+def collect(tracking: Tracking, parent: str, metric: str) -> list[TrialRow]:
+    rows = []
+    for run in tracking.runs_under(parent, role="trial"):
+        history = sorted(tracking.client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)
+        tags = run.data.tags
+        rows.append(
+            TrialRow(
+                run_id=run.info.run_id,
+                name=run.info.run_name,
+                status=run.info.status,
+                method=tags.get("method", ""),
+                sampled=json.loads(tags.get("kdray.sampled", "{}")),
+                value=history[-1].value if history else math.nan,
+                epochs=history[-1].step if history else 0,
+                note=tags.get("kdray.stopped") or tags.get("kdray.error", ""),
+            )
+        )
+    return rows
+
+
+def build_report(
+    tracking: Tracking, parent: str, cfg: ExperimentConfig, references: dict[str, float] | None = None
+) -> SearchReport:
+    search = cfg.search
+    rows = collect(tracking, parent, search.metric)
+    if references is None:  # `kdray report`: read them from the reference runs
+        references = {}
+        for run in tracking.runs_under(parent, role="reference"):
+            students = tracking.runs_under(run.info.run_id, role="student")
+            if students:
+                references[run.data.tags.get("method", "?")] = students[-1].data.metrics.get(search.metric, math.nan)
+    statuses = [row.status for row in rows]
+    counts = {
+        "trials": len(rows),
+        "completed": statuses.count("FINISHED"),
+        "stopped": statuses.count("KILLED"),
+        "failed": statuses.count("FAILED"),
+    }
+    trial_runs = {run.info.run_id: run for run in tracking.runs_under(parent, role="trial")}
+    counts["models_trained"] = sum(int(r.data.tags.get("kdray.models_trained", 0)) for r in trial_runs.values())
+    counts["models_reused"] = sum(int(r.data.tags.get("kdray.models_reused", 0)) for r in trial_runs.values())
+    report = SearchReport(search.metric, search.mode, rows, references, counts)
+    report.markdown = _markdown(report, cfg)
+    report.plots = _plots(report, cfg)
+    return report
+
+
+def _markdown(report: SearchReport, cfg: ExperimentConfig) -> str:
+    metric = report.metric
+    lines = [f"# Search report: {metric} ({report.mode})", ""]
+    best = report.best
+    if best is not None:
+        lines += [f"**Best**: {best.name} ({best.method}) {metric} = {best.value:.4f}", ""]
+        lines += ["```yaml", *(f"{k}: {v}" for k, v in {"method.name": best.method, **best.sampled}.items()), "```", ""]
+    # The first trial of each method is its default point (points_to_evaluate are evaluated first).
+    defaults: dict[str, TrialRow] = {}
+    for row in report.rows:
+        defaults.setdefault(row.method, row)
+    comparison = ["| reference | " + metric + " | best − reference |", "| --- | --- | --- |"]
+    for method, row in defaults.items():
+        comparison.append(_versus(f"defaults of {method} ({row.name})", row.value, best))
+    for method, value in report.references.items():
+        label = "student alone" if method == "none" else "default KD"
+        comparison.append(_versus(f"{label}, same budget", value, best))
+    lines += comparison + [""]
+    lines += [
+        "| rank | trial | method | sampled | " + metric + " | epochs | status |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    ranked = report.ranked
+    unranked = [row for row in report.rows if row not in ranked]
+    for position, row in enumerate(ranked + unranked, start=1):
+        sampled = ", ".join(f"{k}={_short(v)}" for k, v in row.sampled.items() if k != "method.name")
+        status = row.status + (f" ({row.note})" if row.note else "")
+        value = f"{row.value:.4f}" if math.isfinite(row.value) else "-"
+        rank = str(position) if row in ranked else "-"
+        lines.append(f"| {rank} | {row.name} | {row.method} | {sampled} | {value} | {row.epochs} | {status} |")
+    counts = report.counts
+    lines += [
+        "",
+        f"Trials: {counts['trials']} ({counts['completed']} completed, {counts['stopped']} stopped early, "
+        f"{counts['failed']} failed). Guide models (teachers, assistants, pacemakers): "
+        f"{counts['models_trained']} trained, {counts['models_reused']} reused from the model store.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _versus(label: str, value: float, best: TrialRow | None) -> str:
+    if not math.isfinite(value):
+        return f"| {label} | - | - |"
+    gain = f"{best.value - value:+.4f}" if best is not None else "-"
+    return f"| {label} | {value:.4f} | {gain} |"
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def study_of(report: SearchReport, cfg: ExperimentConfig) -> Any:
+    """An in-memory Optuna study holding the scored trials, for Optuna's plots."""
+    import optuna
+
+    space = cfg.search.space
+    searched = "method.name" in space
+    study = optuna.create_study(direction="maximize" if report.mode == "max" else "minimize")
+    for row in report.rows:
+        if not math.isfinite(row.value):
+            continue
+        params: dict[str, Any] = {}
+        distributions: dict[str, Any] = {}
+        for key, value in row.sampled.items():
+            if key not in space:
+                continue
+            name = "method.name" if key == "method.name" else optuna_name(key, row.method, searched)
+            params[name] = value
+            distributions[name] = _distribution(space[key])
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=row.value))
+    return study
+
+
+def _distribution(param: SearchParam) -> Any:
+    import optuna.distributions as d
+
+    if param.kind == "choice":
+        return d.CategoricalDistribution(param.values)
+    if param.kind == "int":
+        return d.IntDistribution(int(param.low), int(param.high))  # type: ignore[arg-type]
+    return d.FloatDistribution(param.low, param.high, log=param.kind == "logfloat")  # type: ignore[arg-type]
+
+
+def _plots(report: SearchReport, cfg: ExperimentConfig) -> dict[str, bytes]:
+    """PNG bytes of: optimization history, parameter importances, metric vs each parameter, chain depth."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as views
+
+    study = study_of(report, cfg)
+    if len(study.trials) == 0:
+        return {}
+    wanted = {
+        "optimization_history": lambda: views.plot_optimization_history(study, target_name=report.metric),
+        "param_importances": lambda: views.plot_param_importances(study, target_name=report.metric),
+        "metric_vs_params": lambda: views.plot_slice(study, target_name=report.metric),
+    }
+    if "assistants.depth" in cfg.search.space:
+        wanted["chain_depth"] = lambda: views.plot_slice(study, params=["assistants.depth"], target_name=report.metric)
+    plots = {}
+    for name, draw in wanted.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks its matplotlib views experimental
+                axes = draw()
+        except (ValueError, RuntimeError) as error:  # e.g. importances need two scored trials
+            log.info("plot %s skipped: %s", name, error)
+            continue
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+        figure.set_size_inches(max(6.4, figure.get_size_inches()[0]), 4.8)
+        with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = Path(folder) / f"{name}.png"
+            figure.savefig(path, dpi=100, bbox_inches="tight")
+            plots[name] = path.read_bytes()
+        plt.close(figure)
+    return plots
+
+
+def publish(tracking: Tracking, parent: str, report: SearchReport) -> None:
+    """The report on the search run: summary.md, the plots, counts and the best value as metrics."""
+    tracking.log_text(parent, report.markdown, "summary.md")
+    with tempfile.TemporaryDirectory() as folder:
+        for name, png in report.plots.items():
+            path = Path(folder) / f"{name}.png"
+            path.write_bytes(png)
+            tracking.client.log_artifact(parent, str(path), "plots")
+    metrics = {
+        f"trials_{k}" if k in ("completed", "stopped", "failed") else k: float(v) for k, v in report.counts.items()
+    }
+    if report.best is not None:
+        metrics[f"best/{report.metric}"] = report.best.value
+        tracking.set_tags(
+            parent,
+            {
+                "kdray.best_trial": report.best.name,
+                "kdray.best_config": json.dumps({"method.name": report.best.method, **report.best.sampled}),
+            },
+        )
+    for method, value in report.references.items():
+        if math.isfinite(value):
+            metrics[f"reference_{method}/{report.metric}"] = value
+    tracking.logger(parent).log_metrics(metrics, step=0)
+
+
+def report_by_name(name: str, tracking_uri: str | None) -> SearchReport:
+    """``kdray report NAME``: find the search run in any experiment of the store and rebuild its report."""
+    import os
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from kdray.config import DEFAULT_TRACKING_URI, ConfigError, absolute_uri, validate_config
+
+    uri = absolute_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+    client = MlflowClient(tracking_uri=uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiments,
+        f"tags.`kdray.role` = 'search' and tags.`kdray.search_name` = '{name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        raise ConfigError(f"no search called '{name}' in the MLflow store {uri} (give --tracking-uri?)")
+    run = runs[0]
+    with tempfile.TemporaryDirectory() as folder:
+        config = Path(client.download_artifacts(run.info.run_id, "config.yaml", folder)).read_text()
+    cfg = validate_config(yaml.safe_load(config))
+    tracking = Tracking(uri, client.get_experiment(run.info.experiment_id).name)
+    return build_report(tracking, run.info.run_id, cfg)

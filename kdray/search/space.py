@@ -1,0 +1,117 @@
+"""The search space as an Optuna define-by-run function, with conditional parameters.
+
+A parameter is sampled only in trials where it means something: ``method.margin`` only when the
+trial's method has a ``margin`` field (triplet), ``method.alpha`` only for the methods listed in its
+``methods`` entry (kd's alpha is a loss weight, stkd's a Beta concentration), ``assistants.*`` only
+for chain methods. When ``method.name`` itself is searched, a method's parameters get Optuna names
+prefixed by the method (``stkd:method.alpha``), so the sampler never mixes two meanings of one name.
+
+``sample`` must stay a module-level function of an importable module: Tune pickles the space with
+the searcher, and ``Tuner.restore`` unpickles it in a new process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kdray.config import ConfigError, ExperimentConfig, SearchParam, set_fields, validate_config
+from kdray.methods import METHODS
+
+
+def candidate_methods(cfg: ExperimentConfig) -> list[str]:
+    """The methods the search may pick: the choices of ``method.name``, or the experiment's method."""
+    param = cfg.search.space.get("method.name")
+    return [str(v) for v in param.values or []] if param is not None else [cfg.method.name]
+
+
+def applies(key: str, param: SearchParam, method: str) -> bool:
+    """Whether ``key`` exists in a trial whose method is ``method``."""
+    if key.startswith("method."):
+        owns = key.removeprefix("method.") in METHODS[method].Params.model_fields
+        return owns and (param.methods is None or method in param.methods)
+    if key.startswith("assistants."):
+        return METHODS[method].guidance(METHODS[method].Params()) == "chain"
+    return True
+
+
+def optuna_name(key: str, method: str, method_searched: bool) -> str:
+    return f"{method}:{key}" if method_searched and key.startswith("method.") else key
+
+
+def suggest(trial: Any, name: str, param: SearchParam) -> Any:
+    if param.kind == "choice":
+        return trial.suggest_categorical(name, param.values)
+    if param.kind == "int":
+        return trial.suggest_int(name, int(param.low), int(param.high))  # type: ignore[arg-type]
+    return trial.suggest_float(name, param.low, param.high, log=param.kind == "logfloat")
+
+
+def sample(trial: Any, space: dict[str, Any], method: str) -> dict[str, Any]:
+    """Define-by-run space: returns ``{"overrides": {dotted key: value}}`` for one trial.
+
+    ``space`` is ``search.space`` as plain data and ``method`` the experiment's own method.
+    """
+    params = {key: SearchParam.model_validate(value) for key, value in space.items()}
+    overrides: dict[str, Any] = {}
+    searched = "method.name" in params
+    if searched:
+        method = trial.suggest_categorical("method.name", params["method.name"].values)
+        overrides["method.name"] = method
+    for key, param in params.items():
+        if key != "method.name" and applies(key, param, method):
+            overrides[key] = suggest(trial, optuna_name(key, method, searched), param)
+    return {"overrides": overrides}
+
+
+def trial_config(base: dict[str, Any], overrides: dict[str, Any]) -> ExperimentConfig:
+    """The experiment a trial runs: the base config with its sampled values (a new method starts from
+    that method's defaults, as ``method.name=...`` does on the command line)."""
+    raw = dict(base)
+    if overrides.get("method.name", base["method"]["name"]) != base["method"]["name"]:
+        raw["method"] = {}
+    return validate_config(set_fields(raw, overrides))
+
+
+def default_points(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """One Optuna point per candidate method holding its default values, evaluated first: the search
+    then reports how much it beats the defaults (the experiment's values for its own method, the
+    method's defaults for the others)."""
+    space = cfg.search.space
+    searched = "method.name" in space
+    points = []
+    for method in candidate_methods(cfg):
+        defaults = cfg.method if method == cfg.method.name else METHODS[method].Params()
+        base = cfg.dump()
+        point: dict[str, Any] = {"method.name": method} if searched else {}
+        for key, param in space.items():
+            if key == "method.name" or not applies(key, param, method):
+                continue
+            if key.startswith("method."):
+                value = getattr(defaults, key.removeprefix("method."))
+            else:
+                value = base
+                for part in key.split("."):
+                    value = value[part]
+            point[optuna_name(key, method, searched)] = value
+        points.append(point)
+    return points[: cfg.search.num_samples]
+
+
+def check_space(cfg: ExperimentConfig) -> None:
+    """Every end of every range must give a valid experiment for every method it applies to; the
+    first that does not is a one-line ``ConfigError`` before anything starts."""
+    base = cfg.dump()
+    for method in candidate_methods(cfg):
+        for key, param in cfg.search.space.items():
+            if key == "method.name" or not applies(key, param, method):
+                continue
+            ends = param.values if param.kind == "choice" else [param.low, param.high]
+            for value in ends or []:
+                if param.kind == "int":
+                    value = int(value)
+                try:
+                    trial_config(base, {"method.name": method, key: value})
+                except ConfigError as error:
+                    raise ConfigError(
+                        f"search.space.{key}: {value!r} is invalid for method {method} ({error})"
+                    ) from None

@@ -1,0 +1,79 @@
+"""Kill the `kdray train` driver mid-training (a real SIGKILL), rerun the same command: it continues.
+
+In process and on Ray Train, the rerun finds the unfinished MLflow run of the same name and config
+and the stage's checkpoints under ``scaling.storage_path``; it resumes after the last checkpointed
+epoch, in the same MLflow runs, with every epoch logged exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+EPOCHS = 8
+OVERRIDES = [
+    "method.name=none",
+    "student.name=resnet8",
+    f"train.epochs={EPOCHS}",
+    "train.batch_size=32",
+    "scaling.threads=1",
+    "scaling.use_gpu=false",
+    "tracking.experiment=resume",
+    "tracking.run_name=interrupted",
+]
+
+
+def logged_epochs(uri: str) -> int:
+    """The highest epoch any student run of the experiment has logged (0 before the first)."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("resume")
+    if experiment is None:
+        return 0
+    runs = client.search_runs([experiment.experiment_id], "tags.`kdray.role` = 'student'")
+    return max((m.step for run in runs for m in client.get_metric_history(run.info.run_id, "val/acc")), default=0)
+
+
+def run_until_killed(command: list[str], uri: str, after_epoch: int) -> None:
+    """Start the command in its own process group; SIGKILL the whole group once ``after_epoch`` is logged."""
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+        while logged_epochs(uri) < after_epoch:
+            if process.poll() is not None:
+                raise AssertionError(f"finished before it could be killed: {process.stderr.read().decode()[-2000:]}")
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.mark.parametrize("workers", [0, 1], ids=["in_process", "ray_train"])
+def test_rerun_after_driver_kill_resumes_from_the_last_checkpoint(workers: int, workdir: Path) -> None:
+    (workdir / "experiment.yaml").write_text("data: {name: digits}\n")
+    command = [sys.executable, "-m", "kdray", "train", "experiment.yaml", *OVERRIDES, f"scaling.num_workers={workers}"]
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    run_until_killed(command, uri, after_epoch=3)
+    client = MlflowClient(uri)
+    (student,) = client.search_runs(
+        [client.get_experiment_by_name("resume").experiment_id], "tags.`kdray.role` = 'student'"
+    )
+    assert student.info.status == "RUNNING"  # the driver died without closing it
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert len(runs) == 2 and {run.info.status for run in runs} == {"FINISHED"}  # continued, not duplicated
+    student = client.get_run(student.info.run_id)
+    assert int(student.data.tags["kdray.resumed_from_epoch"]) >= 2  # not from scratch
+    for metric in ("val/acc", "loss/total"):
+        steps = sorted(m.step for m in client.get_metric_history(student.info.run_id, metric))
+        assert steps == list(range(1, EPOCHS + 1)), (metric, steps)
+    assert "test/acc" in student.data.metrics
