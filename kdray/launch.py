@@ -171,6 +171,19 @@ def _forward_epochs_class() -> type:
     return ForwardEpochs
 
 
+def connect_ray(log_to_driver: bool = True) -> None:
+    """Join the cluster at ``RAY_ADDRESS``, or start a local one, unless this process is already connected.
+
+    The dashboard stays on: Ray Train V2 frees the placement group of a run whose controller was killed
+    (a search trial stopped by ASHA) through the State API, which the dashboard serves. Without it the
+    stopped trial's workers keep their CPUs/GPUs and the next trial's workers wait for them forever.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=True, log_to_driver=log_to_driver)
+
+
 def fit_on_ray(
     cfg: ExperimentConfig,
     plan: StagePlan,
@@ -192,8 +205,7 @@ def fit_on_ray(
 
     ForwardEpochs = _forward_epochs_class()  # noqa: N806
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    connect_ray()
     scaling = cfg.scaling
     storage = scaling.storage_path
     if len([node for node in ray.nodes() if node["Alive"]]) > 1 and "://" not in storage:

@@ -23,6 +23,7 @@ from typing import Any
 from ray.tune import Callback
 
 from kdray.config import ConfigError, ExperimentConfig, SamplerConfig, validate_config
+from kdray.launch import connect_ray
 from kdray.run import run_experiment, run_tags
 from kdray.search.report import SearchReport, build_report, publish
 from kdray.search.space import check_space, default_points, sample
@@ -118,16 +119,11 @@ def _trainable(cfg: ExperimentConfig, setup: dict[str, Any]) -> Any:
 
     trainable = tune.with_parameters(run_trial, setup=setup)
     if cfg.scaling.num_workers >= 1:
-        # The trial only launches a TorchTrainer, whose workers hold the resources.
-        return tune.with_resources(trainable, {"CPU": 0})
+        # The trial only launches a TorchTrainer, whose workers hold the CPUs/GPUs. Tune refuses an empty
+        # request, so the trial asks for one byte of memory: any CPU share would keep a worker group that
+        # needs every CPU of the cluster from ever starting.
+        return tune.with_resources(trainable, {"CPU": 0, "memory": 1})
     return tune.with_resources(trainable, dict(cfg.search.resources_per_trial))
-
-
-def _init_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
 
 
 def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
@@ -152,7 +148,7 @@ def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
         from ray import tune
         from ray.tune.search.optuna import OptunaSearch
 
-        _init_ray()
+        connect_ray(log_to_driver=False)
         setup = {"base": cfg.dump(), "parent_run_id": parent, "search_name": name, "store": _store(cfg)}
         search = cfg.search
         searcher = OptunaSearch(
@@ -202,7 +198,7 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
     try:
         from ray import tune
 
-        _init_ray()
+        connect_ray(log_to_driver=False)
         setup = {"base": cfg.dump(), "parent_run_id": parent, "search_name": name, "store": _store(cfg)}
         tuner = tune.Tuner.restore(
             str(Path(root) / name), trainable=_trainable(cfg, setup), resume_unfinished=True, resume_errored=True

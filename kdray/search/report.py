@@ -114,7 +114,7 @@ def _markdown(report: SearchReport, cfg: ExperimentConfig) -> str:
         defaults.setdefault(row.method, row)
     comparison = ["| reference | " + metric + " | best − reference |", "| --- | --- | --- |"]
     for method, row in defaults.items():
-        comparison.append(_versus(f"defaults of {method} ({row.name})", row.value, best))
+        comparison.append(_versus(f"defaults of {method} ({row.name}, {row.epochs} epochs)", row.value, best))
     for method, value in report.references.items():
         label = "student alone" if method == "none" else "default KD"
         comparison.append(_versus(f"{label}, same budget", value, best))

@@ -123,7 +123,9 @@ def _train(
     stored = store.find(student.key)
     if stored is not None:  # an identical trial already trained this student: its result is this one's
         tracking.set_tags(run_id, {"kdray.reused": "true"})
-        tracking.logger(run_id).log_metrics(stored.meta["metrics"], step=student.train.epochs)
+        logged = tracking.client.get_run(run_id).data.metrics  # a restored trial may hold them already
+        missing = {k: v for k, v in stored.meta["metrics"].items() if k not in logged}
+        tracking.logger(run_id).log_metrics(missing, step=student.train.epochs)
         return stored.meta["metrics"]
     folder = stage_folder_name(f"{setup['search_name']}-{trial_id}", student.key)
     outcome = run_stage(cfg, student, dataset, store, tracking, run_id, ctx, folder, report_to_tune=True)

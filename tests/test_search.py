@@ -1,0 +1,209 @@
+"""`kdray tune` for real: a local Ray instance, Ray Tune with OptunaSearch and ASHA, a sqlite MLflow store.
+
+Everything is read back from MLflow with MlflowClient, as a user reviewing the search would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow import MlflowClient
+
+from kdray.config import ConfigError, load_config
+from kdray.search.driver import run_search
+from kdray.store import ModelStore
+
+SMALL = [
+    "teacher.name=plane4",
+    "teacher.epochs=2",
+    "student.name=plane2",
+    "train.batch_size=64",
+    "scaling.threads=1",
+    "search.max_concurrent_trials=2",
+    "search.references=false",
+]
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def write_experiment(folder: Path, search: dict) -> Path:
+    """A YAML experiment whose search section is ``search`` (overrides go on the command line)."""
+    file = folder / "search.yaml"
+    file.write_text(json.dumps({"search": search}))  # JSON is YAML
+    return file
+
+
+def runs_by_role(uri: str, experiment: str) -> dict[str, list]:
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000)
+    grouped: dict[str, list] = {}
+    for run in runs:
+        grouped.setdefault(run.data.tags.get("kdray.role", "?"), []).append(run)
+    return grouped
+
+
+def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(
+    local_ray: None, workdir: Path
+) -> None:
+    space = {
+        "method.name": {"kind": "choice", "values": ["kd", "triplet", "stkd"]},
+        "method.temperature": {"kind": "logfloat", "low": 1, "high": 8},
+        "method.margin": {"kind": "float", "low": 0.5, "high": 5},
+        "method.alpha": {"kind": "float", "low": 0.2, "high": 2, "methods": ["stkd"]},
+    }
+    cfg = load_config(
+        write_experiment(workdir, {"space": space}),
+        [
+            *SMALL,
+            "train.epochs=4",
+            "search.num_samples=6",
+            "search.name=methods",
+            "search.scheduler.grace_period=1",
+            "search.references=true",
+            "tracking.experiment=search",
+        ],
+    )
+    outcome = run_search(cfg, "unused")
+    client = MlflowClient(cfg.tracking.uri)
+    runs = runs_by_role(cfg.tracking.uri, "search")
+    (parent,) = runs["search"]
+    assert parent.info.run_id == outcome.parent_run_id and client.get_run(parent.info.run_id).info.status == "FINISHED"
+    trials = [run for run in runs["trial"] if run.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+    assert len(trials) == len(runs["trial"]) == 6
+    for trial in trials:
+        sampled = json.loads(trial.data.tags["kdray.sampled"])
+        method = sampled["method.name"]
+        assert trial.data.params["method.name"] == method
+        # conditional space: each parameter only where it means something
+        expected = {"method.name", "method.temperature"} | {"triplet": {"method.margin"}, "stkd": {"method.alpha"}}.get(
+            method, set()
+        )
+        assert set(sampled) == expected, (method, sampled)
+        assert ("method.margin" in trial.data.params) == (method == "triplet")
+        for key, value in sampled.items():
+            assert trial.data.params[key] == str(value)
+    # the defaults of every method are evaluated first
+    first = sorted(trials, key=lambda run: run.info.start_time)[:3]
+    defaults = {json.loads(run.data.tags["kdray.sampled"])["method.name"]: run for run in first}
+    assert set(defaults) == {"kd", "triplet", "stkd"}
+    assert json.loads(defaults["kd"].data.tags["kdray.sampled"])["method.temperature"] == 4.0
+    assert json.loads(defaults["triplet"].data.tags["kdray.sampled"])["method.margin"] == 5.0
+    # ASHA stopped at least one trial, and says so in its run
+    stopped = [run for run in trials if client.get_run(run.info.run_id).info.status == "KILLED"]
+    assert stopped and all("stopped by ASHA" in run.data.tags["kdray.stopped"] for run in stopped)
+    for run in stopped:
+        epochs = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
+        assert epochs == list(range(1, max(epochs) + 1)) and max(epochs) < 4
+    # the teacher was trained once, by whichever trial came first; all others waited and reused it
+    teachers = [run for run in runs["teacher"] if run.data.tags["kdray.reused"] == "false"]
+    assert len(teachers) == 1 and teachers[0].data.tags["mlflow.parentRunId"] in {t.info.run_id for t in trials}
+    assert ModelStore(cfg.store.path).find(teachers[0].data.tags["kdray.model_key"]) is not None
+    # the references (student alone, default KD) are nested under the search
+    assert {run.data.tags["method"] for run in runs["reference"]} == {"none", "kd"}
+    assert outcome.report.counts["trials"] == 6
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/metric_vs_params.png"} <= artifacts
+    summary = client.download_artifacts(parent.info.run_id, "summary.md", str(workdir))
+    text = Path(summary).read_text()
+    assert "student alone, same budget" in text and "default KD, same budget" in text and "stopped by ASHA" in text
+
+
+def test_chain_depths_share_their_assistants(local_ray: None, workdir: Path) -> None:
+    """Depths 0, 1, 2 of a TAKD chain plane8 > ... > plane2: each distinct assistant is trained once."""
+    cfg = load_config(
+        write_experiment(workdir, {"space": {"assistants.depth": {"kind": "choice", "values": [0, 1, 2]}}}),
+        [
+            *SMALL,
+            "teacher.name=plane8",
+            "method.name=takd",
+            "train.epochs=2",
+            "search.num_samples=5",
+            "search.name=chains",
+            "search.scheduler.name=none",
+            "search.sampler.name=random",
+            "tracking.experiment=chains",
+        ],
+    )
+    run_search(cfg, "unused")
+    runs = runs_by_role(cfg.tracking.uri, "chains")
+    depths = Counter(json.loads(run.data.tags["kdray.sampled"])["assistants.depth"] for run in runs["trial"])
+    assert set(depths) == {0, 1, 2} and sum(depths.values()) == 5
+    assistant_runs = [run for role, group in runs.items() if role.startswith("assistant") for run in group]
+    trained = Counter(run.data.tags["kdray.model_key"] for run in assistant_runs)
+    assert trained and set(trained.values()) == {1}  # every assistant trained exactly once
+    assert [run.data.tags["kdray.reused"] for run in runs["teacher"]] == ["false"]
+    reused = sum(int(run.data.tags["kdray.models_reused"]) for run in runs["trial"])
+    assert reused >= 4  # at least the teacher, for every trial but the one that trained it
+
+
+def test_bad_search_space_is_refused_before_anything_starts(workdir: Path) -> None:
+    cfg = load_config(
+        write_experiment(workdir, {"space": {"method.temperature": {"kind": "float", "low": 0, "high": 4}}}), SMALL
+    )
+    with pytest.raises(ConfigError, match=r"search.space.method.temperature: 0.0 is invalid for method kd"):
+        run_search(cfg, "bad")
+    assert not (workdir / "mlflow.db").exists() and not (workdir / ".kdray").exists()
+
+
+def test_killed_search_driver_resumes_and_completes_without_duplicate_runs(workdir: Path) -> None:
+    file = write_experiment(workdir, {"space": {"method.temperature": {"kind": "float", "low": 1, "high": 8}}})
+    overrides = [
+        *SMALL,
+        "train.epochs=5",
+        "search.num_samples=6",
+        "search.name=killed",
+        "search.scheduler.name=none",
+        "tracking.experiment=killed",
+    ]
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kdray", "tune", str(file), *overrides],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    state = workdir / ".kdray" / "ray" / "killed"
+    deadline = time.monotonic() + 300
+    try:
+        while True:  # kill once two trials are done and Tune has saved its state
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "no progress"
+            if (workdir / "mlflow.db").exists() and list(state.glob("experiment_state-*.json")):
+                finished = [r for r in runs_by_role(uri, "killed").get("trial", []) if r.info.status == "FINISHED"]
+                if len(finished) >= 2:
+                    break
+            time.sleep(0.5)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    before = runs_by_role(uri, "killed")
+    assert len(before["trial"]) < 6
+
+    done = subprocess.run(
+        [sys.executable, "-m", "kdray", "tune", "--resume", "killed"], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = runs_by_role(uri, "killed")
+    assert len(after["search"]) == 1 and after["search"][0].info.status == "FINISHED"
+    trial_ids = [run.data.tags["kdray.trial_id"] for run in after["trial"]]
+    assert len(trial_ids) == len(set(trial_ids)) == 6  # num_samples trials, one run each
+    assert {run.info.status for run in after["trial"]} <= {"FINISHED"}
+    client = MlflowClient(uri)
+    for run in after["trial"]:
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/acc"))
+        assert steps == [1, 2, 3, 4, 5], (run.info.run_name, steps)  # resumed trials: no repeats, no gaps

@@ -1,0 +1,73 @@
+"""`kdray tune` whose trials each train on a Ray Train worker group (``scaling.num_workers=1``).
+
+The cluster has one CPU, so a worker group of one CPU fits only once the previous trial's has been
+freed: a trial stopped by ASHA must give its placement group back (Ray Train's cleaner does it through
+the State API), or the next trial waits for a worker forever. An alarm turns such a hang into a failure.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow import MlflowClient
+from test_search import SMALL, runs_by_role, write_experiment
+
+from kdray.config import load_config
+from kdray.search.driver import run_search
+
+HANG_LIMIT_S = 600
+
+
+@pytest.fixture(scope="module")
+def one_cpu_ray() -> Iterator[None]:
+    ray.init(num_cpus=1, include_dashboard=True, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _hang(signum: int, frame: object) -> None:
+    raise TimeoutError(f"the search made no progress for {HANG_LIMIT_S} s: a worker group is waiting for CPUs")
+
+
+def test_trials_on_ray_train_free_their_workers_when_asha_stops_them(one_cpu_ray: None, workdir: Path) -> None:
+    space = {"method.temperature": {"kind": "logfloat", "low": 1, "high": 8}}
+    cfg = load_config(
+        write_experiment(workdir, {"space": space}),
+        [
+            *SMALL,
+            "scaling.num_workers=1",
+            "train.epochs=4",
+            "search.num_samples=4",
+            "search.max_concurrent_trials=1",
+            "search.metric=val/loss",
+            "search.mode=min",
+            "search.scheduler.grace_period=1",
+            "search.name=on-train",
+            "tracking.experiment=on-train",
+        ],
+    )
+    previous = signal.signal(signal.SIGALRM, _hang)
+    signal.alarm(HANG_LIMIT_S)
+    try:
+        outcome = run_search(cfg, "unused")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    client = MlflowClient(cfg.tracking.uri)
+    trials = runs_by_role(cfg.tracking.uri, "on-train")["trial"]
+    statuses = sorted(client.get_run(run.info.run_id).info.status for run in trials)
+    assert len(trials) == 4 and "KILLED" in statuses and "FINISHED" in statuses, statuses
+    # every trial trained on a Ray Train worker group of one
+    for run in trials:
+        assert run.data.params["world_size"] == "1"
+    assert outcome.report.counts["trials"] == 4
+    # nothing is left holding the CPU once the search is over
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ray.available_resources().get("CPU", 0) == 1
