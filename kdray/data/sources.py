@@ -70,11 +70,21 @@ DATASETS.add(
 )
 
 
-def _cifar(variant: type) -> Callable[[Path | None, bool, Path], RawData]:
+def _torchvision_cifar(class_name: str) -> type:
+    """torchvision's ``CIFAR10``/``CIFAR100``, imported on first use: importing torchvision costs ~1.6 s
+    on a 2-core machine, which a process that never reads CIFAR (``kdray validate``, a digits or
+    image-folder run) need not pay."""
+    import torchvision.datasets
+
+    return getattr(torchvision.datasets, class_name)
+
+
+def _cifar(class_name: str) -> Callable[[Path | None, bool, Path], RawData]:
     """Reader for torchvision's CIFAR pickle layout; torchvision itself downloads and verifies it."""
 
     def load(root: Path | None, download: bool, cache_dir: Path) -> RawData:
         assert root is not None
+        variant = _torchvision_cifar(class_name)
         if download:
             variant(str(root), train=True, download=True)  # fetches and checks the archive's MD5
         folder = root / variant.base_folder
@@ -100,28 +110,27 @@ def _cifar(variant: type) -> Callable[[Path | None, bool, Path], RawData]:
     return load
 
 
-def _cifar_root_check(variant: type) -> Callable[[Path, bool], str | None]:
+def _cifar_root_check(class_name: str) -> Callable[[Path, bool], str | None]:
     def check(root: Path, download: bool) -> str | None:
-        if download or (root / variant.base_folder).is_dir():
+        folder = _torchvision_cifar(class_name).base_folder
+        if download or (root / folder).is_dir():
             return None
-        return f"no {variant.base_folder}/ under {root}; set data.download=true to fetch it there"
+        return f"no {folder}/ under {root}; set data.download=true to fetch it there"
 
     return check
 
 
 def _register_cifar() -> None:
-    from torchvision.datasets import CIFAR10, CIFAR100
-
-    for name, variant, classes in (("cifar10", CIFAR10, 10), ("cifar100", CIFAR100, 100)):
+    for name, class_name, classes in (("cifar10", "CIFAR10", 10), ("cifar100", "CIFAR100", 100)):
         DATASETS.add(
             name,
             DatasetSpec(
-                _cifar(variant),
+                _cifar(class_name),
                 f"CIFAR-{classes} through torchvision's format (data.root; data.download=true fetches it)",
                 needs_root=True,
                 padding=4,
                 flip=True,
-                check_root=_cifar_root_check(variant),
+                check_root=_cifar_root_check(class_name),
             ),
         )
 
