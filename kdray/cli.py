@@ -1,9 +1,10 @@
-"""The ``kdray`` command line: train, tune, report, validate, and list methods, models and datasets."""
+"""The ``kdray`` command line: train, tune, report, ui, validate, and list methods, models and datasets."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -27,13 +28,23 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("file", nargs="?", help="experiment YAML file with a search section")
     tune.add_argument("overrides", nargs="*", metavar="section.field=value", help="e.g. search.num_samples=20")
     tune.add_argument("--resume", metavar="NAME", help="continue the search NAME whose driver stopped")
-    tune.add_argument("--storage", default=".kdray/ray", help="with --resume: the search's scaling.storage_path")
+    tune.add_argument(
+        "--storage",
+        default=os.environ.get("KDRAY_STORAGE_PATH") or ".kdray/ray",
+        help="with --resume: the search's scaling.storage_path (default: $KDRAY_STORAGE_PATH, else .kdray/ray)",
+    )
     report = commands.add_parser("report", help="print a search's summary from MLflow and redraw its plots")
     report.add_argument("name", help="search name (printed by kdray tune)")
     report.add_argument(
         "--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)"
     )
     report.add_argument("--out", default=None, help="folder to write summary.md and the plots into")
+    ui = commands.add_parser("ui", help="serve MLflow's UI over the project's runs (127.0.0.1 unless --host)")
+    ui.add_argument(
+        "--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)"
+    )
+    ui.add_argument("--host", default="127.0.0.1", help="interface to listen on (warns unless loopback)")
+    ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     validate = commands.add_parser("validate", help="print the fully resolved config, or the first error")
     _config_args(validate)
     commands.add_parser("methods", help="list distillation methods with their hyperparameters")
@@ -90,12 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "report":
             return _report(args.name, args.tracking_uri, args.out)
+        if args.command == "ui":
+            from kdray.ui import serve
+
+            return serve(args.tracking_uri, args.host, args.port)
         if args.command == "tune" and args.resume:
             return _tune(None, None, args.resume, args.storage)
         if args.file is None:
             raise ConfigError("give an experiment file (or --resume NAME)")
         cfg: ExperimentConfig = load_config(args.file, args.overrides)
         if args.command == "validate":
+            if cfg.search.space:
+                from kdray.search.space import check_space
+
+                check_space(cfg)  # what `kdray tune` would refuse, refused here too
             print(cfg.to_yaml(), end="")
             return 0
         if args.command == "tune":
@@ -117,6 +136,7 @@ def _train(cfg: ExperimentConfig) -> int:
 
 def _tune(cfg: ExperimentConfig | None, default_name: str | None, resume: str | None, storage: str = "") -> int:
     from kdray.search.driver import resume_search, run_search
+    from kdray.ui import view_hint
 
     if cfg is not None:
         assert default_name is not None
@@ -128,7 +148,7 @@ def _tune(cfg: ExperimentConfig | None, default_name: str | None, resume: str | 
         uri = outcome.tracking_uri
     print(outcome.report.markdown)
     print(f"Search '{outcome.name}': MLflow run {outcome.parent_run_id} (summary.md and plots/ among its artifacts)")
-    print(f"  view it with:   mlflow ui --backend-store-uri {uri}")
+    print(f"  view it with:   {view_hint(uri)}")
     print(f"  print it again: kdray report {outcome.name}")
     return 0
 

@@ -178,7 +178,9 @@ class ScalingConfig(Section):
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint the training state every K epochs.")
     max_failures: int = Field(0, ge=0, description="Ray runs: restart from the last checkpoint up to N times.")
     storage_path: str = Field(
-        ".kdray/ray", description="Ray Train run storage (checkpoints); shared storage (s3://, NFS) on several nodes."
+        default_factory=lambda: os.environ.get("KDRAY_STORAGE_PATH") or ".kdray/ray",
+        description="Ray Train/Tune run storage (checkpoints, search state; default: $KDRAY_STORAGE_PATH, else "
+        ".kdray/ray); shared storage (s3://, NFS) on several nodes.",
     )
 
 
@@ -200,7 +202,11 @@ class TrackingConfig(Section):
 
 
 class StoreConfig(Section):
-    path: str = Field(".kdray/store", description="Model store: trained models by content hash.")
+    path: str = Field(
+        default_factory=lambda: os.environ.get("KDRAY_STORE_PATH") or ".kdray/store",
+        description="Model store: trained models by content hash (default: $KDRAY_STORE_PATH, else .kdray/store); "
+        "a file system every node reaches, with working file locks, on several nodes.",
+    )
 
 
 class SearchParam(Section):

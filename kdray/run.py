@@ -25,6 +25,7 @@ from kdray.engine import Checkpointer, fit, model_info
 from kdray.stages import StagePlan, plan_stages
 from kdray.store import ModelStore, StoredModel, model_key
 from kdray.tracking import Tracking, flatten
+from kdray.ui import view_hint
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,6 @@ def describe(result: ExperimentResult, cfg: ExperimentConfig) -> str:
             f"{(f'{test:.4f}' if test is not None else '-'):>9}"
         )
     lines.append(f"MLflow: run {result.parent_run_id} in experiment '{cfg.tracking.experiment}' at {cfg.tracking.uri}")
-    lines.append(f"        view it with: mlflow ui --backend-store-uri {cfg.tracking.uri}")
+    lines.append(f"        view it with: {view_hint(cfg.tracking.uri)}")
     lines.append(f"Store:  {Path(cfg.store.path).expanduser()}")
     return "\n".join(lines)

@@ -66,6 +66,10 @@ def check_reachable(uri: str) -> None:
             raise ConfigError(f"tracking.uri: folder {folder} of the sqlite store does not exist; create it first")
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; kdray's are training runs.
+KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 class Tracking:
     """The driver's side: experiment, runs, params, tags and artifacts."""
 
@@ -74,7 +78,7 @@ class Tracking:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment, tags=KIND)
 
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
         if parent_id is not None:

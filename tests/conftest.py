@@ -18,10 +18,11 @@ TWO_CPU_WORKERS = ["scaling.num_workers=2", "scaling.use_gpu=false", "scaling.th
 
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Run inside a fresh folder with its own data cache; no MLFLOW_TRACKING_URI leaks in."""
+    """Run inside a fresh folder with its own data cache; no MLFLOW_TRACKING_URI or KDRAY_* path leaks in."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for variable in ("MLFLOW_TRACKING_URI", "KDRAY_STORAGE_PATH", "KDRAY_STORE_PATH"):
+        monkeypatch.delenv(variable, raising=False)
     return tmp_path
 
 

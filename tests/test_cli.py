@@ -52,3 +52,14 @@ def test_listings() -> None:
     assert {"digits", "cifar10", "cifar100", "imagefolder"} <= {
         line.split()[0] for line in datasets.stdout.splitlines()
     }
+
+
+def test_ui_refuses_a_store_that_does_not_exist(tmp_path: Path) -> None:
+    """A mistyped store would otherwise open as a new, empty one."""
+    done = kdray("ui", "--tracking-uri", f"sqlite:///{tmp_path}/nothing.db", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"kdray: config error: --tracking-uri: no MLflow store at {tmp_path}/nothing.db; run kdray train or "
+        "kdray tune first, or point --tracking-uri at the store (sqlite:///path/mlflow.db)"
+    ]
+    assert not (tmp_path / "nothing.db").exists()

@@ -1,0 +1,64 @@
+"""``kdray ui``: MLflow's own tracking server and UI over the project's store, on loopback by default.
+
+Runs are reviewed in MLflow's UI, nothing home-made: this only resolves the store the way ``kdray
+train`` and ``kdray tune`` do (``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ./mlflow.db),
+refuses a store that does not exist (a typo would otherwise show an empty, freshly created one), and
+warns before exposing the server beyond this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from kdray.config import DEFAULT_TRACKING_URI, ConfigError, absolute_uri
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def resolve_store(tracking_uri: str | None) -> str:
+    """The tracking store to serve; a ``ConfigError`` naming ``--tracking-uri`` when there is none."""
+    uri = absolute_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+    if uri.startswith(("http://", "https://")):
+        raise ConfigError(f"--tracking-uri: {uri} is already a tracking server; open it in a browser")
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(
+            f"--tracking-uri: no MLflow store at {uri.removeprefix('sqlite:///')}; run kdray train or kdray tune "
+            "first, or point --tracking-uri at the store (sqlite:///path/mlflow.db)"
+        )
+    return uri
+
+
+def view_hint(uri: str) -> str:
+    """What to type (or open) to see the runs of ``uri``."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"kdray ui --tracking-uri {uri}"
+
+
+def server_command(uri: str, host: str, port: int) -> list[str]:
+    """``mlflow server`` with this interpreter's MLflow (the version kdray logged with)."""
+    return [
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+        "--host", host, "--port", str(port),
+        "--workers", "1",  # one reviewer: the default four workers cost seconds of start-up and memory
+    ]
+
+
+def serve(tracking_uri: str | None, host: str, port: int) -> int:
+    """Run the server in the foreground until Ctrl-C; returns its exit status."""
+    uri = resolve_store(tracking_uri)
+    if host not in LOOPBACK:
+        print(
+            f"kdray ui: warning: listening on {host}, not loopback: anyone who reaches port {port} can read and "
+            "change every run (the server has no login); prefer SSH port forwarding to a loopback server",
+            file=sys.stderr,
+        )
+    shown = f"[{host}]" if ":" in host else host
+    print(f"MLflow UI for {uri}\n  open http://{shown}:{port}  (Ctrl-C stops the server)", flush=True)
+    try:
+        return subprocess.call(server_command(uri, host, port))
+    except KeyboardInterrupt:  # the server got the same Ctrl-C and stops by itself
+        return 130

@@ -1,0 +1,156 @@
+"""Review in MLflow, end to end: a tiny search, `kdray ui` serving its store, headless Chromium reading it.
+
+Needs Debian's chromium and chromium-driver (`.ci/run` installs them; this test installs nothing).
+Without them it is skipped on a developer machine and fails in CI. Screenshots go to
+``test-artifacts/`` at the repository root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow import MlflowClient
+from test_search import SMALL, write_experiment
+
+from kdray.config import load_config
+from kdray.search.driver import run_search
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+WAIT_S = 90  # the UI's first render on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def browser_available() -> None:
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(path)]
+    if missing:
+        message = f"{', '.join(missing)} missing: apt-get install chromium chromium-driver (.ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture
+def searched(workdir: Path) -> tuple[str, str, list[str], str]:
+    """A two-trial search on digits; returns (tracking uri, parent run name, trial run names, experiment id)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        space = {"method.temperature": {"kind": "logfloat", "low": 1, "high": 8}}
+        cfg = load_config(
+            write_experiment(workdir, {"space": space}),
+            [*SMALL, "train.epochs=2", "search.num_samples=2", "search.name=ui-check", "tracking.experiment=ui"],
+        )
+        outcome = run_search(cfg, "unused")
+    finally:
+        ray.shutdown()
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name("ui")
+    # kdray marks its experiments as model training, so MLflow's UI opens them on their runs.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    trials = client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'"
+    )
+    assert len(trials) == 2
+    return cfg.tracking.uri, outcome.name, [t.info.run_name for t in trials], experiment.experiment_id
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def ui_server(searched: tuple[str, str, list[str], str], workdir: Path) -> Iterator[str]:
+    """`kdray ui` as a user starts it, in its own process; yields the URL it prints."""
+    uri = searched[0]
+    port = free_port()
+    log = (workdir / "ui.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "kdray", "ui", "--tracking-uri", uri, "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, (workdir / "ui.log").read_text()
+            assert time.monotonic() < deadline, "kdray ui did not answer /health in time"
+            time.sleep(1)
+        assert f"open {url}" in (workdir / "ui.log").read_text()
+        yield url
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture
+def chromium(browser_available: None) -> Iterator[object]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+        "--disable-dev-shm-usage", "--window-size=1600,1000",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_search_is_reviewable_in_the_mlflow_ui(
+    searched: tuple[str, str, list[str], str], ui_server: str, chromium: object
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as seen
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, search_name, trial_names, experiment_id = searched
+    driver = chromium
+    wait = WebDriverWait(driver, WAIT_S)
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    def listed(d: object) -> dict[str, object]:
+        """Run-name cells of the runs table by run name (a cell's text is its colour tag, then the name)."""
+        cells = d.find_elements(By.CSS_SELECTOR, "[role=row][row-id] [col-id='attributes.`Run Name`']")
+        return {cell.text.split("\n")[-1]: cell for cell in cells}
+
+    # The experiment's runs: the search's parent run is listed; expanding it lists its trial runs.
+    driver.get(f"{ui_server}/#/experiments/{experiment_id}/runs")
+    wait.until(lambda d: search_name in listed(d))
+    listed(driver)[search_name].find_element(By.TAG_NAME, "button").click()  # the expander of a run with children
+    wait.until(lambda d: set(trial_names) <= set(listed(d)))
+    driver.save_screenshot(str(ARTIFACTS / "mlflow-ui-search-runs.png"))
+
+    # A trial's metric charts render: Plotly draws each metric's line as an SVG path.
+    trial_link = driver.find_element(By.LINK_TEXT, trial_names[0])
+    trial_link.click()
+    wait.until(seen.url_contains("/runs/"))
+    driver.get(driver.current_url.split("?")[0].rstrip("/") + "/model-metrics")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot path.js-line"))
+    # Each chart's legend names the run and the metric; charts below the fold render lazily.
+    legend = re.compile(rf"{re.escape(trial_names[0])} \((loss|val)/[a-z_]+\)")
+    wait.until(lambda d: legend.search(d.find_element(By.TAG_NAME, "body").text))
+    driver.save_screenshot(str(ARTIFACTS / "mlflow-ui-trial-metrics.png"))
