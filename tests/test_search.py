@@ -151,6 +151,33 @@ def test_chain_depths_share_their_assistants(local_ray: None, workdir: Path) -> 
     assert reused >= 4  # at least the teacher, for every trial but the one that trained it
 
 
+def test_crashing_trial_is_retried_then_recorded_failed_with_its_reason(local_ray: None, workdir: Path) -> None:
+    """A batch larger than the training set passes validation but fails in training: the trial is
+    retried (search.max_failures=1), then its run and the teacher run it opened end FAILED with the reason."""
+    cfg = load_config(
+        write_experiment(workdir, {"space": {"method.temperature": {"kind": "float", "low": 1, "high": 8}}}),
+        [
+            *SMALL,
+            "train.batch_size=4096",
+            "search.num_samples=1",
+            "search.max_failures=1",
+            "search.name=crash",
+            "tracking.experiment=crash",
+        ],
+    )
+    run_search(cfg, "unused")
+    client = MlflowClient(cfg.tracking.uri)
+    runs = runs_by_role(cfg.tracking.uri, "crash")
+    (trial,) = runs["trial"]  # the retry continued the same run
+    assert client.get_run(trial.info.run_id).info.status == "FAILED"
+    assert "train.batch_size=4096 exceeds" in trial.data.tags["kdray.error"]
+    teachers = runs["teacher"]
+    assert len(teachers) == 2  # one per attempt: the first try and its retry
+    assert {client.get_run(run.info.run_id).info.status for run in teachers} == {"FAILED"}
+    (parent,) = runs["search"]
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
 def test_bad_search_space_is_refused_before_anything_starts(workdir: Path) -> None:
     cfg = load_config(
         write_experiment(workdir, {"space": {"method.temperature": {"kind": "float", "low": 0, "high": 4}}}), SMALL

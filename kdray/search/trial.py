@@ -72,10 +72,12 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         worst = -math.inf if cfg.search.mode == "max" else math.inf
         _final_report({cfg.search.metric: worst, "epoch": cfg.train.epochs, "kdray_diverged": 1})
         return
-    except SystemExit:
-        raise  # the scheduler stopped the trial; the driver's callback closes its run as KILLED
     except BaseException as error:
-        mark_failed(tracking, open_runs, error)
+        # The guide runs this trial opened are closed here. The trial's own run is left to the driver's
+        # TrialRunCloser, which knows why the trial ended: FAILED after its last retry, or KILLED when the
+        # scheduler stopped it -- a stop reaches a Ray Train trial as an error from its TorchTrainer
+        # (or as SystemExit in-process), which must not be recorded as a failure.
+        mark_failed(tracking, open_runs[1:], error)
         raise
     tracking.end_run(run_id)
     _final_report({**final, "epoch": cfg.train.epochs})
