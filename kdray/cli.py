@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
-from kdray.config import ConfigError, ExperimentConfig, load_config
+from kdray.config import ConfigError, ExperimentConfig, default_storage_path, load_config
 from kdray.data import DATASETS, DataError
 
 EXIT_CONFIG = 2
@@ -30,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", metavar="NAME", help="continue the search NAME whose driver stopped")
     tune.add_argument(
         "--storage",
-        default=os.environ.get("KDRAY_STORAGE_PATH") or ".kdray/ray",
+        default=default_storage_path(),
         help="with --resume: the search's scaling.storage_path (default: $KDRAY_STORAGE_PATH, else .kdray/ray)",
     )
     report = commands.add_parser("report", help="print a search's summary from MLflow and redraw its plots")

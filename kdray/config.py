@@ -38,6 +38,16 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def default_tracking_uri() -> str:
+    """Where runs go unless a config or command says otherwise: $MLFLOW_TRACKING_URI, else ./mlflow.db."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def default_storage_path() -> str:
+    """Ray run storage unless set: $KDRAY_STORAGE_PATH (a cluster sets it), else .kdray/ray."""
+    return os.environ.get("KDRAY_STORAGE_PATH") or ".kdray/ray"
+
+
 def _default_cache() -> str:
     return str(Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "kdray")
 
@@ -178,7 +188,7 @@ class ScalingConfig(Section):
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint the training state every K epochs.")
     max_failures: int = Field(0, ge=0, description="Ray runs: restart from the last checkpoint up to N times.")
     storage_path: str = Field(
-        default_factory=lambda: os.environ.get("KDRAY_STORAGE_PATH") or ".kdray/ray",
+        default_factory=default_storage_path,
         description="Ray Train/Tune run storage (checkpoints, search state; default: $KDRAY_STORAGE_PATH, else "
         ".kdray/ray); shared storage (s3://, NFS) on several nodes.",
     )
@@ -193,7 +203,7 @@ def absolute_uri(uri: str) -> str:
 
 class TrackingConfig(Section):
     uri: Annotated[str, AfterValidator(absolute_uri)] = Field(
-        default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
+        default_factory=default_tracking_uri,
         validate_default=True,
         description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db as sqlite).",
     )

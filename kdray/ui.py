@@ -8,19 +8,18 @@ warns before exposing the server beyond this machine.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from kdray.config import DEFAULT_TRACKING_URI, ConfigError, absolute_uri
+from kdray.config import ConfigError, absolute_uri, default_tracking_uri
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def resolve_store(tracking_uri: str | None) -> str:
     """The tracking store to serve; a ``ConfigError`` naming ``--tracking-uri`` when there is none."""
-    uri = absolute_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+    uri = absolute_uri(tracking_uri or default_tracking_uri())
     if uri.startswith(("http://", "https://")):
         raise ConfigError(f"--tracking-uri: {uri} is already a tracking server; open it in a browser")
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():

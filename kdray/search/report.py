@@ -252,14 +252,13 @@ def publish(tracking: Tracking, parent: str, report: SearchReport) -> None:
 
 def report_by_name(name: str, tracking_uri: str | None) -> SearchReport:
     """``kdray report NAME``: find the search run in any experiment of the store and rebuild its report."""
-    import os
 
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from kdray.config import DEFAULT_TRACKING_URI, ConfigError, absolute_uri, validate_config
+    from kdray.config import ConfigError, absolute_uri, default_tracking_uri, validate_config
 
-    uri = absolute_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+    uri = absolute_uri(tracking_uri or default_tracking_uri())
     client = MlflowClient(tracking_uri=uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(
