@@ -1,4 +1,4 @@
-"""The ``kdray`` command line: train, tune, report, ui, validate, and list methods, models and datasets."""
+"""The ``kdray`` command line: train, tune, report, ui, bench, validate, and list methods, models and datasets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from kdray.config import ConfigError, ExperimentConfig, default_storage_path, load_config
+from kdray.config import ConfigError, ExperimentConfig, default_storage_path, default_tracking_uri, load_config
 from kdray.data import DATASETS, DataError
 
 EXIT_CONFIG = 2
@@ -44,6 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ui.add_argument("--host", default="127.0.0.1", help="interface to listen on (warns unless loopback)")
     ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    bench = commands.add_parser("bench", help="measure kdray's speed: step, cache, search, trials (JSON lines)")
+    bench.add_argument("--only", default="step,cache,search,trials", help="comma-separated measurements to run")
+    bench.add_argument("--teacher", default="resnet56", help="teacher architecture (default resnet56)")
+    bench.add_argument("--student", default="resnet8", help="student architecture (default resnet8)")
+    bench.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where step and cache run")
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    bench.add_argument("--steps", type=int, default=8, help="steps per timed epoch in step and cache (default 8)")
+    bench.add_argument("--rounds", type=int, default=3, help="alternations of kdray and the plain loop (default 3)")
+    bench.add_argument("--search-trials", type=int, default=8, help="trials of the search measurement (default 8)")
+    bench.add_argument(
+        "-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config of the searches"
+    )
+    bench.add_argument("--mlflow", action="store_true", help="also log the results to MLflow (experiment kdray-bench)")
     validate = commands.add_parser("validate", help="print the fully resolved config, or the first error")
     _config_args(validate)
     commands.add_parser("methods", help="list distillation methods with their hyperparameters")
@@ -104,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             from kdray.ui import serve
 
             return serve(args.tracking_uri, args.host, args.port)
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "tune" and args.resume:
             return _tune(None, None, args.resume, args.storage)
         if args.file is None:
@@ -165,3 +181,58 @@ def _report(name: str, tracking_uri: str | None, out: str | None) -> int:
             (folder / f"{plot}.png").write_bytes(png)
         print(f"written to {folder}/: summary.md, " + ", ".join(f"{plot}.png" for plot in report.plots))
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Check the options (one line naming the bad one), run the measurements, log them if asked."""
+    from kdray.bench import MEASUREMENTS, BenchOptions, run_bench
+    from kdray.models import MODELS
+
+    only = tuple(name.strip() for name in args.only.split(",") if name.strip())
+    unknown = [name for name in only if name not in MEASUREMENTS]
+    if unknown or not only:
+        raise ConfigError(f"--only: unknown measurement {unknown or only}; choose from {', '.join(MEASUREMENTS)}")
+    for flag in ("teacher", "student"):
+        if getattr(args, flag) not in MODELS.names():
+            raise ConfigError(f"--{flag}: unknown model '{getattr(args, flag)}'; see `kdray models`")
+    for flag in ("batch_size", "steps", "rounds", "search_trials", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < (2 if flag == "search_trials" else 1):
+            raise ConfigError(f"--{flag.replace('_', '-')}: {value} is too small")
+    if args.device == "cuda" and not torch_cuda_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
+    if args.overrides:
+        load_config(None, args.overrides)  # a bad override fails here, before any search starts
+    options = BenchOptions(
+        teacher=args.teacher,
+        student=args.student,
+        batch_size=args.batch_size,
+        device=args.device,
+        threads=args.threads,
+        steps=args.steps,
+        rounds=args.rounds,
+        search_trials=args.search_trials,
+        overrides=tuple(args.overrides),
+    )
+    results = run_bench(options, only)
+    if args.mlflow:
+        from kdray.tracking import Tracking, flatten
+
+        tracking = Tracking(default_tracking_uri(), "kdray-bench")
+        run = tracking.start_run("bench-" + "-".join(only), {"kdray.role": "bench"})
+        tracking.log_params(run, flatten({"options": results[0]["options"]}))
+        for result in results:
+            numbers = {
+                f"{result['measurement']}/{key}": float(value)
+                for key, value in flatten({k: v for k, v in result.items() if k != "options"}).items()
+                if isinstance(value, int | float) and not isinstance(value, bool)
+            }
+            tracking.logger(run).log_metrics(numbers, step=0)
+        tracking.end_run(run)
+    return 0
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

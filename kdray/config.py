@@ -153,6 +153,8 @@ class TrainConfig(Section):
     warmup_epochs: int = Field(0, ge=0, description="Linear warm-up epochs before the schedule.")
     seed: int = Field(0, description="Seed of initialisation, batch order and augmentation.")
     amp: bool = Field(True, description="Mixed precision on GPU (bf16 where supported, else fp16); no-op on CPU.")
+    channels_last: bool = Field(True, description="NHWC memory layout on GPU (faster convolutions); no-op on CPU.")
+    compile: bool = Field(False, description="torch.compile the student and guides (slow first epoch, faster later).")
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> TrainConfig:
@@ -217,6 +219,27 @@ class StoreConfig(Section):
         description="Model store: trained models by content hash (default: $KDRAY_STORE_PATH, else .kdray/store); "
         "a file system every node reaches, with working file locks, on several nodes.",
     )
+    reuse: bool = Field(
+        True, description="false: every run (every search trial) trains its own teacher and assistants (a baseline)."
+    )
+
+
+class GuideCacheConfig(Section):
+    enabled: bool = Field(
+        True, description="Reuse frozen guides' logits per (training image, crop, flip) in later epochs and runs."
+    )
+    dtype: Literal["float32", "float16"] = Field(
+        "float32", description="Stored precision: float32 is exact, float16 halves the size and rounds the logits."
+    )
+    max_gb: float = Field(
+        8.0, gt=0, description="Disk budget of the cache folder (old tables are evicted; big ones cover fewer images)."
+    )
+    path: str | None = Field(
+        None, description="Cache folder (null = <store.path>/guide-outputs); shared by all workers, like the store."
+    )
+
+    def folder(self, store_path: str) -> Path:
+        return Path(self.path or Path(store_path) / "guide-outputs").expanduser()
 
 
 class SearchParam(Section):
@@ -288,6 +311,7 @@ class ExperimentConfig(Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    guide_cache: GuideCacheConfig = Field(default_factory=GuideCacheConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
 
     @model_validator(mode="before")

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 from kdray.config import ExperimentConfig, TrainConfig
 from kdray.data import Dataset, DeviceSplit, eval_batches, train_batches
+from kdray.data.augment import view_count
 from kdray.distributed import WorkerContext, all_reduce_sum
+from kdray.guide_cache import GuideCache
 from kdray.methods import METHODS, Method, StepInfo
 from kdray.methods.ensemble import EnsembleMethod
 from kdray.models import ModelInfo, StagedNet, build_model
@@ -99,13 +101,38 @@ def lr_factor(train: TrainConfig, steps_per_epoch: int) -> Callable[[int], float
     return factor
 
 
-def autocast(ctx: WorkerContext, enabled: bool) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler]:
+def autocast_dtype(ctx: WorkerContext, enabled: bool) -> torch.dtype | None:
     """Mixed precision on CUDA: bf16 where the GPU supports it (no loss scaling needed), else fp16."""
     if not (enabled and ctx.device.type == "cuda"):
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(ctx: WorkerContext, enabled: bool) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler]:
+    dtype = autocast_dtype(ctx, enabled)
+    if dtype is None:
         return contextlib.nullcontext(), torch.amp.GradScaler("cuda", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    return torch.autocast("cuda", dtype=dtype), scaler
+    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+
+def memory_format(ctx: WorkerContext, train: TrainConfig) -> torch.memory_format:
+    """channels_last (NHWC) on GPUs, where convolutions run faster in it; contiguous NCHW on CPU."""
+    return torch.channels_last if train.channels_last and ctx.device.type == "cuda" else torch.contiguous_format
+
+
+def guide_cache(cfg: ExperimentConfig, dataset: Dataset, ctx: WorkerContext, train: TrainConfig) -> GuideCache:
+    """The guide-output cache of a stage, keyed by everything that decides a guide's logits but its weights."""
+    augment = cfg.data.augment
+    device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    data_identity = {
+        "data": dataset.fingerprint(),
+        "augment": augment.model_dump(mode="json"),
+        "normalise": [list(dataset.mean), list(dataset.std)],
+        "compute": [device, str(autocast_dtype(ctx, train.amp) or torch.float32), str(memory_format(ctx, train))],
+    }
+    shape = (len(dataset.train), view_count(augment.padding, augment.flip), dataset.num_classes)
+    folder = cfg.guide_cache.folder(cfg.store.path)
+    return GuideCache(cfg.guide_cache, folder, data_identity, shape, ctx.device)
 
 
 @torch.no_grad()
@@ -144,6 +171,17 @@ def evaluate(
     return {name: value / counted[-1] for name, value in zip(names, counted[:-1], strict=True)}
 
 
+def guide_metrics(method: Method) -> dict[str, float]:
+    """This worker's guide work in the epoch: images the guides ran on, and the cache's hits and misses."""
+    if not method.guides:
+        return {}
+    metrics = {"guide/forward_images": float(method.guide_images)}
+    method.guide_images = 0
+    if method.guide_cache is not None:
+        metrics.update(method.guide_cache.epoch_metrics())
+    return metrics
+
+
 def fit(
     cfg: ExperimentConfig,
     plan: StagePlan,
@@ -168,7 +206,13 @@ def fit(
     torch.manual_seed(train_cfg.seed)
     info = replace(model_info(dataset), onthefly=plan.model.onthefly, batchnorm=plan.model.batchnorm)
     student = build_model(plan.model.name, info)
-    method: Method = METHODS[plan.method.name](student, guides, plan.method).to(ctx.device)
+    layout = memory_format(ctx, train_cfg)
+    method: Method = METHODS[plan.method.name](student, guides, plan.method).to(ctx.device, memory_format=layout)
+    if guides and cfg.guide_cache.enabled:
+        method.guide_cache = guide_cache(cfg, dataset, ctx, train_cfg)
+    if train_cfg.compile:
+        for model in (student, *guides):
+            model.compile()
     # Branch parallelism: this worker keeps one branch and every worker sees the whole batch stream,
     # so batches and evaluation use a one-worker view of the data (``shard``).
     ensemble = method if isinstance(method, EnsembleMethod) else None
@@ -224,9 +268,11 @@ def fit(
                 shard.world_size,
             )
         ):
-            step = StepInfo(epoch, epoch * steps_per_epoch + index, steps_per_epoch, epochs * steps_per_epoch)
+            step = StepInfo(
+                epoch, epoch * steps_per_epoch + index, steps_per_epoch, epochs * steps_per_epoch, batch.views
+            )
             with precision:
-                terms = stepper(batch.images, batch.labels, step)
+                terms = stepper(batch.images.contiguous(memory_format=layout), batch.labels, step)
             loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss * loss_scale).backward()
@@ -240,6 +286,8 @@ def fit(
         means = {f"loss/{name}": total / steps_per_epoch for name, total in sums.items()}
         epoch_loss = torch.stack(list(means.values())).sum()
         values = {name: value.item() for name, value in {**means, "loss/total": epoch_loss}.items()}
+        if method.guide_cache is not None:
+            method.guide_cache.flush()
         elapsed = time.perf_counter() - started
         if not math.isfinite(values["loss/total"]):
             raise TrainingDiverged(
@@ -252,6 +300,7 @@ def fit(
             **{f"val/{name}": value for name, value in val.items()},
             "lr": lr,
             "images_per_s": steps_per_epoch * train_cfg.batch_size * shard.world_size / elapsed,
+            **guide_metrics(method),
         }
         result.history.append(metrics)
         logger.log_metrics(metrics, step=epoch + 1)

@@ -24,6 +24,7 @@ import torch
 from kdray.config import ConfigError, ExperimentConfig
 from kdray.distributed import WorkerContext
 from kdray.engine import FitResult, NullLogger, fit, model_info
+from kdray.guide_cache import anchored
 from kdray.stages import StagePlan
 from kdray.store import ModelStore
 
@@ -229,7 +230,7 @@ def fit_on_ray(
     trainer = TorchTrainer(
         stage_worker,
         train_loop_config={
-            "experiment": cfg.dump(),
+            "experiment": anchored(cfg, store_root).dump(),
             "plan": plan.model_dump(mode="json"),
             "store": str(store_root),
             "tracking_uri": tracking_uri,

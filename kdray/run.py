@@ -89,7 +89,6 @@ def run_experiment(
     tracking = Tracking(cfg.tracking.uri, cfg.tracking.experiment)
     dataset = load_dataset(cfg.data)
     store = ModelStore(Path(cfg.store.path).expanduser().resolve())
-    plans = plan_stages(cfg, dataset.fingerprint())
     tags = {**run_tags(cfg), "kdray.config_hash": model_key(cfg.dump())}
     name = run_name(cfg)
     unfinished = tracking.find_unfinished(name, {"kdray.role": role, "kdray.config_hash": tags["kdray.config_hash"]})
@@ -101,6 +100,7 @@ def run_experiment(
     else:
         parent = tracking.start_run(name, {**tags, "kdray.role": role}, parent_run_id)
         earlier = {}
+    plans = plan_stages(cfg, dataset.fingerprint(), owner=parent)
     result = ExperimentResult(parent)
     open_runs = [parent]
     try:

@@ -41,8 +41,9 @@ def stage_identity(
 ) -> dict[str, Any]:
     """Everything that determines a trained model's weights, and nothing that does not."""
     recipe = train.model_dump(mode="json")
-    recipe.pop("eval_batch_size")
-    return {
+    for speed_only in ("eval_batch_size", "channels_last", "compile"):  # same math, other kernels
+        recipe.pop(speed_only)
+    identity = {
         # Data parallelism: the global batch, and so the result, depends on the number of workers.
         # Branch parallelism computes what one process computes.
         "world_size": max(1, cfg.scaling.num_workers) if cfg.scaling.parallelism == "data" else 1,
@@ -52,16 +53,23 @@ def stage_identity(
         "method": method.model_dump(mode="json"),
         "guides": guides,
     }
+    if guides and cfg.guide_cache.enabled and cfg.guide_cache.dtype != "float32":
+        identity["guide_logits"] = cfg.guide_cache.dtype  # rounded soft targets: another model
+    return identity
 
 
 class _Planner:
-    def __init__(self, cfg: ExperimentConfig, fingerprint: str) -> None:
+    def __init__(self, cfg: ExperimentConfig, fingerprint: str, owner: str) -> None:
         self.cfg = cfg
         self.fingerprint = fingerprint
+        self.owner = owner
         self.plans: list[StagePlan] = []
 
     def add(self, role: str, model: ModelConfig, method: MethodParams, guides: list[str], train: TrainConfig) -> str:
-        key = model_key(stage_identity(self.cfg, model, method, train, guides, self.fingerprint))
+        identity = stage_identity(self.cfg, model, method, train, guides, self.fingerprint)
+        if not self.cfg.store.reuse:
+            identity["owner"] = self.owner  # store.reuse=false: models of this run only
+        key = model_key(identity)
         self.plans.append(StagePlan(role=role, model=model, method=method, train=train, guides=guides, key=key))
         return key
 
@@ -74,9 +82,13 @@ class _Planner:
         return self.add("teacher", model, METHODS["none"].Params(), [], recipe)
 
 
-def plan_stages(cfg: ExperimentConfig, fingerprint: str) -> list[StagePlan]:
-    """The stages of ``cfg`` in training order; the student is always last."""
-    planner = _Planner(cfg, fingerprint)
+def plan_stages(cfg: ExperimentConfig, fingerprint: str, owner: str = "") -> list[StagePlan]:
+    """The stages of ``cfg`` in training order; the student is always last.
+
+    ``owner`` (the MLflow run of an experiment, the Tune trial of a search) enters the keys when
+    ``store.reuse`` is false, so no other run shares the models, while a resumed run finds its own.
+    """
+    planner = _Planner(cfg, fingerprint, owner)
     method = cfg.method
     guidance = METHODS[method.name].guidance(method)
     guides: list[str] = []

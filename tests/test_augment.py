@@ -1,6 +1,6 @@
 import torch
 
-from kdray.data.augment import AugmentParams, apply_augment, normalize, sample_augment
+from kdray.data.augment import AugmentParams, apply_augment, normalize, sample_augment, view_count, view_ids
 
 
 def _reference(image: torch.Tensor, dy: int, dx: int, flip: bool, padding: int) -> torch.Tensor:
@@ -40,3 +40,15 @@ def test_normalize() -> None:
     out = normalize(images, torch.tensor([0.5]), torch.tensor([0.25]))
     expected = (torch.tensor([[0.0, 1.0], [0.2, 0.4]]) - 0.5) / 0.25
     assert torch.allclose(out.view(2, 2), expected)
+
+
+def test_view_ids_number_every_crop_and_flip_once() -> None:
+    for padding, flip in [(0, False), (0, True), (1, False), (2, True)]:
+        side = 2 * padding + 1
+        rows, columns, flips = torch.meshgrid(
+            torch.arange(side), torch.arange(side), torch.tensor([0, 1] if flip else [0]), indexing="ij"
+        )
+        params = AugmentParams(torch.stack([rows.flatten(), columns.flatten()], 1), flips.flatten().bool())
+        ids = view_ids(params, padding, flip)
+        assert sorted(ids.tolist()) == list(range(view_count(padding, flip)))
+    assert view_count(4, True) == 162

@@ -149,6 +149,11 @@ def test_chain_depths_share_their_assistants(local_ray: None, workdir: Path) -> 
     assert [run.data.tags["kdray.reused"] for run in runs["teacher"]] == ["false"]
     reused = sum(int(run.data.tags["kdray.models_reused"]) for run in runs["trial"])
     assert reused >= 4  # at least the teacher, for every trial but the one that trained it
+    # Trials run in their own folders, yet fill one guide-output cache, in the store: one table per guide.
+    tables = list(workdir.glob("**/guide-outputs/*/meta.json"))
+    assert {table.parent.parent for table in tables} == {(Path(cfg.store.path) / "guide-outputs").resolve()}
+    guides = {json.loads(table.read_text())["guide"] for table in tables}
+    assert len(guides) == len(tables) >= 2  # the teacher and at least one assistant
 
 
 def test_crashing_trial_is_retried_then_recorded_failed_with_its_reason(local_ray: None, workdir: Path) -> None:

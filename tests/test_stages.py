@@ -63,6 +63,17 @@ def test_assistants_are_shared_between_experiments_with_the_same_recipe() -> Non
     assert other_temperature[0].key == to_plane2[0].key and other_temperature[1].key != to_plane2[1].key
 
 
+def test_without_store_reuse_every_owner_gets_its_own_models() -> None:
+    shared = load_config(None, ["method.name=kd"])
+    private = load_config(None, ["method.name=kd", "store.reuse=false"])
+    first, second = (plan_stages(shared, "data", owner) for owner in ("trial1", "trial2"))
+    assert [p.key for p in first] == [p.key for p in second]
+    one, other, again = (plan_stages(private, "data", owner) for owner in ("trial1", "trial2", "trial1"))
+    assert {p.key for p in one}.isdisjoint(p.key for p in other)
+    assert [p.key for p in one] == [p.key for p in again]  # a resumed run finds its own models
+    assert one[-1].guides == [one[0].key]
+
+
 def test_pacemaker_plans_an_nxn_pacemaker_then_the_onthefly_student() -> None:
     plans = _plans("method.name=pacemaker", "teacher.name=resnet20", "student.name=resnet8", "student.onthefly=true")
     teacher, pacemaker, student = plans

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kdray.data.batches import Batch, DeviceSplit, eval_batches, train_batches
+from kdray.data.batches import Batch, DeviceSplit, Views, eval_batches, train_batches
 from kdray.data.sources import DATASETS, DatasetSpec
 from kdray.data.splits import DataError, Dataset, Split, channel_stats, stratified_split, stratified_subset
 
@@ -20,6 +20,7 @@ __all__ = [
     "DatasetSpec",
     "DeviceSplit",
     "Split",
+    "Views",
     "eval_batches",
     "load_dataset",
     "train_batches",

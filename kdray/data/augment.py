@@ -35,6 +35,17 @@ def sample_augment(
     return AugmentParams(offsets, flips)
 
 
+def view_count(padding: int, flip: bool) -> int:
+    """How many distinct views one image has: (2·padding + 1)² crop offsets, times 2 with flips."""
+    return (2 * padding + 1) ** 2 * (2 if flip else 1)
+
+
+def view_ids(params: AugmentParams, padding: int, flip: bool) -> torch.Tensor:
+    """Each sample's view as one integer in ``[0, view_count(padding, flip))``."""
+    crop = params.offsets[:, 0] * (2 * padding + 1) + params.offsets[:, 1]
+    return crop * 2 + params.flips.long() if flip else crop
+
+
 def apply_augment(images: torch.Tensor, params: AugmentParams, padding: int) -> torch.Tensor:
     """Crop each padded image at its offset and mirror it where its flip is set."""
     count, _, height, width = images.shape

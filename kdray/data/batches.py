@@ -11,20 +11,34 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from kdray.data.augment import AugmentParams, apply_augment, normalize, sample_augment
+from kdray.data.augment import AugmentParams, apply_augment, normalize, sample_augment, view_ids
 from kdray.data.splits import Split
 
 
 @dataclass(frozen=True)
+class Views:
+    """Which view of which training image each row of a batch is, on the host (numpy, so that DDP's
+    input handling never moves it to the GPU): what the guide-output cache looks rows up by.
+
+    ``samples``: positions in the training split; ``views``: ``augment.view_ids`` of the crop and flip.
+    """
+
+    samples: np.ndarray
+    views: np.ndarray
+
+
+@dataclass(frozen=True)
 class Batch:
-    """Normalised images, labels, the samples' dataset indices and their augmentation (if any)."""
+    """Normalised images, labels, the samples' dataset indices, their augmentation and views (if any)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor
     augment: AugmentParams | None = None
+    views: Views | None = None
 
 
 class DeviceSplit:
@@ -59,14 +73,22 @@ def train_batches(
     rank: int = 0,
     world_size: int = 1,
 ) -> Iterator[Batch]:
-    """Shuffled, augmented batches of this rank's shard; the last partial batch is dropped."""
-    shard = epoch_shard(len(split), epoch, seed, rank, world_size).to(split.device)
-    generator = torch.Generator(split.device).manual_seed(_mix(seed, epoch, rank + 1))
+    """Shuffled, augmented batches of this rank's shard; the last partial batch is dropped.
+
+    Indices and augmentation parameters are drawn on the host and copied to the device, so the host
+    knows every batch's views without waiting for the device, and CPU and GPU runs see the same views.
+    """
+    shard = epoch_shard(len(split), epoch, seed, rank, world_size)
+    generator = torch.Generator().manual_seed(_mix(seed, epoch, rank + 1))
+    cpu = torch.device("cpu")
     for start in range(0, len(shard) - batch_size + 1, batch_size):
         index = shard[start : start + batch_size]
-        params = sample_augment(len(index), padding, flip, generator, split.device)
+        params = sample_augment(len(index), padding, flip, generator, cpu)
+        views = Views(index.numpy(), view_ids(params, padding, flip).numpy())
+        index = index.to(split.device)
+        params = AugmentParams(params.offsets.to(split.device), params.flips.to(split.device))
         images = apply_augment(split.images[index], params, padding)
-        yield Batch(normalize(images, split.mean, split.std), split.labels[index], index, params)
+        yield Batch(normalize(images, split.mean, split.std), split.labels[index], index, params, views)
 
 
 def eval_batches(split: DeviceSplit, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:

@@ -7,16 +7,21 @@ guides (teacher, assistants); ``trainable()`` says what the optimiser updates.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from kdray.data import Views
 from kdray.models import StagedNet
 from kdray.registry import Registry
+
+if TYPE_CHECKING:
+    from kdray.guide_cache import GuideCache
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,7 @@ class StepInfo:
     step: int  # global step, counted from 0
     steps_per_epoch: int
     total_steps: int
+    views: Views | None = None  # which (training image, crop, flip) each row of the batch is
 
     @property
     def progress(self) -> float:
@@ -67,6 +73,8 @@ class Method(nn.Module):
         self.student = student
         self.guides = nn.ModuleList(guides)
         self.params = params
+        self.guide_cache: GuideCache | None = None  # set by the engine when guide_cache.enabled
+        self.guide_images = 0  # images the guides ran on (the engine logs and resets it every epoch)
         for guide in self.guides:
             guide.requires_grad_(False).eval()
 
@@ -88,9 +96,21 @@ class Method(nn.Module):
         """Extra per-sample validation statistics (e.g. each branch's correctness), averaged by the engine."""
         return {}
 
-    def guide_logits(self, index: int, images: torch.Tensor) -> torch.Tensor:
-        """Logits of frozen guide ``index``, computed without building a graph."""
-        with torch.no_grad():
+    def guide_logits(self, index: int, images: torch.Tensor, views: Views | None = None) -> torch.Tensor:
+        """Logits of frozen guide ``index`` for ``images``, computed without autograd.
+
+        Methods pass ``views`` (``step.views``) only when ``images`` are the batch's own images: then the
+        guide-output cache may answer. Mixed or otherwise transformed inputs never pass them, so they
+        always run the guide.
+        """
+        if views is not None and self.guide_cache is not None:
+            compute = functools.partial(self._run_guide, index)
+            return self.guide_cache.logits(index, self.guides[index], images, views, compute)
+        return self._run_guide(index, images)
+
+    def _run_guide(self, index: int, images: torch.Tensor) -> torch.Tensor:
+        self.guide_images += len(images)
+        with torch.inference_mode():
             return self.guides[index](images)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, torch.Tensor]:

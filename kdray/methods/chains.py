@@ -68,6 +68,6 @@ class DGKD(Method):
         params: DGKDParams = self.params  # type: ignore[assignment]
         student = self.student(images)
         kept = self.kept_guides()
-        kls = [soft_kl(student, self.guide_logits(index, images), params.temperature) for index in kept]
+        kls = [soft_kl(student, self.guide_logits(index, images, step.views), params.temperature) for index in kept]
         kd = torch.stack(kls).sum() / (len(kls) if params.reduce == "mean" else 1)
         return {"ce": (1 - params.alpha) * F.cross_entropy(student, labels), "kd": params.alpha * kd}

@@ -73,7 +73,7 @@ class FeatureMixup(Method):
         logits = self.student.forward_from(self.stage, mixed)
         terms = {"ce": sum(w * F.cross_entropy(logits, labels[o]) for w, o in zip(weights, orders, strict=True))}
         if params.w_kd:
-            soft = F.softmax(self.guide_logits(0, images).float() / params.temperature, dim=1)
+            soft = F.softmax(self.guide_logits(0, images, step.views).float() / params.temperature, dim=1)
             target = sum(w * soft[order] for w, order in zip(weights, orders, strict=True))
             terms["kd"] = params.w_kd * kl_to_target(logits, target, params.temperature)
         return terms

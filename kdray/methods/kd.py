@@ -32,7 +32,7 @@ class KD(Method):
     def forward(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, torch.Tensor]:
         params: KDParams = self.params  # type: ignore[assignment]
         student_logits = self.student(images)
-        teacher_logits = self.guide_logits(0, images)
+        teacher_logits = self.guide_logits(0, images, step.views)
         return {
             "ce": (1 - params.alpha) * F.cross_entropy(student_logits, labels),
             "kd": params.alpha * soft_kl(student_logits, teacher_logits, params.temperature),

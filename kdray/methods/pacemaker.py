@@ -68,9 +68,9 @@ class PacemakerKD(Method):
         weight = teacher_weight(step.progress, params.shift_start, params.shift_end)
         terms = {"ce": (1 - params.alpha) * F.cross_entropy(student, labels)}
         if weight < 1:
-            pace = soft_kl(student, self.guide_logits(0, images), params.temperature)
+            pace = soft_kl(student, self.guide_logits(0, images, step.views), params.temperature)
             terms["kd_pacemaker"] = params.alpha * (1 - weight) * pace
         if weight > 0:
-            teach = soft_kl(student, self.guide_logits(1, images), params.temperature)
+            teach = soft_kl(student, self.guide_logits(1, images, step.views), params.temperature)
             terms["kd_teacher"] = params.alpha * weight * teach
         return terms

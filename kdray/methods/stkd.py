@@ -55,5 +55,6 @@ class STKD(Method):
         }
         if params.clean_kd:
             clean = self.student(images)
-            terms["kd_clean"] = params.clean_kd * soft_kl(clean, self.guide_logits(0, images), params.temperature)
+            teacher = self.guide_logits(0, images, step.views)  # the clean batch: the cache may answer
+            terms["kd_clean"] = params.clean_kd * soft_kl(clean, teacher, params.temperature)
         return terms

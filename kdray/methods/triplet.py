@@ -73,7 +73,7 @@ class TripletKD(Method):
     def forward(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, torch.Tensor]:
         params: TripletParams = self.params  # type: ignore[assignment]
         student = self.student(images).float()
-        teacher = self.guide_logits(0, images).float()
+        teacher = self.guide_logits(0, images, step.views).float()
         terms = {"ce": F.cross_entropy(student, labels)}
         if params.w_kd:
             terms["kd"] = params.w_kd * soft_kl(student, teacher, params.temperature)

@@ -26,6 +26,7 @@ from kdray.config import ExperimentConfig
 from kdray.data import load_dataset
 from kdray.distributed import local_context
 from kdray.engine import TrainingDiverged
+from kdray.guide_cache import anchored
 from kdray.run import mark_failed, run_stage, run_tags
 from kdray.search.space import trial_config
 from kdray.stages import StagePlan, plan_stages
@@ -99,10 +100,11 @@ def _train(
     reporting to Tune; returns the student's final metrics."""
     if cfg.scaling.threads:
         torch.set_num_threads(cfg.scaling.threads)
+    cfg = anchored(cfg, setup["store"])  # Tune runs this in the trial's folder: one cache for all trials
     ctx = local_context(cfg.scaling.use_gpu) if cfg.scaling.num_workers == 0 else None
     store = ModelStore(Path(setup["store"]))
     dataset = load_dataset(cfg.data)
-    plans = plan_stages(cfg, dataset.fingerprint())
+    plans = plan_stages(cfg, dataset.fingerprint(), owner=trial_id)
     tags = run_tags(cfg)
     trained = reused = 0
     for plan in plans[:-1]:

@@ -1,0 +1,153 @@
+"""``search`` and ``trials``: whole ``kdray tune`` searches, timed from outside, each in its own folders.
+
+Every search gets a fresh MLflow store (artifacts included: the searches run in that folder), Tune
+storage and, unless shared on purpose, model store and cache, all under one temporary folder. They
+run in this process's Ray instance (started once, so its start-up is in no number). Counts come from
+the searches' own MLflow runs."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from kdray.bench import BenchOptions
+from kdray.config import ExperimentConfig, load_config
+from kdray.launch import connect_ray
+from kdray.run import run_experiment
+from kdray.search.driver import run_search
+from kdray.tracking import Tracking
+
+SPACE = {"method.temperature": {"kind": "float", "low": 1.0, "high": 8.0}}
+
+
+def search_config(folder: Path, options: BenchOptions, name: str, *overrides: str) -> ExperimentConfig:
+    """A KD temperature search; everything it writes goes under ``folder``."""
+    file = folder / "search.yaml"
+    file.write_text(yaml.safe_dump({"search": {"space": SPACE}}))
+    return load_config(
+        file,
+        [
+            f"teacher.name={options.teacher}",
+            f"student.name={options.student}",
+            f"tracking.uri=sqlite:///{folder}/mlflow.db",
+            f"scaling.storage_path={folder}/runs",
+            f"store.path={folder}/store",
+            "search.references=false",
+            "search.scheduler.name=none",
+            f"search.name={name}",
+            *options.overrides,
+            *overrides,
+        ],
+    )
+
+
+def timed_search(cfg: ExperimentConfig) -> tuple[float, Tracking]:
+    started = time.perf_counter()
+    run_search(cfg, "bench")
+    return time.perf_counter() - started, Tracking(cfg.tracking.uri, cfg.tracking.experiment)
+
+
+def guide_work(tracking: Tracking) -> dict[str, int]:
+    """Over every run of the store: images the frozen guides ran on, and teachers trained."""
+    client = tracking.client
+    forward = 0
+    teachers = 0
+    for run in client.search_runs([tracking.experiment_id], max_results=10000):
+        if run.data.tags.get("kdray.role") == "teacher":
+            teachers += 1
+        if "guide/forward_images" in run.data.metrics:
+            forward += sum(int(m.value) for m in client.get_metric_history(run.info.run_id, "guide/forward_images"))
+    return {"teacher_forward_images": forward, "teachers_trained": teachers}
+
+
+def measure_search(options: BenchOptions) -> dict:
+    """The same search twice: model store and guide cache on (kdray's defaults), then off."""
+    results = {}
+    connect_ray(log_to_driver=False)
+    for label, switches in (("on", ()), ("off", ("store.reuse=false", "guide_cache.enabled=false"))):
+        with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder):  # MLflow's ./mlruns too
+            cfg = search_config(
+                Path(folder),
+                options,
+                f"bench-{label}",
+                f"search.num_samples={options.search_trials}",
+                "train.epochs=3",
+                "teacher.epochs=3",
+                *switches,
+            )
+            seconds, tracking = timed_search(cfg)
+            results[label] = {"wall_s": round(seconds, 1), **guide_work(tracking)}
+    on, off = results["on"], results["off"]
+    return {
+        "store_and_cache_on": on,
+        "store_and_cache_off": off,
+        "wall_ratio_on_over_off": round(on["wall_s"] / off["wall_s"], 3),
+        "trials": options.search_trials,
+    }
+
+
+def measure_trials(options: BenchOptions, trials: int = 3) -> dict:
+    """Seconds one more trial adds to a sequential search, from searches of 1 and ``trials`` trials with
+    a stored teacher and one student epoch, in-process and as 1-worker Ray Train runs; minus the
+    trial's own training and evaluation time, that is the per-trial overhead."""
+    connect_ray(log_to_driver=False)
+    results = {}
+    with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder):
+        base = ("search.max_concurrent_trials=1", "train.epochs=1", "teacher.epochs=2")
+        # Train the teacher once, outside every timed search (1 and 0 workers share its key); each search
+        # gets a copy of that store, so it reuses the teacher but trains every student itself.
+        warm = search_config(Path(folder), options, "warm-up", *base)
+        shutil.rmtree(run_experiment(warm).student.stored.path)  # keep the teacher only
+        for label, workers in (("in_process", 0), ("ray_train_1_worker", 1)):
+            walls = {}
+            for count in (1, trials):
+                name = f"{label}-{count}"
+                shutil.copytree(warm.store.path, Path(folder) / f"store-{name}")
+                cfg = search_config(
+                    Path(folder),
+                    options,
+                    name,
+                    *base,
+                    f"search.num_samples={count}",
+                    f"scaling.num_workers={workers}",
+                    f"store.path={folder}/store-{name}",
+                )
+                walls[count], tracking = timed_search(cfg)
+            per_trial = (walls[trials] - walls[1]) / (trials - 1)
+            train_s = _trial_training_seconds(tracking, cfg)
+            results[label] = {
+                "per_trial_s": round(per_trial, 1),
+                "training_s": round(train_s, 1),
+                "overhead_s": round(per_trial - train_s, 1),
+            }
+    return results
+
+
+def _trial_training_seconds(tracking: Tracking, cfg: ExperimentConfig) -> float:
+    """Mean time a trial of the last search spent in its training epochs (from the images/s it logged)."""
+    runs = tracking.client.search_runs(
+        [tracking.experiment_id],
+        "tags.`kdray.role` = 'trial'",
+        max_results=10000,
+        order_by=["attributes.start_time DESC"],
+    )
+    images_per_epoch = None
+    seconds = []
+    for run in runs[: cfg.search.num_samples]:
+        rate = run.data.metrics.get("images_per_s")
+        if rate:
+            images_per_epoch = images_per_epoch or _train_images(cfg)
+            seconds.append(cfg.train.epochs * images_per_epoch / rate)
+    return sum(seconds) / len(seconds) if seconds else 0.0
+
+
+def _train_images(cfg: ExperimentConfig) -> int:
+    from kdray.data import load_dataset
+
+    dataset = load_dataset(cfg.data)
+    return len(dataset.train) // cfg.train.batch_size * cfg.train.batch_size

@@ -1,0 +1,122 @@
+"""``step`` and ``cache``: kdray's engine (``kdray.engine.fit``) timed on in-memory data.
+
+Both take the images/s that ``fit`` logs for its last epoch (training only: evaluation is outside
+the timer), after one warm-up epoch, so allocator and kernel selection costs are left out on both
+sides of every comparison.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from kdray.bench import BenchOptions, median, synthetic_dataset
+from kdray.bench.loop import hand_written_kd_epoch
+from kdray.config import ExperimentConfig, load_config
+from kdray.data import Dataset
+from kdray.distributed import WorkerContext
+from kdray.engine import fit, model_info
+from kdray.models import StagedNet, build_model
+from kdray.stages import plan_stages
+
+
+def bench_config(options: BenchOptions, *overrides: str) -> ExperimentConfig:
+    return load_config(
+        None,
+        [
+            f"teacher.name={options.teacher}",
+            f"student.name={options.student}",
+            f"train.batch_size={options.batch_size}",
+            "train.epochs=2",
+            "data.augment.padding=4",  # CIFAR's augmentation: 162 views per image
+            "data.augment.flip=true",
+            f"scaling.use_gpu={options.device == 'cuda'}",
+            *overrides,
+        ],
+    )
+
+
+def engine_epoch(cfg: ExperimentConfig, data: Dataset, guides: list[StagedNet], ctx: WorkerContext) -> dict:
+    """Metrics of the last epoch of a ``fit`` of ``cfg``'s student."""
+    plan = plan_stages(cfg, data.fingerprint())[-1]
+    return fit(cfg, plan, data, guides, ctx).history[-1]
+
+
+def _context(options: BenchOptions) -> WorkerContext:
+    device = torch.device("cuda", torch.cuda.current_device()) if options.device == "cuda" else torch.device("cpu")
+    return WorkerContext(0, 1, device)
+
+
+def _teacher(options: BenchOptions, data: Dataset) -> StagedNet:
+    torch.manual_seed(1)
+    return build_model(options.teacher, model_info(data))
+
+
+def measure_step(options: BenchOptions) -> dict:
+    """kdray's KD step vs the hand-written loop, alternated ``rounds`` times: median images/s of each, and
+    the median of the rounds' ratios."""
+    data = synthetic_dataset(options.steps * options.batch_size, options)
+    ctx = _context(options)
+    cfg = bench_config(options, "method.name=kd", "guide_cache.enabled=false")
+    teacher = _teacher(options, data)
+    kdray_rates, loop_rates = [], []
+    for _ in range(options.rounds):
+        kdray_rates.append(engine_epoch(cfg, data, [teacher], ctx)["images_per_s"])
+        torch.manual_seed(cfg.train.seed)
+        student = build_model(options.student, model_info(data))
+        loop_rates.append(
+            hand_written_kd_epoch(student, teacher, data.train, data.mean, data.std, options.batch_size, ctx.device)
+        )
+    # Each round's two runs are adjacent in time, so their ratio cancels slow drifts of the machine.
+    ratios = [k / loop for k, loop in zip(kdray_rates, loop_rates, strict=True)]
+    return {
+        "kdray_images_per_s": round(median(kdray_rates), 1),
+        "loop_images_per_s": round(median(loop_rates), 1),
+        "ratio": round(median(ratios), 3),
+        "target": ">= 0.97",
+        "rounds": {"kdray": [round(r, 1) for r in kdray_rates], "loop": [round(r, 1) for r in loop_rates]},
+    }
+
+
+def measure_cache(options: BenchOptions) -> dict:
+    """Seconds per KD epoch with the cache off, cold (empty) and warm (a second run over the same views,
+    as every trial after the first in a search), and the student trained alone; medians of ``rounds``."""
+    data = synthetic_dataset(options.steps * options.batch_size, options)
+    ctx = _context(options)
+    teacher = _teacher(options, data)
+    images = options.steps * options.batch_size
+    runs: dict[str, list[dict]] = {"student_alone": [], "cache_off": [], "cache_cold": [], "cache_warm": []}
+
+    def epoch(variant: str, *overrides: str) -> None:
+        guides = [] if variant == "student_alone" else [teacher]
+        metrics = engine_epoch(bench_config(options, *overrides), data, guides, ctx)
+        runs[variant].append(
+            {
+                "epoch_s": images / metrics["images_per_s"],
+                "teacher_images": int(metrics.get("guide/forward_images", 0)),
+                **({"hit_rate": metrics["cache/hit_rate"]} if "cache/hit_rate" in metrics else {}),
+            }
+        )
+
+    for _ in range(options.rounds):
+        epoch("student_alone", "method.name=none")
+        epoch("cache_off", "method.name=kd", "guide_cache.enabled=false")
+        with tempfile.TemporaryDirectory() as folder:
+            epoch("cache_cold", "method.name=kd", f"guide_cache.path={folder}")
+            epoch("cache_warm", "method.name=kd", f"guide_cache.path={folder}")
+    summary = {
+        variant: {
+            "epoch_s": round(median([run["epoch_s"] for run in measured]), 3),
+            **{key: value for key, value in measured[-1].items() if key != "epoch_s"},
+        }
+        for variant, measured in runs.items()
+    }
+    floor = summary["student_alone"]["epoch_s"]
+    return {
+        **summary,
+        "warm_over_alone": round(summary["cache_warm"]["epoch_s"] / floor, 3),
+        "cold_over_alone": round(summary["cache_cold"]["epoch_s"] / floor, 3),
+        "off_over_alone": round(summary["cache_off"]["epoch_s"] / floor, 3),
+        "target": "warm_over_alone <= 1.15",
+    }
