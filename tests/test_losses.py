@@ -31,8 +31,10 @@ def test_soft_kl_matches_a_hand_computation() -> None:
 
 
 def test_soft_kl_is_zero_for_equal_logits_and_not_divided_by_classes() -> None:
+    torch.manual_seed(0)
     logits = torch.randn(4, 100)
-    assert soft_kl(logits, logits, 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    # float32 rounding over 100 classes leaves ~1e-6; a real difference between the distributions is far larger
+    assert soft_kl(logits, logits, 4.0).item() == pytest.approx(0.0, abs=1e-5)
     # batchmean, not mean: with 100 classes the 'mean' reduction would be 100 times smaller
     s, t = torch.randn(8, 100), torch.randn(8, 100)
     mean_reduced = F.kl_div(F.log_softmax(s, 1), F.softmax(t, 1), reduction="mean").item()

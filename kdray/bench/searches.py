@@ -46,9 +46,12 @@ def search_config(folder: Path, options: BenchOptions, name: str, *overrides: st
     )
 
 
-def timed_search(cfg: ExperimentConfig) -> tuple[float, Tracking]:
+def timed_search(cfg: ExperimentConfig, folder: str) -> tuple[float, Tracking]:
+    """Wall seconds of the search, run from ``folder`` (MLflow puts a sqlite store's artifacts in
+    ./mlruns). Configs are built before: relative paths in the overrides mean the caller's folder."""
     started = time.perf_counter()
-    run_search(cfg, "bench")
+    with contextlib.chdir(folder):
+        run_search(cfg, "bench")
     return time.perf_counter() - started, Tracking(cfg.tracking.uri, cfg.tracking.experiment)
 
 
@@ -70,7 +73,7 @@ def measure_search(options: BenchOptions) -> dict:
     results = {}
     connect_ray(log_to_driver=False)
     for label, switches in (("on", ()), ("off", ("store.reuse=false", "guide_cache.enabled=false"))):
-        with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder):  # MLflow's ./mlruns too
+        with tempfile.TemporaryDirectory() as folder:
             cfg = search_config(
                 Path(folder),
                 options,
@@ -80,7 +83,7 @@ def measure_search(options: BenchOptions) -> dict:
                 "teacher.epochs=3",
                 *switches,
             )
-            seconds, tracking = timed_search(cfg)
+            seconds, tracking = timed_search(cfg, folder)
             results[label] = {"wall_s": round(seconds, 1), **guide_work(tracking)}
     on, off = results["on"], results["off"]
     return {
@@ -97,12 +100,13 @@ def measure_trials(options: BenchOptions, trials: int = 3) -> dict:
     trial's own training and evaluation time, that is the per-trial overhead."""
     connect_ray(log_to_driver=False)
     results = {}
-    with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder):
+    with tempfile.TemporaryDirectory() as folder:
         base = ("search.max_concurrent_trials=1", "train.epochs=1", "teacher.epochs=2")
         # Train the teacher once, outside every timed search (1 and 0 workers share its key); each search
         # gets a copy of that store, so it reuses the teacher but trains every student itself.
         warm = search_config(Path(folder), options, "warm-up", *base)
-        shutil.rmtree(run_experiment(warm).student.stored.path)  # keep the teacher only
+        with contextlib.chdir(folder):
+            shutil.rmtree(run_experiment(warm).student.stored.path)  # keep the teacher only
         for label, workers in (("in_process", 0), ("ray_train_1_worker", 1)):
             walls = {}
             for count in (1, trials):
@@ -117,7 +121,7 @@ def measure_trials(options: BenchOptions, trials: int = 3) -> dict:
                     f"scaling.num_workers={workers}",
                     f"store.path={folder}/store-{name}",
                 )
-                walls[count], tracking = timed_search(cfg)
+                walls[count], tracking = timed_search(cfg, folder)
             per_trial = (walls[trials] - walls[1]) / (trials - 1)
             train_s = _trial_training_seconds(tracking, cfg)
             results[label] = {
