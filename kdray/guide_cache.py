@@ -9,10 +9,10 @@ Within one run a view recurs only by chance (1 in 162 per epoch for padding 4 wi
 Why it is exact: an entry holds the guide's logits for the very tensor the engine builds (same
 uint8 crop, same normalisation), from the same weights on the same kind of device, precision and
 memory layout — all part of the table's key — stored in float32 unless ``guide_cache.dtype`` says
-float16. Missing rows are computed in one forward pass over the batch's missing images. On CPU torch
-gives an image the same logits whatever else is in its batch, except in a batch of one (another
-kernel), so a single missing image runs as two copies. tests/test_guide_cache.py checks that cached
-and uncached runs train bit-identical students.
+float16. Missing rows are computed in one forward pass over the batch's missing images (the whole
+batch when most of it is missing). On CPU torch gives an image the same logits whatever else is in
+its batch, except in a batch of one (another kernel), so a single missing image runs as two copies.
+tests/test_guide_cache.py checks that cached and uncached runs train bit-identical students.
 
 How it is stored: one table per key, a memory-mapped file [images, views, classes] created full of
 NaN; a row is filled when none of its values is NaN. Writers of a row write the same values and each
@@ -203,9 +203,14 @@ class GuideCache:
         result = torch.from_numpy(cached).to(images.device)
         if len(missing):
             rows = torch.from_numpy(missing).to(images.device)
-            # A batch of one image takes another kernel path than a batch of several: run two copies.
-            picked = rows if len(rows) > 1 else rows.repeat(2)
-            computed = compute(images[picked])[: len(rows)].float()
+            if 2 * len(rows) > len(images):
+                # Mostly misses (a cold cache): run the whole batch, in the shape the guide always sees,
+                # rather than one of ~20 odd sizes whose kernels would each be built anew.
+                computed = compute(images)[rows].float()
+            else:
+                # A batch of one image takes another kernel path than a batch of several: run two copies.
+                picked = rows if len(rows) > 1 else rows.repeat(2)
+                computed = compute(images[picked])[: len(rows)].float()
             if self.settings.dtype == "float16":  # as a later hit would read it: cold and warm runs agree
                 computed = computed.half().float()
             result[rows] = computed
