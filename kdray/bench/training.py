@@ -61,13 +61,20 @@ def measure_step(options: BenchOptions) -> dict:
     cfg = bench_config(options, "method.name=kd", "guide_cache.enabled=false")
     teacher = _teacher(options, data)
     kdray_rates, loop_rates = [], []
-    for _ in range(options.rounds):
+
+    def kdray_epoch() -> None:
         kdray_rates.append(engine_epoch(cfg, data, [teacher], ctx)["images_per_s"])
+
+    def loop_epoch() -> None:
         torch.manual_seed(cfg.train.seed)
         student = build_model(options.student, model_info(data))
         loop_rates.append(
             hand_written_kd_epoch(student, teacher, data.train, data.mean, data.std, options.batch_size, ctx.device)
         )
+
+    for round_ in range(options.rounds):  # who goes first alternates, so neither gains from going first
+        for measure in (kdray_epoch, loop_epoch) if round_ % 2 == 0 else (loop_epoch, kdray_epoch):
+            measure()
     # Each round's two runs are adjacent in time, so their ratio cancels slow drifts of the machine.
     ratios = [k / loop for k, loop in zip(kdray_rates, loop_rates, strict=True)]
     return {
