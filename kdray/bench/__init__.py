@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -57,10 +56,6 @@ def synthetic_dataset(images: int, options: BenchOptions, seed: int = 0) -> Data
 
     names = [str(label) for label in range(classes)]
     return Dataset("synthetic", names, split(images), split(options.batch_size), None, (0.5,) * 3, (0.25,) * 3)
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 def run_bench(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -140,14 +141,13 @@ def _trial_training_seconds(tracking: Tracking, cfg: ExperimentConfig) -> float:
         max_results=10000,
         order_by=["attributes.start_time DESC"],
     )
-    images_per_epoch = None
-    seconds = []
-    for run in runs[: cfg.search.num_samples]:
-        rate = run.data.metrics.get("images_per_s")
-        if rate:
-            images_per_epoch = images_per_epoch or _train_images(cfg)
-            seconds.append(cfg.train.epochs * images_per_epoch / rate)
-    return sum(seconds) / len(seconds) if seconds else 0.0
+    rates = [
+        run.data.metrics["images_per_s"] for run in runs[: cfg.search.num_samples] if "images_per_s" in run.data.metrics
+    ]
+    if not rates:
+        return 0.0
+    images_per_epoch = _train_images(cfg)
+    return statistics.mean(cfg.train.epochs * images_per_epoch / rate for rate in rates)
 
 
 def _train_images(cfg: ExperimentConfig) -> int:

@@ -8,14 +8,15 @@ sides of every comparison.
 from __future__ import annotations
 
 import tempfile
+from statistics import median
 
 import torch
 
-from kdray.bench import BenchOptions, median, synthetic_dataset
+from kdray.bench import BenchOptions, synthetic_dataset
 from kdray.bench.loop import hand_written_kd_epoch
 from kdray.config import ExperimentConfig, load_config
 from kdray.data import Dataset
-from kdray.distributed import WorkerContext
+from kdray.distributed import WorkerContext, local_context
 from kdray.engine import fit, model_info
 from kdray.models import StagedNet, build_model
 from kdray.stages import plan_stages
@@ -43,11 +44,6 @@ def engine_epoch(cfg: ExperimentConfig, data: Dataset, guides: list[StagedNet], 
     return fit(cfg, plan, data, guides, ctx).history[-1]
 
 
-def _context(options: BenchOptions) -> WorkerContext:
-    device = torch.device("cuda", torch.cuda.current_device()) if options.device == "cuda" else torch.device("cpu")
-    return WorkerContext(0, 1, device)
-
-
 def _teacher(options: BenchOptions, data: Dataset) -> StagedNet:
     torch.manual_seed(1)
     return build_model(options.teacher, model_info(data))
@@ -57,7 +53,7 @@ def measure_step(options: BenchOptions) -> dict:
     """kdray's KD step vs the hand-written loop, alternated ``rounds`` times: median images/s of each, and
     the median of the rounds' ratios."""
     data = synthetic_dataset(options.steps * options.batch_size, options)
-    ctx = _context(options)
+    ctx = local_context(options.device == "cuda")
     cfg = bench_config(options, "method.name=kd", "guide_cache.enabled=false")
     teacher = _teacher(options, data)
     kdray_rates, loop_rates = [], []
@@ -90,7 +86,7 @@ def measure_cache(options: BenchOptions) -> dict:
     """Seconds per KD epoch with the cache off, cold (empty) and warm (a second run over the same views,
     as every trial after the first in a search), and the student trained alone; medians of ``rounds``."""
     data = synthetic_dataset(options.steps * options.batch_size, options)
-    ctx = _context(options)
+    ctx = local_context(options.device == "cuda")
     teacher = _teacher(options, data)
     images = options.steps * options.batch_size
     runs: dict[str, list[dict]] = {"student_alone": [], "cache_off": [], "cache_cold": [], "cache_warm": []}
