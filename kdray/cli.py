@@ -39,9 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--out", default=None, help="folder to write summary.md and the plots into")
     ui = commands.add_parser("ui", help="serve MLflow's UI over the project's runs (127.0.0.1 unless --host)")
-    ui.add_argument(
-        "--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)"
-    )
+    ui.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     ui.add_argument("--host", default="127.0.0.1", help="interface to listen on (warns unless loopback)")
     ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     bench = commands.add_parser("bench", help="measure kdray's speed: step, cache, search, trials (JSON lines)")
@@ -216,19 +214,19 @@ def _bench(args: argparse.Namespace) -> int:
     )
     results = run_bench(options, only)
     if args.mlflow:
-        from kdray.tracking import Tracking, flatten
+        from kdray.tracking import Tracker, flatten
 
-        tracking = Tracking(default_tracking_uri(), "kdray-bench")
-        run = tracking.start_run("bench-" + "-".join(only), {"kdray.role": "bench"})
-        tracking.log_params(run, flatten({"options": results[0]["options"]}))
+        tracker = Tracker(default_tracking_uri(), "kdray-bench")
+        run = tracker.start_run("bench-" + "-".join(only), {"kdray.role": "bench"})
+        tracker.log_params(run, flatten({"options": results[0]["options"]}))
         for result in results:
             numbers = {
                 f"{result['measurement']}/{key}": float(value)
                 for key, value in flatten({k: v for k, v in result.items() if k != "options"}).items()
                 if isinstance(value, int | float) and not isinstance(value, bool)
             }
-            tracking.logger(run).log_metrics(numbers, step=0)
-        tracking.end_run(run)
+            tracker.log_metrics(run, numbers, step=0)
+        tracker.end_run(run)
     return 0
 
 

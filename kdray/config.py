@@ -3,13 +3,19 @@
 Validation happens on the driver before any model, Ray or MLflow work starts, so a typo costs a
 second, not a queued GPU job. Each method declares its own parameter model next to its code
 (``kdray.methods``); this module only assembles them. Nothing ever writes back into a config.
+
+The registries of datasets, models and methods are filled by their packages, which import this
+module for their own settings: this module reaches them only while validating (``_registry``),
+never at import, so there is no import circle and ``import kdray.config`` costs no torch. Every path
+field is made absolute here, once: a validated config means the same files from any working folder
+(Tune trials and Ray Train workers run in their own).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -17,15 +23,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializeAsAny,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from kdray.data import DATASETS
-from kdray.methods import METHODS
-from kdray.models import MODELS
+if TYPE_CHECKING:
+    from kdray.registry import Registry
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -34,8 +40,69 @@ class ConfigError(ValueError):
     """A bad experiment file or override; the message is one line naming the field and the fix."""
 
 
+class NestedConfigError(ValueError):
+    """A section validated by hand inside a validator (a method's parameters): its own errors, kept whole
+    so the one-line message can name the nested field."""
+
+    def __init__(self, error: ValidationError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _registry(kind: str) -> Registry[Any]:
+    """The registry of ``kind``, imported on first use (see the module docstring)."""
+    if kind == "method":
+        from kdray.methods import METHODS
+
+        return METHODS
+    if kind == "model":
+        from kdray.models import MODELS
+
+        return MODELS
+    from kdray.data import DATASETS
+
+    return DATASETS
+
+
+def _known(kind: str) -> AfterValidator:
+    """A validator that accepts registered names of ``kind`` (and lists the choices otherwise)."""
+    return AfterValidator(lambda name: _registry(kind).require(name))
+
+
+def absolute_path(path: str) -> str:
+    """A local path made absolute (``~`` expanded); URLs (``s3://...``) as given."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+AbsolutePath = Annotated[str, AfterValidator(absolute_path)]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MethodParams(BaseModel):
+    """Base of every method's hyperparameters (each method defines its own next to its code); ``name``
+    selects the method."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+
+
+def method_params(value: Any) -> MethodParams:
+    """``{"name": ..., fields}`` (name defaults to kd) as that method's own parameter model."""
+    if isinstance(value, MethodParams):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError("method: a mapping such as {name: kd, temperature: 4}")
+    methods = _registry("method")
+    name = value.get("name", "kd")
+    if name not in methods:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(methods.names())}")
+    try:
+        return methods[name].Params.model_validate({**value, "name": name})
+    except ValidationError as error:
+        raise NestedConfigError(error) from None
 
 
 def default_tracking_uri() -> str:
@@ -58,9 +125,7 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    name: Annotated[str, AfterValidator(DATASETS.require)] = Field(
-        "digits", description="Dataset: " + ", ".join(DATASETS.names()) + "."
-    )
+    name: Annotated[str, _known("dataset")] = Field("digits", description="Dataset (see `kdray datasets`).")
     download: bool = Field(False, description="Let torchvision download CIFAR into data.root (needs internet).")
     root: str | None = Field(
         None, validate_default=True, description="Folder or .tar.gz of the data (cifar*, imagefolder)."
@@ -70,7 +135,9 @@ class DataConfig(Section):
     )
     split_seed: int = Field(0, description="Seed of the validation split and of limit_train's subset.")
     limit_train: int | None = Field(None, ge=10, description="Keep about this many training images (quick runs).")
-    cache_dir: str = Field(default_factory=_default_cache, description="Where decoded image folders are cached.")
+    cache_dir: AbsolutePath = Field(
+        default_factory=_default_cache, validate_default=True, description="Where decoded image folders are cached."
+    )
     augment: AugmentConfig = Field(
         default_factory=AugmentConfig, description="Training augmentation; defaults depend on the dataset."
     )
@@ -79,8 +146,9 @@ class DataConfig(Section):
     @classmethod
     def _dataset_augment_defaults(cls, data: Any) -> Any:
         """Fill augmentation defaults from the dataset (no flip for digits) where the file leaves them."""
-        if isinstance(data, dict) and data.get("name", "digits") in DATASETS:
-            spec = DATASETS[data.get("name", "digits")]
+        datasets = _registry("dataset")
+        if isinstance(data, dict) and data.get("name", "digits") in datasets:
+            spec = datasets[data.get("name", "digits")]
             augment = dict(data.get("augment") or {})
             augment.setdefault("padding", spec.padding)
             augment.setdefault("flip", spec.flip)
@@ -93,7 +161,7 @@ class DataConfig(Section):
         name = info.data.get("name")
         if name is None:
             return root
-        spec = DATASETS[name]
+        spec = _registry("dataset")[name]
         if root is None:
             if spec.needs_root:
                 raise ValueError(f"dataset '{name}' needs data.root (a folder or .tar.gz path)")
@@ -108,27 +176,20 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    name: Annotated[str, AfterValidator(MODELS.require)] = Field(
-        "resnet8", description="Architecture (see `kdray models`)."
-    )
+    name: Annotated[str, _known("model")] = Field("resnet8", description="Architecture (see `kdray models`).")
     onthefly: bool = Field(False, description="Replace every 3x3 convolution by a 1x3 one (Pacemaker's student).")
     batchnorm: bool = Field(True, description="BatchNorm layers (false: none, e.g. to compare worker counts).")
 
 
 class TeacherConfig(ModelConfig):
-    name: Annotated[str, AfterValidator(MODELS.require)] = Field(
-        "resnet20", description="Teacher architecture (see `kdray models`)."
-    )
+    name: Annotated[str, _known("model")] = Field("resnet20", description="Teacher architecture (see `kdray models`).")
     epochs: int | None = Field(None, ge=1, description="Teacher training epochs; null = train.epochs.")
     lr: float | None = Field(None, gt=0, description="Teacher peak learning rate; null = train.lr.")
 
 
-MethodParams = Annotated[Union[tuple(cls.Params for _, cls in METHODS.items())], Field(discriminator="name")]  # noqa: UP007
-
-
 class AssistantsConfig(Section):
     depth: int = Field(0, ge=0, le=8, description="Teacher assistants between teacher and student (takd, dgkd).")
-    models: list[Annotated[str, AfterValidator(MODELS.require)]] = Field(
+    models: list[Annotated[str, _known("model")]] = Field(
         default_factory=list, description="Ladder to pick assistants from, largest first (default: the built-in one)."
     )
 
@@ -189,8 +250,9 @@ class ScalingConfig(Section):
     )
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint the training state every K epochs.")
     max_failures: int = Field(0, ge=0, description="Ray runs: restart from the last checkpoint up to N times.")
-    storage_path: str = Field(
+    storage_path: AbsolutePath = Field(
         default_factory=default_storage_path,
+        validate_default=True,
         description="Ray Train/Tune run storage (checkpoints, search state; default: $KDRAY_STORAGE_PATH, else "
         ".kdray/ray); shared storage (s3://, NFS) on several nodes.",
     )
@@ -214,8 +276,9 @@ class TrackingConfig(Section):
 
 
 class StoreConfig(Section):
-    path: str = Field(
+    path: AbsolutePath = Field(
         default_factory=lambda: os.environ.get("KDRAY_STORE_PATH") or ".kdray/store",
+        validate_default=True,
         description="Model store: trained models by content hash (default: $KDRAY_STORE_PATH, else .kdray/store); "
         "a file system every node reaches, with working file locks, on several nodes.",
     )
@@ -234,12 +297,9 @@ class GuideCacheConfig(Section):
     max_gb: float = Field(
         8.0, gt=0, description="Disk budget of the cache folder (old tables are evicted; big ones cover fewer images)."
     )
-    path: str | None = Field(
+    path: AbsolutePath | None = Field(
         None, description="Cache folder (null = <store.path>/guide-outputs); shared by all workers, like the store."
     )
-
-    def folder(self, store_path: str) -> Path:
-        return Path(self.path or Path(store_path) / "guide-outputs").expanduser()
 
 
 class SearchParam(Section):
@@ -247,7 +307,7 @@ class SearchParam(Section):
     low: float | None = Field(None, description="Lower bound (float, logfloat, int).")
     high: float | None = Field(None, description="Upper bound (float, logfloat, int).")
     values: list[Any] | None = Field(None, description="Choices (choice).")
-    methods: list[Annotated[str, AfterValidator(METHODS.require)]] | None = Field(
+    methods: list[Annotated[str, _known("method")]] | None = Field(
         None, description="method.* parameters: only for these methods (default: every method that has the field)."
     )
 
@@ -288,8 +348,19 @@ class SearchConfig(Section):
     max_failures: int = Field(1, ge=0, description="Retries of a trial that crashes (a diverged loss is not retried).")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    references: bool = Field(True, description="Also train the student alone and default KD, same budget, to compare.")
+    references: list[Annotated[str, _known("method")]] = Field(
+        default_factory=lambda: ["none", "kd"],
+        description="Methods also trained at their defaults with the same budget, to compare with (true = none "
+        "and kd, the student alone and default KD; false or [] = none).",
+    )
     space: dict[str, SearchParam] = Field(default_factory=dict, description="Dotted config field -> range.")
+
+    @field_validator("references", mode="before")
+    @classmethod
+    def _references_switch(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return ["none", "kd"] if value else []
+        return value
 
     @field_validator("metric")
     @classmethod
@@ -305,7 +376,7 @@ class ExperimentConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: ModelConfig = Field(default_factory=ModelConfig)
-    method: MethodParams = Field(default_factory=lambda: METHODS["kd"].Params())
+    method: SerializeAsAny[MethodParams] = Field(default_factory=lambda: method_params({"name": "kd"}))
     assistants: AssistantsConfig = Field(default_factory=AssistantsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
@@ -314,22 +385,27 @@ class ExperimentConfig(Section):
     guide_cache: GuideCacheConfig = Field(default_factory=GuideCacheConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
 
-    @model_validator(mode="before")
+    @field_validator("method", mode="before")
     @classmethod
-    def _method_name_default(cls, data: Any) -> Any:
+    def _method(cls, value: Any) -> MethodParams:
         """``method: {temperature: 2}`` means the default method (kd) with that temperature."""
-        if isinstance(data, dict) and isinstance(data.get("method"), dict) and "name" not in data["method"]:
-            data = {**data, "method": {"name": "kd", **data["method"]}}
-        return data
+        return method_params(value)
+
+    @property
+    def guide_cache_folder(self) -> Path:
+        """Where the guide-output cache lives: ``guide_cache.path``, else inside the model store."""
+        return Path(self.guide_cache.path or Path(self.store.path) / "guide-outputs")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
         from kdray.ladders import pick_assistants
 
-        if METHODS[self.method.name].guidance(self.method) == "chain":
+        methods = _registry("method")
+        if methods[self.method.name].uses_assistants:
             pick_assistants(self.teacher.name, self.student.name, self.assistants)
         elif self.assistants.depth or self.assistants.models:
-            raise ValueError("assistants: only chain methods (takd, dgkd) use assistants; remove the section")
+            users = [name for name, method in methods.items() if method.uses_assistants]
+            raise ValueError(f"assistants: only {', '.join(users)} use assistants; remove the section")
         if self.scaling.parallelism == "branches":
             self._check_branch_parallel()
         if self.scaling.sync_batchnorm and (
@@ -345,18 +421,19 @@ class ExperimentConfig(Section):
     def _check_search_fields(self) -> None:
         """Every searched key is a config field; a method.* key is a field of at least one searched method."""
         space = self.search.space
+        registry = _registry("method")
         methods = [self.method.name]
         if "method.name" in space:
             methods = [str(v) for v in space["method.name"].values or []]
-            unknown = [m for m in methods if m not in METHODS]
+            unknown = [m for m in methods if m not in registry]
             if space["method.name"].kind != "choice" or unknown:
-                raise ValueError(f"search.space: method.name must be a choice of: {', '.join(METHODS.names())}")
+                raise ValueError(f"search.space: method.name must be a choice of: {', '.join(registry.names())}")
         for key, param in space.items():
             if key == "method.name":
                 continue
             if key.startswith("method."):
                 field = key.removeprefix("method.")
-                owners = [m for m in methods if field in METHODS[m].Params.model_fields]
+                owners = [m for m in methods if field in registry[m].Params.model_fields]
                 if not owners:
                     raise ValueError(f"search.space: '{key}' is not a parameter of {', '.join(methods)}")
                 outside = [m for m in param.methods or [] if m not in methods]
@@ -368,16 +445,14 @@ class ExperimentConfig(Section):
                 )
 
     def _check_branch_parallel(self) -> None:
-        from kdray.methods.ensemble import EnsembleMethod
-
-        method = METHODS[self.method.name]
-        if not issubclass(method, EnsembleMethod):
-            ensembles = [name for name, cls in METHODS.items() if issubclass(cls, EnsembleMethod)]
+        methods = _registry("method")
+        count = methods[self.method.name].branch_count(self.method)
+        if count is None:
+            ensembles = [name for name, cls in methods.items() if cls.branch_count(cls.Params()) is not None]
             raise ValueError(
                 f"scaling.parallelism=branches: method '{self.method.name}' has no branches; "
                 f"use one of {', '.join(ensembles)} or scaling.parallelism=data"
             )
-        count = method.branch_count(self.method)
         if self.scaling.num_workers != count:
             raise ValueError(
                 f"scaling.num_workers: parallelism=branches needs one worker per branch; set it to {count} "
@@ -455,23 +530,31 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
         raise ConfigError(_one_line(error, raw)) from None
 
 
-def _one_line(error: ValidationError, raw: dict[str, Any]) -> str:
-    """The first problem as ``field: what is wrong`` (+ how many more), fit for one terminal line."""
+def _first_issue(error: ValidationError) -> tuple[list[str], Any, int]:
+    """The first problem's location, the problem, and how many problems there are; a nested section's
+    problem (``NestedConfigError``) is located inside it."""
     issues = error.errors()
     first = issues[0]
     loc = [str(part) for part in first["loc"]]
-    if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHODS:
-        loc.pop(1)  # the discriminated union's tag adds nothing a user wrote
+    nested = (first.get("ctx") or {}).get("error")
+    if isinstance(nested, NestedConfigError):
+        inner_loc, inner, count = _first_issue(nested.error)
+        return loc + inner_loc, inner, len(issues) - 1 + count
+    return loc, first, len(issues)
+
+
+def _one_line(error: ValidationError, raw: dict[str, Any]) -> str:
+    """The first problem as ``field: what is wrong`` (+ how many more), fit for one terminal line."""
+    loc, first, count = _first_issue(error)
     field = ".".join(loc)
     message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "union_tag_invalid":
+    if message.startswith("unknown method"):
         field = "method.name"
-        message = f"unknown method {first['ctx']['tag']!r}; choose one of: {', '.join(METHODS.names())}"
     elif first["type"] == "extra_forbidden":
         message = f"unknown key; allowed: {', '.join(_allowed_keys(loc[:-1], raw))}"
-    elif first["type"] not in ("value_error", "union_tag_invalid", "missing") and "input" in first:
+    elif first["type"] not in ("value_error", "missing") and "input" in first:
         message += f" (got {first['input']!r})"
-    more = f" (+{len(issues) - 1} more)" if len(issues) > 1 else ""
+    more = f" (+{count - 1} more)" if count > 1 else ""
     if not loc:  # whole-config checks already start their message with the field they concern
         return f"{message}{more}"
     return f"{field}: {message}{more}"
@@ -482,7 +565,8 @@ def _allowed_keys(path: list[str], raw: dict[str, Any]) -> list[str]:
     for part in path:
         if part == "method":
             name = (raw.get("method") or {}).get("name", "kd")
-            model = METHODS[name].Params if name in METHODS else model
+            methods = _registry("method")
+            model = methods[name].Params if name in methods else model
             continue
         annotation = model.model_fields[part].annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):

@@ -1,8 +1,9 @@
 """Where a training loop runs: rank, world size and device, in one small object.
 
 The engine reads everything about its process from a ``WorkerContext``; in-process runs use
-``local_context``. Ray Train workers get theirs from ``ray.train.get_context()``, so the same loop runs
-unchanged in both places.
+``local_context``, Ray Train workers ``ray_train_context`` (from ``ray.train.get_context()``), so the
+same loop runs unchanged in both places. Making a context is also where a training process takes
+its one piece of process-wide setup, torch's CPU thread count (``scaling.threads``).
 """
 
 from __future__ import annotations
@@ -34,8 +35,26 @@ def pick_device(use_gpu: bool | None) -> torch.device:
     return torch.device("cpu")
 
 
-def local_context(use_gpu: bool | None) -> WorkerContext:
+def use_threads(threads: int | None) -> None:
+    """torch's intra-op CPU threads for this process (None: torch's default, one per core)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def local_context(use_gpu: bool | None, threads: int | None = None) -> WorkerContext:
+    """This process as the only worker."""
+    use_threads(threads)
     return WorkerContext(rank=0, world_size=1, device=pick_device(use_gpu))
+
+
+def ray_train_context(threads: int | None = None) -> WorkerContext:
+    """This Ray Train worker: its rank in the group and the device Ray gave it."""
+    import ray.train
+    import ray.train.torch
+
+    use_threads(threads)
+    context = ray.train.get_context()
+    return WorkerContext(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
 
 
 def all_reduce_sum(values: torch.Tensor, ctx: WorkerContext) -> torch.Tensor:

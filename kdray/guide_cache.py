@@ -9,10 +9,12 @@ Within one run a view recurs only by chance (1 in 162 per epoch for padding 4 wi
 Why it is exact: an entry holds the guide's logits for the very tensor the engine builds (same
 uint8 crop, same normalisation), from the same weights on the same kind of device, precision and
 memory layout — all part of the table's key — stored in float32 unless ``guide_cache.dtype`` says
-float16. Missing rows are computed in one forward pass over the batch's missing images (the whole
-batch when most of it is missing). On CPU torch gives an image the same logits whatever else is in
-its batch, except in a batch of one (another kernel), so a single missing image runs as two copies.
-tests/test_guide_cache.py checks that cached and uncached runs train bit-identical students.
+float16. A batch with missing rows runs the guide over the whole batch, the shape an uncached run
+uses, so a row is computed by the same kernels whether or not the cache is on: a pass over only the
+missing images would be another batch size, whose kernels can differ in the last bits. Rows written
+by a run with another ``train.batch_size`` were computed at that batch shape, so reading them is
+exact up to float32 rounding (about 1e-7 relative), not bit for bit. tests/test_guide_cache.py
+checks that cached and uncached runs of one batch size train bit-identical students.
 
 How it is stored: one table per key, a memory-mapped file [images, views, classes] created full of
 NaN; a row is filled when none of its values is NaN. Writers of a row write the same values and each
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdray.config import ExperimentConfig, GuideCacheConfig
+from kdray.config import GuideCacheConfig
 from kdray.data import Views
 from kdray.store import model_key
 
@@ -47,13 +49,6 @@ log = logging.getLogger(__name__)
 
 TABLE_FORMAT = 1
 _CHUNK_BYTES = 64 << 20
-
-
-def anchored(cfg: ExperimentConfig, store_root: str | Path) -> ExperimentConfig:
-    """``cfg`` with an absolute ``guide_cache.path`` (default: in the resolved store), for processes whose
-    working folder is not the driver's: Tune trial actors and Ray Train workers."""
-    folder = cfg.guide_cache.folder(str(store_root)).resolve()
-    return cfg.model_copy(update={"guide_cache": cfg.guide_cache.model_copy(update={"path": str(folder)})})
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -151,11 +146,11 @@ def _create(root: Path, folder: Path, meta: dict[str, Any]) -> None:
 
 
 class GuideCache:
-    """The tables of one training stage's guides, and the counts the engine logs every epoch.
+    """Where the guide-output tables of one training stage live, and what its guides see.
 
-    ``data_identity`` names what the guides see: the dataset fingerprint, augmentation, normalisation,
-    device kind and precision. Each guide's table is opened on its first cached lookup, so a method
-    that only feeds mixed images to its guides (which never pass views) creates none.
+    ``data_identity`` names that: the dataset fingerprint, augmentation, normalisation, device kind
+    and precision. ``lookup(model)`` gives one guide's lookups; its table is opened on the first one,
+    so a guide that only ever sees mixed images (which carry no views) creates none.
     """
 
     def __init__(
@@ -170,80 +165,79 @@ class GuideCache:
         self.folder = folder
         self.data_identity = data_identity
         self.shape = shape
-        self.tables: dict[int, OutputTable | None] = {}
         # On a GPU, writing computed rows back means waiting for them: do it once per epoch instead.
         self.deferred = device.type == "cuda"
-        self.pending: list[tuple[OutputTable, np.ndarray, np.ndarray, torch.Tensor]] = []
+
+    def lookup(self, model: nn.Module) -> GuideLookup:
+        return GuideLookup(self, model)
+
+    def open(self, model: nn.Module) -> OutputTable | None:
+        identity = {**self.data_identity, "guide": weights_fingerprint(model)}
+        max_bytes = int(self.settings.max_gb * 2**30)
+        return open_table(self.folder, identity, self.shape, self.settings.dtype, max_bytes)
+
+
+class GuideLookup:
+    """One guide's cached logits, with the hits and misses since the last ``epoch_metrics``."""
+
+    def __init__(self, cache: GuideCache, model: nn.Module) -> None:
+        self.cache = cache
+        self.model = model
+        self.opened = False
+        self.table: OutputTable | None = None
+        self.pending: list[tuple[np.ndarray, np.ndarray, torch.Tensor]] = []
         self.hits = self.misses = 0
 
-    def _table(self, index: int, guide: nn.Module) -> OutputTable | None:
-        if index not in self.tables:
-            identity = {**self.data_identity, "guide": weights_fingerprint(guide)}
-            max_bytes = int(self.settings.max_gb * 2**30)
-            self.tables[index] = open_table(self.folder, identity, self.shape, self.settings.dtype, max_bytes)
-        return self.tables[index]
-
     def logits(
-        self,
-        index: int,
-        guide: nn.Module,
-        images: torch.Tensor,
-        views: Views,
-        compute: Callable[[torch.Tensor], torch.Tensor],
+        self, images: torch.Tensor, views: Views, compute: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
-        """float32 logits of guide ``index`` for ``images`` (the views ``views``): stored rows are read,
-        the others computed by ``compute`` (one forward pass) and stored."""
-        table = self._table(index, guide)
-        if table is None:
+        """float32 logits for ``images`` (the views ``views``): stored rows are read, the others computed by
+        ``compute`` (one forward pass) and stored."""
+        if not self.opened:
+            self.table, self.opened = self.cache.open(self.model), True
+        if self.table is None:
             return compute(images).float()
-        cached = table.read(views.samples, views.views)
+        cached = self.table.read(views.samples, views.views)
         missing = np.flatnonzero(np.isnan(cached).any(axis=1))
         self.hits += len(cached) - len(missing)
         self.misses += len(missing)
         result = torch.from_numpy(cached).to(images.device)
         if len(missing):
+            # Missing rows are computed by a forward pass over the whole batch, the one shape an uncached
+            # run uses too: a pass over only the missing images (another batch size) may take other
+            # kernels and differ in the last bits (seen on Intel CPUs), so cached would not equal uncached.
             rows = torch.from_numpy(missing).to(images.device)
-            if 2 * len(rows) > len(images):
-                # Mostly misses (a cold cache): run the whole batch, in the shape the guide always sees,
-                # rather than one of ~20 odd sizes whose kernels would each be built anew.
-                computed = compute(images)[rows].float()
-            else:
-                # A batch of one image takes another kernel path than a batch of several: run two copies.
-                picked = rows if len(rows) > 1 else rows.repeat(2)
-                computed = compute(images[picked])[: len(rows)].float()
-            if self.settings.dtype == "float16":  # as a later hit would read it: cold and warm runs agree
+            computed = compute(images)[rows].float()
+            if self.cache.settings.dtype == "float16":  # as a later hit would read it: cold and warm runs agree
                 computed = computed.half().float()
             result[rows] = computed
-            entry = (table, views.samples[missing], views.views[missing], computed)
-            if self.deferred:
+            entry = (views.samples[missing], views.views[missing], computed)
+            if self.cache.deferred:
                 self.pending.append(entry)
             else:
                 self._write(*entry)
         return result
 
-    def _write(self, table: OutputTable, samples: np.ndarray, views: np.ndarray, logits: torch.Tensor) -> None:
-        table.write(samples, views, logits.cpu().numpy())
+    def _write(self, samples: np.ndarray, views: np.ndarray, logits: torch.Tensor) -> None:
+        assert self.table is not None
+        self.table.write(samples, views, logits.cpu().numpy())
 
     def flush(self) -> None:
-        """Write deferred rows and push the tables to disk (end of each epoch)."""
+        """Write deferred rows and push the table to disk (end of each epoch)."""
         for entry in self.pending:
             self._write(*entry)
         self.pending.clear()
-        for table in self.tables.values():
-            if table is not None:
-                table.flush()
+        if self.table is not None:
+            self.table.flush()
 
     def epoch_metrics(self) -> dict[str, float]:
-        """Hits and misses since the last call, and the tables' size (MLflow ``cache/*``); nothing while
-        no table is open (a method that never looked a view up)."""
-        if not self.tables:
+        """Hits, misses and table bytes since the last call; nothing while no table is open."""
+        if self.table is None:
             return {}
-        looked_up = self.hits + self.misses
         metrics = {
             "cache/hits": float(self.hits),
             "cache/misses": float(self.misses),
-            "cache/hit_rate": self.hits / looked_up if looked_up else 0.0,
-            "cache/bytes": float(sum(table.nbytes for table in self.tables.values() if table is not None)),
+            "cache/bytes": float(self.table.nbytes),
         }
         self.hits = self.misses = 0
         return metrics

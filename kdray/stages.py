@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SerializeAsAny, field_validator
 
-from kdray.config import ExperimentConfig, MethodParams, ModelConfig, TrainConfig
+from kdray.config import ExperimentConfig, MethodParams, ModelConfig, TrainConfig, method_params
 from kdray.ladders import pick_assistants
 from kdray.methods import METHODS
 from kdray.store import model_key
@@ -25,10 +25,15 @@ class StagePlan(BaseModel):
 
     role: str
     model: ModelConfig
-    method: MethodParams
+    method: SerializeAsAny[MethodParams]
     train: TrainConfig
     guides: list[str]
     key: str
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, value: Any) -> MethodParams:
+        return method_params(value)
 
 
 def stage_identity(
@@ -58,22 +63,32 @@ def stage_identity(
     return identity
 
 
-class _Planner:
+class StagePlanner:
+    """What a method's ``plan_guides`` builds its guides with: the experiment (read-only), its teacher,
+    its assistant ladder, and ``add`` for any further stage. Stages are listed in training order."""
+
     def __init__(self, cfg: ExperimentConfig, fingerprint: str, owner: str) -> None:
         self.cfg = cfg
         self.fingerprint = fingerprint
         self.owner = owner
         self.plans: list[StagePlan] = []
 
-    def add(self, role: str, model: ModelConfig, method: MethodParams, guides: list[str], train: TrainConfig) -> str:
-        identity = stage_identity(self.cfg, model, method, train, guides, self.fingerprint)
+    def add(
+        self, role: str, model: ModelConfig, method: MethodParams, guides: list[str], train: TrainConfig | None = None
+    ) -> str:
+        """Plan a stage that trains ``model`` by ``method`` from ``guides`` (store keys of earlier stages) with
+        ``train`` (default: the experiment's recipe); returns its store key. A stage planned twice is one stage."""
+        recipe = train or self.cfg.train
+        identity = stage_identity(self.cfg, model, method, recipe, guides, self.fingerprint)
         if not self.cfg.store.reuse:
             identity["owner"] = self.owner  # store.reuse=false: models of this run only
         key = model_key(identity)
-        self.plans.append(StagePlan(role=role, model=model, method=method, train=train, guides=guides, key=key))
+        if all(plan.key != key for plan in self.plans):
+            self.plans.append(StagePlan(role=role, model=model, method=method, train=recipe, guides=guides, key=key))
         return key
 
     def teacher(self) -> str:
+        """The experiment's teacher, trained alone with its own epochs and lr where the file sets them."""
         cfg = self.cfg
         recipe = cfg.train.model_copy(
             update={"epochs": cfg.teacher.epochs or cfg.train.epochs, "lr": cfg.teacher.lr or cfg.train.lr}
@@ -81,33 +96,18 @@ class _Planner:
         model = ModelConfig.model_validate(cfg.teacher.model_dump(include=set(ModelConfig.model_fields)))
         return self.add("teacher", model, METHODS["none"].Params(), [], recipe)
 
+    def assistant_models(self) -> list[str]:
+        """The ``assistants.depth`` architectures between teacher and student, largest first."""
+        return pick_assistants(self.cfg.teacher.name, self.cfg.student.name, self.cfg.assistants)
+
 
 def plan_stages(cfg: ExperimentConfig, fingerprint: str, owner: str = "") -> list[StagePlan]:
-    """The stages of ``cfg`` in training order; the student is always last.
+    """The stages of ``cfg`` in training order, as its method plans its guides; the student is always last.
 
     ``owner`` (the MLflow run of an experiment, the Tune trial of a search) enters the keys when
     ``store.reuse`` is false, so no other run shares the models, while a resumed run finds its own.
     """
-    planner = _Planner(cfg, fingerprint, owner)
-    method = cfg.method
-    guidance = METHODS[method.name].guidance(method)
-    guides: list[str] = []
-    if guidance == "teacher":
-        guides = [planner.teacher()]
-    elif guidance == "chain":
-        # Every link learns by the chain's method. TAKD: from the next larger model only; DGKD: from
-        # every larger model (teacher first), as ``METHODS[...].dense`` says.
-        chain = [planner.teacher()]
-        dense = getattr(METHODS[method.name], "dense", False)
-        for index, name in enumerate(pick_assistants(cfg.teacher.name, cfg.student.name, cfg.assistants), start=1):
-            link = list(chain) if dense else [chain[-1]]
-            chain.append(planner.add(f"assistant{index}", ModelConfig(name=name), method, link, cfg.train))
-        guides = list(chain) if dense else [chain[-1]]
-    elif guidance == "pacemaker":
-        teacher = planner.teacher()
-        pacemaker_model = ModelConfig(name=method.pacemaker or cfg.student.name)  # type: ignore[union-attr]
-        pacemaker_method = METHODS["kd"].Params(temperature=method.temperature, alpha=method.alpha)  # type: ignore[union-attr]
-        pacemaker = planner.add("pacemaker", pacemaker_model, pacemaker_method, [teacher], cfg.train)
-        guides = [pacemaker, teacher]
-    planner.add("student", cfg.student, method, guides, cfg.train)
+    planner = StagePlanner(cfg, fingerprint, owner)
+    guides = METHODS[cfg.method.name].plan_guides(cfg.method, planner)
+    planner.add("student", cfg.student, cfg.method, guides)
     return planner.plans

@@ -1,8 +1,9 @@
-"""MLflow tracking through ``MlflowClient`` with explicit run ids (no global active run).
+"""MLflow behind one small interface: every run kdray reads or writes goes through a ``Tracker``.
 
-The driver creates the runs (a parent per invocation, a child per stage); whoever trains a stage
-logs its per-epoch metrics to the child's id. Explicit ids work the same in-process and inside a Ray
-worker, where a global "active run" would not exist.
+Runs are addressed by explicit ids (no global active run), so the same calls work on the driver, in
+a Tune trial and inside a Ray Train worker. Searches for runs are expressed as tag conditions and
+turned into MLflow's filter syntax in one place (``_filter``). ``NullTracker`` records nothing, for
+code that runs without a store (Ray Train workers other than the chief, benchmarks, tests).
 """
 
 from __future__ import annotations
@@ -11,41 +12,16 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
-
-from mlflow.entities import Metric, Param, Run, RunTag
-from mlflow.tracking import MlflowClient
+from typing import Any, Protocol
 
 from kdray.config import ConfigError
 
-
-class MlflowRunLogger:
-    """Logs metrics of one run, by id."""
-
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
-        self.client = client
-        self.run_id = run_id
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        stamp = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in metrics.items()])
+# MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; kdray's are training runs.
+KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
-class SkipLogged:
-    """Drops epochs MLflow already holds: after a restore, the history continues without repeated steps."""
-
-    def __init__(self, inner: MlflowRunLogger, logged_until: int) -> None:
-        self.inner = inner
-        self.logged_until = logged_until
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step > self.logged_until:
-            self.inner.log_metrics(metrics, step)
-
-
-def logged_until(client: MlflowClient, run_id: str, metric: str = "val/acc") -> int:
-    """The last epoch whose metrics a run already holds (0 for a new run)."""
-    return max((m.step for m in client.get_metric_history(run_id, metric)), default=0)
+class MetricLogger(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
 
 def check_reachable(uri: str) -> None:
@@ -66,78 +42,196 @@ def check_reachable(uri: str) -> None:
             raise ConfigError(f"tracking.uri: folder {folder} of the sqlite store does not exist; create it first")
 
 
-# MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; kdray's are training runs.
-KIND = {"mlflow.experimentKind": "custom_model_development"}
+def _filter(tags: dict[str, str]) -> str:
+    """MLflow's filter string for runs carrying all ``tags`` (``mlflow.parentRunId`` included)."""
+    return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
 
 
-class Tracking:
-    """The driver's side: experiment, runs, params, tags and artifacts."""
+class RunLogger:
+    """Logs metrics of one run; ``after`` drops epochs the run already holds (a resumed stage)."""
+
+    def __init__(self, tracker: Tracker, run_id: str, after: int = 0) -> None:
+        self.tracker = tracker
+        self.run_id = run_id
+        self.after = after
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step > self.after:
+            self.tracker.log_metrics(self.run_id, metrics, step)
+
+
+class Tracker:
+    """One MLflow experiment: runs, params, tags, metrics and artifacts."""
 
     def __init__(self, uri: str, experiment: str) -> None:
+        from mlflow.tracking import MlflowClient
+
         check_reachable(uri)
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment, tags=KIND)
 
+    # --- finding runs --------------------------------------------------------------------------------
+
+    def runs(self, tags: dict[str, str], newest_first: bool = False, limit: int = 10000) -> list[Any]:
+        """Runs of this experiment carrying all ``tags``, oldest first unless ``newest_first``."""
+        order = "DESC" if newest_first else "ASC"
+        return list(
+            self.client.search_runs(
+                [self.experiment_id], _filter(tags), max_results=limit, order_by=[f"attributes.start_time {order}"]
+            )
+        )
+
+    def run(self, run_id: str) -> Any:
+        return self.client.get_run(run_id)
+
+    def find_unfinished(self, name: str, tags: dict[str, str]) -> Any | None:
+        """The newest run called ``name`` with these tags that did not finish (killed, failed, or still
+        RUNNING because its driver died): the run a rerun continues."""
+        for run in self.runs(tags, newest_first=True, limit=20):
+            if run.info.run_name == name:
+                return run if run.info.status != "FINISHED" else None
+        return None
+
+    def runs_under(self, parent_id: str, role: str | None = None) -> list[Any]:
+        """A parent's child runs (with tag ``kdray.role`` = ``role`` if given), oldest first."""
+        return self.runs({"mlflow.parentRunId": parent_id, **({"kdray.role": role} if role else {})})
+
+    def children(self, parent_id: str) -> dict[str, Any]:
+        """A parent's child runs by stage key (tag ``kdray.model_key``)."""
+        runs = self.runs_under(parent_id)
+        return {run.data.tags["kdray.model_key"]: run for run in runs if "kdray.model_key" in run.data.tags}
+
+    def latest_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of every metric a run holds."""
+        return dict(self.client.get_run(run_id).data.metrics)
+
+    def metric_history(self, run_id: str, metric: str) -> list[Any]:
+        """Every logged value of ``metric`` in step order."""
+        return sorted(self.client.get_metric_history(run_id, metric), key=lambda m: m.step)
+
+    def logged_until(self, run_id: str, metric: str = "val/acc") -> int:
+        """The last epoch whose metrics a run already holds (0 for a new run)."""
+        return max((m.step for m in self.client.get_metric_history(run_id, metric)), default=0)
+
+    # --- writing -------------------------------------------------------------------------------------
+
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
         if parent_id is not None:
             tags = {**tags, "mlflow.parentRunId": parent_id}
         return self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
 
-    def find_unfinished(self, name: str, tags: dict[str, str]) -> Run | None:
-        """The newest run called ``name`` with these tags that did not finish (killed, failed, or still
-        RUNNING because its driver died): the run a rerun continues."""
-        conditions = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
-        runs = self.client.search_runs(
-            [self.experiment_id], " and ".join(conditions), order_by=["attributes.start_time DESC"], max_results=20
-        )
-        for run in runs:
-            if run.info.run_name == name:
-                return run if run.info.status != "FINISHED" else None
-        return None
-
-    def runs_under(self, parent_id: str, role: str | None = None) -> list[Run]:
-        """A parent's child runs (with tag ``kdray.role`` = ``role`` if given), oldest first."""
-        condition = f"tags.`mlflow.parentRunId` = '{parent_id}'"
-        if role is not None:
-            condition += f" and tags.`kdray.role` = '{role}'"
-        runs = self.client.search_runs(
-            [self.experiment_id], condition, max_results=10000, order_by=["attributes.start_time ASC"]
-        )
-        return list(runs)
-
-    def children(self, parent_id: str) -> dict[str, Run]:
-        """A parent's child runs by stage key (tag ``kdray.model_key``)."""
-        runs = self.runs_under(parent_id)
-        return {run.data.tags["kdray.model_key"]: run for run in runs if "kdray.model_key" in run.data.tags}
-
     def reopen(self, run_id: str) -> None:
         self.client.update_run(run_id, status="RUNNING")
 
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
         items = [Param(key, str(value)[:6000]) for key, value in params.items()]
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start : start + 100])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
-    def logger(self, run_id: str) -> MlflowRunLogger:
-        return MlflowRunLogger(self.client, run_id)
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
 
-    def continuing_logger(self, run_id: str) -> SkipLogged:
+        stamp = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in metrics.items()])
+
+    def logger(self, run_id: str) -> RunLogger:
+        return RunLogger(self, run_id)
+
+    def continuing_logger(self, run_id: str) -> RunLogger:
         """A logger for a run that may already hold epochs (a resumed stage): those are not logged again."""
-        return SkipLogged(self.logger(run_id), logged_until(self.client, run_id))
+        return RunLogger(self, run_id, self.logged_until(run_id))
 
     def log_text(self, run_id: str, text: str, path: str) -> None:
         self.client.log_text(run_id, text, path)
 
-    def log_artifact(self, run_id: str, file: Path) -> None:
-        self.client.log_artifact(run_id, str(file))
+    def log_artifact(self, run_id: str, file: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(file), folder)
+
+
+class NullTracker(Tracker):
+    """Records nothing and finds nothing: for code that runs without a tracking store."""
+
+    def __init__(self) -> None:
+        self.uri = ""
+        self.experiment_id = ""
+
+    def runs(self, tags: dict[str, str], newest_first: bool = False, limit: int = 10000) -> list[Any]:
+        return []
+
+    def run(self, run_id: str) -> Any:
+        raise LookupError("a NullTracker holds no runs")
+
+    def latest_metrics(self, run_id: str) -> dict[str, float]:
+        return {}
+
+    def metric_history(self, run_id: str, metric: str) -> list[Any]:
+        return []
+
+    def logged_until(self, run_id: str, metric: str = "val/acc") -> int:
+        return 0
+
+    def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
+        return ""
+
+    def reopen(self, run_id: str) -> None:
+        return None
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+        return None
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        return None
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        return None
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        return None
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        return None
+
+    def log_artifact(self, run_id: str, file: Path, folder: str | None = None) -> None:
+        return None
+
+
+def find_search_run(uri: str, name: str) -> tuple[Any, str] | None:
+    """The newest search run called ``name`` in any experiment of the store at ``uri``, and its experiment's name."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiments,
+        _filter({"kdray.role": "search", "kdray.search_name": name}),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return None
+    return runs[0], client.get_experiment(runs[0].info.experiment_id).name
+
+
+def download_text(uri: str, run_id: str, path: str) -> str:
+    """The text of artifact ``path`` of run ``run_id``."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    with tempfile.TemporaryDirectory() as folder:
+        return Path(MlflowClient(tracking_uri=uri).download_artifacts(run_id, path, folder)).read_text()
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

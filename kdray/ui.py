@@ -40,9 +40,18 @@ def view_hint(uri: str) -> str:
 def server_command(uri: str, host: str, port: int) -> list[str]:
     """``mlflow server`` with this interpreter's MLflow (the version kdray logged with)."""
     return [
-        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-        "--host", host, "--port", str(port),
-        "--workers", "1",  # one reviewer: the default four workers cost seconds of start-up and memory
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",  # one reviewer: the default four workers cost seconds of start-up and memory
     ]
 
 

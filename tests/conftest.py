@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import io
 import tarfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from torch import nn
+
+from kdray.build import build_stage
+from kdray.config import ExperimentConfig
+from kdray.data import Dataset
+from kdray.distributed import local_context
+from kdray.engine import FitResult, fit
+from kdray.sinks import MemorySink
+from kdray.stages import StagePlan
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-train-jpg.tar.gz"
@@ -24,6 +34,18 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for variable in ("MLFLOW_TRACKING_URI", "KDRAY_STORAGE_PATH", "KDRAY_STORE_PATH"):
         monkeypatch.delenv(variable, raising=False)
     return tmp_path
+
+
+def fit_stage(
+    cfg: ExperimentConfig,
+    plan: StagePlan,
+    data: Dataset,
+    guides: Sequence[nn.Module] = (),
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+) -> tuple[FitResult, MemorySink]:
+    """Build and train one stage in this process, keeping its epochs in memory (no store, no MLflow)."""
+    sink = MemorySink()
+    return fit(build_stage(cfg, plan, data, list(guides), local_context(False), wrap), sink), sink
 
 
 def write_png(path: Path, pixels: np.ndarray) -> None:

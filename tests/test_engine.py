@@ -3,11 +3,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdray.build import lr_factor
 from kdray.config import load_config
 from kdray.data import load_dataset
-from kdray.distributed import local_context
-from kdray.engine import TrainingDiverged, fit, lr_factor
+from kdray.engine import TrainingDiverged
 from kdray.stages import plan_stages
+from tests.conftest import fit_stage
 
 QUICK = ["train.epochs=2", "teacher.name=plane4", "student.name=plane2", "method.name=none", "train.batch_size=64"]
 
@@ -16,14 +17,14 @@ def test_two_runs_with_one_seed_are_identical(workdir: Path) -> None:
     cfg = load_config(None, QUICK)
     data = load_dataset(cfg.data)
     (plan,) = plan_stages(cfg, data.fingerprint())
-    first = fit(cfg, plan, data, [], local_context(False))
-    second = fit(cfg, plan, data, [], local_context(False))
+    first, _ = fit_stage(cfg, plan, data)
+    second, _ = fit_stage(cfg, plan, data)
     assert first.final == second.final
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict.values(), second.state_dict.values(), strict=True))
     reseeded = load_config(None, [*QUICK, "train.seed=1"])
     (other_plan,) = plan_stages(reseeded, data.fingerprint())
     assert other_plan.key != plan.key
-    other = fit(reseeded, other_plan, data, [], local_context(False))
+    other, _ = fit_stage(reseeded, other_plan, data)
     assert any(not torch.equal(a, b) for a, b in zip(first.state_dict.values(), other.state_dict.values(), strict=True))
 
 
@@ -32,21 +33,11 @@ def test_training_learns_digits_and_logs_every_epoch(workdir: Path) -> None:
     data = load_dataset(cfg.data)
     (plan,) = plan_stages(cfg, data.fingerprint())
 
-    class Recorder:
-        def __init__(self) -> None:
-            self.steps: list[int] = []
-            self.keys: set[str] = set()
-
-        def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-            self.steps.append(step)
-            self.keys |= set(metrics)
-
-    recorder = Recorder()
-    result = fit(cfg, plan, data, [], local_context(False), recorder)
-    assert recorder.steps == [1, 2, 3, 4]
-    assert {"loss/ce", "loss/total", "val/acc", "val/loss", "lr", "images_per_s"} <= recorder.keys
-    assert result.final["val/acc"] > 0.6  # chance is 0.1
-    assert 0 <= result.final["test/acc"] <= 1
+    result, sink = fit_stage(cfg, plan, data)
+    assert len(sink.history) == 4
+    assert all({"loss/ce", "loss/total", "val/acc", "val/loss", "lr", "images_per_s"} <= set(m) for m in sink.history)
+    assert sink.history[-1]["val/acc"] > sink.history[0]["val/acc"]
+    assert result.final["val/acc"] > 0.6 and result.final["test/acc"] > 0.6  # chance is 0.1
 
 
 def test_diverging_loss_stops_with_a_clear_error(workdir: Path) -> None:
@@ -54,7 +45,7 @@ def test_diverging_loss_stops_with_a_clear_error(workdir: Path) -> None:
     data = load_dataset(cfg.data)
     (plan,) = plan_stages(cfg, data.fingerprint())
     with pytest.raises(TrainingDiverged, match="lower train.lr"):
-        fit(cfg, plan, data, [], local_context(False))
+        fit_stage(cfg, plan, data)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdray.data import Batch
 from kdray.methods import METHODS, StepInfo
 from kdray.methods.losses import soft_kl
 from kdray.models import ModelInfo, build_model
@@ -48,7 +49,7 @@ def test_kd_method_terms_are_weighted_hinton_terms() -> None:
     params = METHODS["kd"].Params(temperature=3.0, alpha=0.7)
     method = METHODS["kd"](student, [teacher], params).train()
     images, labels = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
-    terms = method(images, labels, StepInfo(0, 0, 1, 1))
+    terms = method(Batch(images, labels, torch.arange(len(labels))), StepInfo(0, 0, 1, 1))
     assert set(terms) == {"ce", "kd"}
     s = student(images).tolist()
     t = teacher.eval()(images).tolist()
@@ -61,7 +62,8 @@ def test_kd_gradients_reach_only_the_student() -> None:
     student, teacher = build_model("plane2", info), build_model("plane2", info)
     method = METHODS["kd"](student, [teacher], METHODS["kd"].Params()).train()
     assert not teacher.training  # the teacher stays in eval mode when the method trains
-    sum(method(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)), StepInfo(0, 0, 1, 1)).values()).backward()
+    batch = Batch(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)), torch.arange(4))
+    sum(method(batch, StepInfo(0, 0, 1, 1)).values()).backward()
     assert all(p.grad is not None for p in student.parameters())
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert {id(p) for p in method.trainable()} == {id(p) for p in student.parameters()}
@@ -69,5 +71,7 @@ def test_kd_gradients_reach_only_the_student() -> None:
 
 def test_kd_refuses_to_run_without_teacher() -> None:
     student = build_model("plane2", ModelInfo(num_classes=10, in_channels=1, image_size=8))
+    method = METHODS["kd"](student, [], METHODS["kd"].Params())
+    batch = Batch(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)), torch.arange(4))
     with pytest.raises(ValueError, match="needs a teacher"):
-        METHODS["kd"](student, [], METHODS["kd"].Params())
+        method(batch, StepInfo(0, 0, 1, 1))

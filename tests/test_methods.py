@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdray.data import Batch
 from kdray.methods import METHODS, StepInfo
 from kdray.methods.chains import DGKD
 from kdray.methods.feature_mixup import mixing_weights
@@ -20,7 +22,15 @@ from kdray.methods.triplet import mine_negatives, pairwise_l2
 from kdray.models import ModelInfo, StagedNet, build_model
 
 DIGITS = ModelInfo(num_classes=10, in_channels=1, image_size=8)
-STEP = StepInfo(epoch=0, step=0, steps_per_epoch=10, total_steps=10)
+
+
+def step(seed: int = 0, at: int = 0, total: int = 10) -> StepInfo:
+    """A step of a 10-step run whose random draws come from ``default_rng(seed)``."""
+    return StepInfo(epoch=at // 10, step=at, steps_per_epoch=10, total_steps=total, rng=np.random.default_rng(seed))
+
+
+def batch(images: torch.Tensor, labels: torch.Tensor) -> Batch:
+    return Batch(images, labels, torch.arange(len(labels)))
 
 
 class FixedLogits(nn.Module):
@@ -85,7 +95,7 @@ def test_triplet_method_terms_against_torch_and_hand_formulas(variant: str) -> N
     method = METHODS["triplet"](student, [teacher], params)
     images = torch.arange(3.0).view(3, 1, 1, 1)
     labels = torch.tensor([0, 1, 2])
-    terms = method(images, labels, STEP)
+    terms = method(batch(images, labels), step())
     distances = torch.cdist(teacher_table, student_table)
     hardest = distances.masked_fill(torch.eye(3, dtype=torch.bool), float("inf")).argmin(1)
     negatives = student_table[hardest]
@@ -117,11 +127,10 @@ def test_stkd_teacher_and_student_see_the_same_mixed_images() -> None:
     student, teacher = build_model("plane2", DIGITS), build_model("plane4", DIGITS).eval()
     method = METHODS["stkd"](student, [teacher], METHODS["stkd"].Params(alpha=0.5, beta=2.0, temperature=3.0))
     images, labels = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
-    torch.manual_seed(1)
-    terms = method(images, labels, STEP)
-    torch.manual_seed(1)  # replay the method's two draws: λ, then the partner permutation
-    lam = float(torch.distributions.Beta(0.5, 0.5).sample())
-    partners = torch.randperm(8)
+    terms = method(batch(images, labels), step(seed=1))
+    rng = np.random.default_rng(1)  # replay the step's two draws: λ, then the partner permutation
+    lam = float(rng.beta(0.5, 0.5))
+    partners = torch.as_tensor(rng.permutation(8))
     mixed = lam * images + (1 - lam) * images[partners]
     s = student(mixed)
     assert terms["ce"].item() == pytest.approx(mixed_cross_entropy(s, labels, partners, lam).item(), rel=1e-5)
@@ -134,11 +143,10 @@ def test_feature_mixup_mixes_stage_outputs_labels_and_teacher_targets() -> None:
     params = METHODS["feature_mixup"].Params(branches=3, alpha=0.7, stage="layer1", temperature=2.0)
     method = METHODS["feature_mixup"](student, [teacher], params).eval()  # eval: BatchNorm is a fixed map
     images, labels = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
-    torch.manual_seed(3)
-    terms = method(images, labels, STEP)
-    torch.manual_seed(3)
-    w = mixing_weights(0.7, 3).tolist()
-    orders = [torch.arange(6), torch.randperm(6), torch.randperm(6)]
+    terms = method(batch(images, labels), step(seed=3))
+    rng = np.random.default_rng(3)  # replay the step's draws: weights, then two partner permutations
+    w = mixing_weights(0.7, 3, rng)
+    orders = [torch.arange(6), torch.as_tensor(rng.permutation(6)), torch.as_tensor(rng.permutation(6))]
     assert sum(w) == pytest.approx(1.0)
     # the mixed map, rebuilt from three separate weight-sharing passes over the permuted batches
     hidden = sum(wk * student.forward_to("layer1", images[o]) for wk, o in zip(w, orders, strict=True))
@@ -152,9 +160,8 @@ def test_feature_mixup_mixes_stage_outputs_labels_and_teacher_targets() -> None:
 
 def test_feature_mixup_without_kd_needs_no_teacher_and_rejects_unknown_stage() -> None:
     params = METHODS["feature_mixup"].Params(w_kd=0)
-    assert METHODS["feature_mixup"].guidance(params) == "alone"
     method = METHODS["feature_mixup"](build_model("plane4", DIGITS), [], params)
-    assert set(method(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)), STEP)) == {"ce"}
+    assert set(method(batch(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))), step())) == {"ce"}
     with pytest.raises(ValueError, match="method.stage: 'layer9' is not a stage"):
         METHODS["feature_mixup"](
             build_model("plane4", DIGITS), [], METHODS["feature_mixup"].Params(stage="layer9", w_kd=0)
@@ -176,10 +183,9 @@ def test_dgkd_drops_exactly_drop_num_guides_and_never_runs_them(guides: int, dro
     method = DGKD(student, teachers, METHODS["dgkd"].Params(drop_num=drop, temperature=2.0, alpha=0.5))
     images, labels = torch.arange(4.0).view(4, 1, 1, 1), torch.tensor([0, 1, 2, 3])
     used = set()
-    for _ in range(20):
+    for seed in range(20):
         before = [g.head.calls for g in teachers]
-        torch.manual_seed(len(used) * 7 + _)
-        terms = method(images, labels, STEP)
+        terms = method(batch(images, labels), step(seed=seed))
         called = [i for i, g in enumerate(teachers) if g.head.calls > before[i]]
         assert len(called) == kept
         used.update(called)
@@ -193,7 +199,7 @@ def test_dgkd_mean_reduction_averages_kept_terms() -> None:
     student, teachers = as_staged(FixedLogits(torch.randn(4, 5))), _guides(2)
     method = DGKD(student, teachers, METHODS["dgkd"].Params(drop_num=0, reduce="mean", alpha=1.0, temperature=1.0))
     images = torch.arange(4.0).view(4, 1, 1, 1)
-    terms = method(images, torch.zeros(4, dtype=torch.long), STEP)
+    terms = method(batch(images, torch.zeros(4, dtype=torch.long)), step())
     s = student(images)
     expected = (soft_kl(s, teachers[0](images), 1.0) + soft_kl(s, teachers[1](images), 1.0)) / 2
     assert terms["kd"].item() == pytest.approx(expected.item(), rel=1e-5)
@@ -210,9 +216,9 @@ def test_pacemaker_schedule_hands_over_from_pacemaker_to_teacher() -> None:
     pace, teacher = _guides(2)
     method = METHODS["pacemaker"](student, [pace, teacher], METHODS["pacemaker"].Params(alpha=1.0, temperature=1.0))
     images, labels = torch.arange(4.0).view(4, 1, 1, 1), torch.zeros(4, dtype=torch.long)
-    start = method(images, labels, StepInfo(0, 0, 10, 100))
+    start = method(batch(images, labels), step(at=0, total=100))
     assert set(start) == {"ce", "kd_pacemaker"} and teacher.head.calls == 0
-    quarter = method(images, labels, StepInfo(2, 25, 10, 100))
+    quarter = method(batch(images, labels), step(at=25, total=100))
     s = student(images)
     assert quarter["kd_pacemaker"].item() == pytest.approx(0.75 * soft_kl(s, pace(images), 1.0).item(), rel=1e-5)
     assert quarter["kd_teacher"].item() == pytest.approx(0.25 * soft_kl(s, teacher(images), 1.0).item(), rel=1e-5)
@@ -255,7 +261,7 @@ def test_online_branch_shapes_and_cd_changes_the_classifiers() -> None:
     heads = [method.branches[str(b)].classifier.weight for b in range(3)]
     assert not torch.equal(heads[0], heads[1])
     images, labels = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
-    terms = method(images, labels, StepInfo(0, 0, 10, 10))
+    terms = method(batch(images, labels), step())
     assert set(terms) == {"ce", "kd", "ce_fused", "cd"}
     before = [w.detach().clone() for w in heads]
     terms["cd"].backward()
@@ -272,7 +278,7 @@ def test_online_baseline_has_no_fusion_and_uses_the_mean_target() -> None:
         build_model("plane4", DIGITS), [], METHODS["online_branch"].Params(ffm=False, cd_weight=0, rampup=0)
     )
     images, labels = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
-    terms = method(images, labels, STEP)
+    terms = method(batch(images, labels), step())
     assert set(terms) == {"ce", "kd"} and method.fusion is None
     logits, _ = method.branch_outputs(images)
     target = torch.stack(logits).mean(0)
@@ -298,7 +304,7 @@ def test_dml_loss_is_each_peers_ce_plus_its_mean_kl_to_the_others() -> None:
     images = torch.zeros(2, 1, 1, 1)
     images[1, 0, 0, 0] = 1
     labels = torch.tensor([0, 1])
-    terms = method(images, labels, STEP)
+    terms = method(batch(images, labels), step())
     logits = [table, -table, 3 * table]
     probs = [torch.softmax(z / 2.0, 1) for z in logits]
     ce = sum(-torch.log_softmax(z, 1)[torch.arange(2), labels].mean() for z in logits)

@@ -27,7 +27,7 @@ def test_explicit_ladder_and_too_deep_chains() -> None:
         pick_assistants("plane8", "plane2", AssistantsConfig(depth=3))
     with pytest.raises(ConfigError, match="assistants.depth=3 but"):
         load_config(None, ["method.name=takd", "teacher.name=plane8", "student.name=plane2", "assistants.depth=3"])
-    with pytest.raises(ConfigError, match="only chain methods"):
+    with pytest.raises(ConfigError, match="only takd, dgkd use assistants"):
         load_config(None, ["assistants.depth=1"])
 
 

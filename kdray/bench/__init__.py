@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from kdray.data import Dataset, Split
+from kdray.distributed import use_threads
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,7 @@ def run_bench(
     from kdray.bench.searches import measure_search, measure_trials
     from kdray.bench.training import measure_cache, measure_step
 
-    if options.threads:
-        torch.set_num_threads(options.threads)
+    use_threads(options.threads)
     runners = {"step": measure_step, "cache": measure_cache, "search": measure_search, "trials": measure_trials}
     stdout = sys.stdout
     emit = emit or (lambda result: print(json.dumps(result), file=stdout, flush=True))

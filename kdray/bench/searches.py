@@ -21,7 +21,7 @@ from kdray.config import ExperimentConfig, load_config
 from kdray.launch import connect_ray
 from kdray.run import run_experiment
 from kdray.search.driver import run_search
-from kdray.tracking import Tracking
+from kdray.tracking import Tracker
 
 SPACE = {"method.temperature": {"kind": "float", "low": 1.0, "high": 8.0}}
 
@@ -47,25 +47,24 @@ def search_config(folder: Path, options: BenchOptions, name: str, *overrides: st
     )
 
 
-def timed_search(cfg: ExperimentConfig, folder: str) -> tuple[float, Tracking]:
+def timed_search(cfg: ExperimentConfig, folder: str) -> tuple[float, Tracker]:
     """Wall seconds of the search, run from ``folder`` (MLflow puts a sqlite store's artifacts in
     ./mlruns). Configs are built before: relative paths in the overrides mean the caller's folder."""
     started = time.perf_counter()
     with contextlib.chdir(folder):
         run_search(cfg, "bench")
-    return time.perf_counter() - started, Tracking(cfg.tracking.uri, cfg.tracking.experiment)
+    return time.perf_counter() - started, Tracker(cfg.tracking.uri, cfg.tracking.experiment)
 
 
-def guide_work(tracking: Tracking) -> dict[str, int]:
+def guide_work(tracking: Tracker) -> dict[str, int]:
     """Over every run of the store: images the frozen guides ran on, and teachers trained."""
-    client = tracking.client
     forward = 0
     teachers = 0
-    for run in client.search_runs([tracking.experiment_id], max_results=10000):
+    for run in tracking.runs({}):
         if run.data.tags.get("kdray.role") == "teacher":
             teachers += 1
         if "guide/forward_images" in run.data.metrics:
-            forward += sum(int(m.value) for m in client.get_metric_history(run.info.run_id, "guide/forward_images"))
+            forward += sum(int(m.value) for m in tracking.metric_history(run.info.run_id, "guide/forward_images"))
     return {"teacher_forward_images": forward, "teachers_trained": teachers}
 
 
@@ -133,14 +132,9 @@ def measure_trials(options: BenchOptions, trials: int = 3) -> dict:
     return results
 
 
-def _trial_training_seconds(tracking: Tracking, cfg: ExperimentConfig) -> float:
+def _trial_training_seconds(tracking: Tracker, cfg: ExperimentConfig) -> float:
     """Mean time a trial of the last search spent in its training epochs (from the images/s it logged)."""
-    runs = tracking.client.search_runs(
-        [tracking.experiment_id],
-        "tags.`kdray.role` = 'trial'",
-        max_results=10000,
-        order_by=["attributes.start_time DESC"],
-    )
+    runs = tracking.runs({"kdray.role": "trial"}, newest_first=True)
     rates = [
         run.data.metrics["images_per_s"] for run in runs[: cfg.search.num_samples] if "images_per_s" in run.data.metrics
     ]

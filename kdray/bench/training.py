@@ -14,11 +14,13 @@ import torch
 
 from kdray.bench import BenchOptions, synthetic_dataset
 from kdray.bench.loop import hand_written_kd_epoch
+from kdray.build import build_stage, model_info
 from kdray.config import ExperimentConfig, load_config
 from kdray.data import Dataset
 from kdray.distributed import WorkerContext, local_context
-from kdray.engine import fit, model_info
+from kdray.engine import fit
 from kdray.models import StagedNet, build_model
+from kdray.sinks import MemorySink
 from kdray.stages import plan_stages
 
 
@@ -41,7 +43,7 @@ def bench_config(options: BenchOptions, *overrides: str) -> ExperimentConfig:
 def engine_epoch(cfg: ExperimentConfig, data: Dataset, guides: list[StagedNet], ctx: WorkerContext) -> dict:
     """Metrics of the last epoch of a ``fit`` of ``cfg``'s student."""
     plan = plan_stages(cfg, data.fingerprint())[-1]
-    return fit(cfg, plan, data, guides, ctx).history[-1]
+    return fit(build_stage(cfg, plan, data, guides, ctx), MemorySink()).history[-1]
 
 
 def _teacher(options: BenchOptions, data: Dataset) -> StagedNet:

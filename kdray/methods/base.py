@@ -2,87 +2,99 @@
 
 Following mdistiller's ``Distiller``: the engine only sums the terms and logs each one as
 ``loss/<name>``, so a new method needs no engine change. A method owns its student and its frozen
-guides (teacher, assistants); ``trainable()`` says what the optimiser updates.
+guides and says everything else about itself next to its loss: which guides it learns from and how
+they are trained (``plan_guides``), what the optimiser updates (``trainable``), and how it spreads
+over several workers (``parallel``). Adding a method is one file plus one import line in
+``kdray/methods/__init__.py``; nothing outside it names the method.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from kdray.data import Views
+from kdray.config import MethodParams
+from kdray.data import Batch
+from kdray.distributed import WorkerContext
+from kdray.guides import Guide, as_guides
 from kdray.models import StagedNet
 from kdray.registry import Registry
 
 if TYPE_CHECKING:
-    from kdray.guide_cache import GuideCache
+    from kdray.stages import StagePlanner
 
 
 @dataclass(frozen=True)
 class StepInfo:
-    """Where training is: lets schedules inside a method (ramp-ups, pacing) avoid global state."""
+    """Where training is, and this step's own random numbers.
+
+    Schedules inside a method (ramp-ups, pacing) read the position instead of global state; random
+    choices (mixing weights, partners, dropped guides, negatives) are drawn from ``rng``, seeded by
+    the run's seed, the worker's rank and the step, so a resumed run draws exactly what an
+    uninterrupted one would, and no method touches torch's global generator.
+    """
 
     epoch: int
     step: int  # global step, counted from 0
     steps_per_epoch: int
     total_steps: int
-    views: Views | None = None  # which (training image, crop, flip) each row of the batch is
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
 
     @property
     def progress(self) -> float:
         """Fraction of training done, in [0, 1)."""
         return self.step / max(1, self.total_steps)
 
-
-class MethodParams(BaseModel):
-    """Base of every method's hyperparameters; ``name`` selects the method."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str
+    def permutation(self, count: int, device: torch.device) -> torch.Tensor:
+        """A random permutation of ``range(count)`` on ``device``."""
+        return torch.as_tensor(self.rng.permutation(count), device=device)
 
 
-Guidance = Literal["alone", "teacher", "chain", "pacemaker"]
+@dataclass(frozen=True)
+class Parallel:
+    """How one worker takes part in training a method.
+
+    ``stepper`` is called on each batch (the method, or its DDP wrapper); ``shard`` says which part of
+    the data this worker reads (its own shard, or the whole stream when every worker sees every
+    batch); the loss is multiplied by ``loss_scale`` before backward, and ``after_backward`` runs
+    before the optimiser step (to combine gradients DDP does not handle).
+    """
+
+    stepper: nn.Module
+    shard: WorkerContext
+    loss_scale: float = 1.0
+    after_backward: Callable[[], None] = lambda: None
 
 
 class Method(nn.Module):
-    """Base class: ``forward(images, labels, step)`` returns ``{term: weighted scalar loss}``.
-
-    ``guidance`` tells the stage planner which models a method learns from: none (``alone``), the
-    teacher, an assistant chain ending at the teacher, or a pacemaker and the teacher.
-    """
+    """Base class: ``forward(batch, step)`` returns ``{term: weighted scalar loss}``."""
 
     Params: ClassVar[type[MethodParams]]
-    kind: ClassVar[Guidance] = "teacher"
     summary: ClassVar[str] = ""
+    uses_assistants: ClassVar[bool] = False  # reads the ``assistants`` section (teacher-assistant chains)
 
     @classmethod
-    def guidance(cls, params: MethodParams) -> Guidance:
-        """Which guides this method needs with these hyperparameters (some methods can run alone)."""
-        return cls.kind
+    def plan_guides(cls, params: MethodParams, planner: StagePlanner) -> list[str]:
+        """Plan the stages of this method's guides and return their store keys, in the order ``self.guides``
+        will hold them. Each planned stage is trained (or reused) before the student. Default: one teacher."""
+        return [planner.teacher()]
 
-    def __init__(self, student: StagedNet, guides: Sequence[StagedNet], params: MethodParams) -> None:
+    @classmethod
+    def branch_count(cls, params: MethodParams) -> int | None:
+        """Branches that can each train on their own worker (``scaling.parallelism: branches``); None if the
+        method has none."""
+        return None
+
+    def __init__(self, student: StagedNet, guides: Sequence[nn.Module], params: MethodParams) -> None:
         super().__init__()
-        if self.guidance(params) != "alone" and not guides:
-            raise ValueError(f"method '{params.name}' needs a teacher")
         self.student = student
-        self.guides = nn.ModuleList(guides)
+        self.guides = nn.ModuleList(as_guides(guides))
         self.params = params
-        self.guide_cache: GuideCache | None = None  # set by the engine when guide_cache.enabled
-        self.guide_images = 0  # images the guides ran on (the engine logs and resets it every epoch)
-        for guide in self.guides:
-            guide.requires_grad_(False).eval()
-
-    def train(self, mode: bool = True) -> Method:
-        """Switch the student only: guides stay in eval mode (frozen BatchNorm statistics)."""
-        super().train(mode)
-        self.guides.eval()
-        return self
 
     def trainable(self) -> list[nn.Parameter]:
         """Parameters the optimiser updates (the student; methods with extra modules extend this)."""
@@ -96,25 +108,27 @@ class Method(nn.Module):
         """Extra per-sample validation statistics (e.g. each branch's correctness), averaged by the engine."""
         return {}
 
-    def guide_logits(self, index: int, images: torch.Tensor, views: Views | None = None) -> torch.Tensor:
-        """Logits of frozen guide ``index`` for ``images``, computed without autograd.
+    def parallel(self, ctx: WorkerContext, parallelism: str, wrap: Callable[[nn.Module], nn.Module] | None) -> Parallel:
+        """Data parallelism: each worker trains on its shard, the module wrapped (DDP) by ``wrap``.
+        Methods with branches override this for ``parallelism == "branches"``."""
+        return Parallel(wrap(self) if wrap is not None else self, ctx)
 
-        Methods pass ``views`` (``step.views``) only when ``images`` are the batch's own images: then the
-        guide-output cache may answer. Mixed or otherwise transformed inputs never pass them, so they
-        always run the guide.
-        """
-        if views is not None and self.guide_cache is not None:
-            compute = functools.partial(self._run_guide, index)
-            return self.guide_cache.logits(index, self.guides[index], images, views, compute)
-        return self._run_guide(index, images)
+    def guide(self, index: int) -> Guide:
+        """Guide ``index``, in the order ``plan_guides`` returned their keys."""
+        if index >= len(self.guides):
+            raise ValueError(
+                f"method '{self.params.name}' needs a teacher (guide {index}) but was given {len(self.guides)} guides"
+            )
+        return self.guides[index]  # type: ignore[return-value]
 
-    def _run_guide(self, index: int, images: torch.Tensor) -> torch.Tensor:
-        self.guide_images += len(images)
-        with torch.inference_mode():
-            return self.guides[index](images)
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
 
+def shard_of_one(ctx: WorkerContext) -> WorkerContext:
+    """A one-worker view of the data: every worker reads the whole stream (branch parallelism)."""
+    return replace(ctx, rank=0, world_size=1)
+
+
 METHODS: Registry[type[Method]] = Registry("method")
+"""Distillation methods; importing ``kdray.methods`` registers every method, in the order listed there."""

@@ -1,8 +1,8 @@
 """Teacher-assistant chains: TAKD (Mirzadeh et al., AAAI 2020) and DGKD (Son, Na, Choi, Hwang, ICCV 2021).
 
-A chain is planned as ordinary stages (``kdray.stages``): teacher → assistant 1 → … → student, the
-assistants picked evenly from a ladder (``kdray.ladders``). Each link is trained by the chain's
-method from its guides:
+A chain is planned here as ordinary stages: teacher → assistant 1 → … → student, the assistants
+picked evenly from a ladder (``kdray.ladders``, ``assistants.depth``). Each link is trained by the
+chain's method from its guides:
 
 - TAKD: the next larger model only, by Hinton KD:
   ``L = (1 − α)·CE + α·T²·KL(softmax(z_prev/T) ‖ softmax(z_s/T))``.
@@ -16,15 +16,33 @@ method from its guides:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from kdray.config import ModelConfig
+from kdray.data import Batch
 from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
 from kdray.methods.kd import KD, KDParams
 from kdray.methods.losses import soft_kl
+
+if TYPE_CHECKING:
+    from kdray.stages import StagePlanner
+
+
+def plan_chain(params: MethodParams, planner: StagePlanner, dense: bool) -> list[str]:
+    """Plan teacher → assistants → (student); every link learns by the chain's method ``params``.
+
+    TAKD (``dense`` false): each link's only guide is the next larger model. DGKD (``dense``): every
+    larger model, teacher first. Returns the student's guides.
+    """
+    chain = [planner.teacher()]
+    for index, name in enumerate(planner.assistant_models(), start=1):
+        link = list(chain) if dense else [chain[-1]]
+        chain.append(planner.add(f"assistant{index}", ModelConfig(name=name), params, link))
+    return list(chain) if dense else [chain[-1]]
 
 
 class TAKDParams(KDParams):
@@ -36,8 +54,12 @@ class TAKD(KD):
     """Hinton KD along a chain: each link's single guide is the next larger model."""
 
     Params = TAKDParams
-    kind = "chain"
+    uses_assistants = True
     summary = "Mirzadeh et al. 2020: KD link by link along teacher > assistants > student"
+
+    @classmethod
+    def plan_guides(cls, params: MethodParams, planner: StagePlanner) -> list[str]:
+        return plan_chain(params, planner, dense=False)
 
 
 class DGKDParams(MethodParams):
@@ -53,21 +75,23 @@ class DGKD(Method):
     """Densely guided KD: learn from every larger model, dropping some guides per batch."""
 
     Params = DGKDParams
-    kind = "chain"
-    dense = True  # the stage planner gives each link every larger model as a guide
+    uses_assistants = True
     summary = "Son et al. 2021: (1-l)*CE + l*T^2*sum_k KL(z_k || z_s), drop_num guides dropped per batch"
 
-    def kept_guides(self) -> list[int]:
+    @classmethod
+    def plan_guides(cls, params: MethodParams, planner: StagePlanner) -> list[str]:
+        return plan_chain(params, planner, dense=True)
+
+    def kept_guides(self, step: StepInfo) -> list[int]:
         """Indices of the guides used for this batch: all but ``drop_num`` of them, at least one."""
         params: DGKDParams = self.params  # type: ignore[assignment]
         count = len(self.guides)
         keep = max(1, count - params.drop_num)
-        return sorted(torch.randperm(count)[:keep].tolist())
+        return sorted(step.rng.permutation(count)[:keep].tolist())
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
         params: DGKDParams = self.params  # type: ignore[assignment]
-        student = self.student(images)
-        kept = self.kept_guides()
-        kls = [soft_kl(student, self.guide_logits(index, images, step.views), params.temperature) for index in kept]
+        student = self.student(batch.images)
+        kls = [soft_kl(student, self.guide(index)(batch), params.temperature) for index in self.kept_guides(step)]
         kd = torch.stack(kls).sum() / (len(kls) if params.reduce == "mean" else 1)
-        return {"ce": (1 - params.alpha) * F.cross_entropy(student, labels), "kd": params.alpha * kd}
+        return {"ce": (1 - params.alpha) * F.cross_entropy(student, batch.labels), "kd": params.alpha * kd}

@@ -20,7 +20,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch import nn
 
+from kdray.data import Batch
 from kdray.methods.base import METHODS, MethodParams, StepInfo
 from kdray.methods.ensemble import EnsembleMethod
 from kdray.methods.losses import soft_kl
@@ -41,7 +43,7 @@ class DeepMutualLearning(EnsembleMethod):
     Params = DMLParams
     summary = "Zhang et al. 2018: m peer students learn from each other's predictions"
 
-    def __init__(self, student: StagedNet, guides: Sequence[StagedNet], params: DMLParams) -> None:
+    def __init__(self, student: StagedNet, guides: Sequence[nn.Module], params: DMLParams) -> None:
         super().__init__(student, guides, params)
         self.branches["0"] = student
         for index in range(1, params.peers):
@@ -57,7 +59,8 @@ class DeepMutualLearning(EnsembleMethod):
     def run_branch(self, index: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.branches[str(index)](hidden), None
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
+        images, labels = batch.images, batch.labels
         temperature = self.params.temperature  # type: ignore[attr-defined]
         logits, _ = self.branch_outputs(images)
         mutual = [

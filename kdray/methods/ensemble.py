@@ -20,15 +20,20 @@ So m branches train on m GPUs or nodes with the same losses and updates as one p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
-from kdray.methods.base import Method, MethodParams
+from kdray.distributed import WorkerContext
+from kdray.methods.base import Method, MethodParams, Parallel, shard_of_one
 from kdray.models import StagedNet
+
+if TYPE_CHECKING:
+    from kdray.stages import StagePlanner
 
 
 class EnsembleMethod(Method):
@@ -38,9 +43,12 @@ class EnsembleMethod(Method):
     student) and say which modules every worker keeps (``shared_modules``).
     """
 
-    kind = "alone"
+    @classmethod
+    def plan_guides(cls, params: MethodParams, planner: StagePlanner) -> list[str]:
+        """No pretrained guide: the branches teach each other."""
+        return []
 
-    def __init__(self, student: StagedNet, guides: Sequence[StagedNet], params: MethodParams) -> None:
+    def __init__(self, student: StagedNet, guides: Sequence[nn.Module], params: MethodParams) -> None:
         super().__init__(student, guides, params)
         self.branches = nn.ModuleDict()
         self.owned: list[int] = []
@@ -50,6 +58,14 @@ class EnsembleMethod(Method):
     def branch_count(cls, params: MethodParams) -> int:
         """m: the number of branches (peer-parallel mode needs this many workers)."""
         raise NotImplementedError
+
+    def parallel(self, ctx: WorkerContext, parallelism: str, wrap: Callable[[nn.Module], nn.Module] | None) -> Parallel:
+        """``parallelism: branches``: this worker keeps branch ``rank``, reads every batch, back-propagates
+        L/m and sums the shared modules' gradients over workers (see the module docstring)."""
+        if parallelism != "branches" or ctx.world_size == 1:
+            return super().parallel(ctx, parallelism, wrap)
+        self.split_across(ctx.rank, ctx.world_size)
+        return Parallel(self, shard_of_one(ctx), 1 / ctx.world_size, self.sync_shared_gradients)
 
     def shared_modules(self) -> list[nn.Module]:
         """Modules every worker holds and trains together (their gradients are summed over workers)."""

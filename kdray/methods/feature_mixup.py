@@ -18,15 +18,21 @@ probabilities of the original samples. Where the paper is silent: one weight dra
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch import nn
 
-from kdray.methods.base import METHODS, Guidance, Method, MethodParams, StepInfo
+from kdray.data import Batch
+from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
 from kdray.methods.losses import kl_to_target
 from kdray.models import StagedNet
+
+if TYPE_CHECKING:
+    from kdray.stages import StagePlanner
 
 
 class FeatureMixupParams(MethodParams):
@@ -38,9 +44,9 @@ class FeatureMixupParams(MethodParams):
     temperature: float = Field(4.0, gt=0, le=100, description="Softmax temperature T of the KD term.")
 
 
-def mixing_weights(alpha: float, branches: int) -> torch.Tensor:
+def mixing_weights(alpha: float, branches: int, rng: np.random.Generator) -> list[float]:
     """One draw of Beta(α, α) as (λ, 1 − λ), or of Dirichlet(α, α, α)."""
-    return torch.distributions.Dirichlet(torch.full((branches,), alpha)).sample()
+    return rng.dirichlet([alpha] * branches).tolist()
 
 
 @METHODS.register("feature_mixup")
@@ -51,10 +57,11 @@ class FeatureMixup(Method):
     summary = "Oki & Kurita 2018: mix stage outputs of 2-3 samples (Beta/Dirichlet), mixed CE [+ KD to mixed target]"
 
     @classmethod
-    def guidance(cls, params: MethodParams) -> Guidance:
-        return "teacher" if params.w_kd > 0 else "alone"  # type: ignore[attr-defined]
+    def plan_guides(cls, params: MethodParams, planner: StagePlanner) -> list[str]:
+        """A teacher only for the KD term: with ``w_kd = 0`` the method is a regulariser that trains alone."""
+        return [planner.teacher()] if params.w_kd > 0 else []  # type: ignore[attr-defined]
 
-    def __init__(self, student: StagedNet, guides: Sequence[StagedNet], params: FeatureMixupParams) -> None:
+    def __init__(self, student: StagedNet, guides: Sequence[nn.Module], params: FeatureMixupParams) -> None:
         super().__init__(student, guides, params)
         stage = params.stage or student.stage_names[0]
         if stage not in student.stage_names:
@@ -63,17 +70,18 @@ class FeatureMixup(Method):
             )
         self.stage = stage
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
         params: FeatureMixupParams = self.params  # type: ignore[assignment]
-        weights = mixing_weights(params.alpha, params.branches).tolist()
+        images, labels = batch.images, batch.labels
+        weights = mixing_weights(params.alpha, params.branches, step.rng)
         orders = [torch.arange(len(images), device=images.device)]
-        orders += [torch.randperm(len(images), device=images.device) for _ in range(params.branches - 1)]
+        orders += [step.permutation(len(images), images.device) for _ in range(params.branches - 1)]
         hidden = self.student.forward_to(self.stage, images)
         mixed = sum(w * hidden[order] for w, order in zip(weights, orders, strict=True))
         logits = self.student.forward_from(self.stage, mixed)
         terms = {"ce": sum(w * F.cross_entropy(logits, labels[o]) for w, o in zip(weights, orders, strict=True))}
         if params.w_kd:
-            soft = F.softmax(self.guide_logits(0, images, step.views).float() / params.temperature, dim=1)
+            soft = F.softmax(self.guide(0)(batch).float() / params.temperature, dim=1)
             target = sum(w * soft[order] for w, order in zip(weights, orders, strict=True))
             terms["kd"] = params.w_kd * kl_to_target(logits, target, params.temperature)
         return terms

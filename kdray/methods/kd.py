@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from kdray.data import Batch
 from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
 from kdray.methods.losses import soft_kl
 
@@ -29,11 +30,11 @@ class KD(Method):
     Params = KDParams
     summary = "Hinton et al. 2015: (1-alpha)*CE + alpha*T^2*KL(teacher || student)"
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
         params: KDParams = self.params  # type: ignore[assignment]
-        student_logits = self.student(images)
-        teacher_logits = self.guide_logits(0, images, step.views)
+        student_logits = self.student(batch.images)
+        teacher_logits = self.guide(0)(batch)
         return {
-            "ce": (1 - params.alpha) * F.cross_entropy(student_logits, labels),
+            "ce": (1 - params.alpha) * F.cross_entropy(student_logits, batch.labels),
             "kd": params.alpha * soft_kl(student_logits, teacher_logits, params.temperature),
         }

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from kdray.data import Batch
 from kdray.methods.base import METHODS, MethodParams, StepInfo
 from kdray.methods.ensemble import EnsembleMethod, ensemble_statistics
 from kdray.methods.losses import soft_kl
@@ -112,7 +113,7 @@ class OnlineBranch(EnsembleMethod):
     Params = OnlineBranchParams
     summary = "Li et al. 2020: m branches, FFM-fused soft target, classifier-diversification loss"
 
-    def __init__(self, student: StagedNet, guides: Sequence[StagedNet], params: OnlineBranchParams) -> None:
+    def __init__(self, student: StagedNet, guides: Sequence[nn.Module], params: OnlineBranchParams) -> None:
         super().__init__(student, guides, params)
         if len(student.stage_names) < 2:
             raise ValueError("online_branch needs a student with at least two stages")
@@ -144,7 +145,8 @@ class OnlineBranch(EnsembleMethod):
     def run_branch(self, index: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.branches[str(index)](hidden)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
+        images, labels = batch.images, batch.labels
         params: OnlineBranchParams = self.params  # type: ignore[assignment]
         logits, features = self.branch_outputs(images)
         fused = self.fusion(features) if self.fusion is not None else None

@@ -19,15 +19,21 @@ learned the pacemaker's. A guide whose weight is 0 is not evaluated.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from kdray.config import ModelConfig
+from kdray.data import Batch
 from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
+from kdray.methods.kd import KDParams
 from kdray.methods.losses import soft_kl
 from kdray.models import MODELS
+
+if TYPE_CHECKING:
+    from kdray.stages import StagePlanner
 
 
 class PacemakerParams(MethodParams):
@@ -59,18 +65,26 @@ class PacemakerKD(Method):
     """KD into a 1xN student from a pacemaker (guide 0), handing over to the teacher (guide 1)."""
 
     Params = PacemakerParams
-    kind = "pacemaker"
     summary = "Son et al. 2020: KD from an NxN pacemaker, shifting linearly to the teacher"
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, torch.Tensor]:
+    @classmethod
+    def plan_guides(cls, params: MethodParams, planner: StagePlanner) -> list[str]:
+        """The teacher, then the pacemaker (NxN filters; the student's architecture unless named) trained
+        from it by KD at the same T and alpha; guide 0 is the pacemaker, guide 1 the teacher."""
+        teacher = planner.teacher()
+        model = ModelConfig(name=params.pacemaker or planner.cfg.student.name)  # type: ignore[attr-defined]
+        kd = KDParams(temperature=params.temperature, alpha=params.alpha)  # type: ignore[attr-defined]
+        return [planner.add("pacemaker", model, kd, [teacher]), teacher]
+
+    def forward(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
         params: PacemakerParams = self.params  # type: ignore[assignment]
-        student = self.student(images)
+        student = self.student(batch.images)
         weight = teacher_weight(step.progress, params.shift_start, params.shift_end)
-        terms = {"ce": (1 - params.alpha) * F.cross_entropy(student, labels)}
+        terms = {"ce": (1 - params.alpha) * F.cross_entropy(student, batch.labels)}
         if weight < 1:
-            pace = soft_kl(student, self.guide_logits(0, images, step.views), params.temperature)
+            pace = soft_kl(student, self.guide(0)(batch), params.temperature)
             terms["kd_pacemaker"] = params.alpha * (1 - weight) * pace
         if weight > 0:
-            teach = soft_kl(student, self.guide_logits(1, images, step.views), params.temperature)
+            teach = soft_kl(student, self.guide(1)(batch), params.temperature)
             terms["kd_teacher"] = params.alpha * weight * teach
         return terms

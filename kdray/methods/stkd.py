@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from kdray.data import Batch
 from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
 from kdray.methods.losses import soft_kl
 
@@ -43,18 +44,19 @@ class STKD(Method):
     Params = STKDParams
     summary = "Zhao et al. 2021: mixup x~ seen by teacher and student; mixed CE + beta*T^2*KL on x~"
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
         params: STKDParams = self.params  # type: ignore[assignment]
-        lam = float(torch.distributions.Beta(params.alpha, params.alpha).sample())
-        partners = torch.randperm(len(images), device=images.device)
-        mixed = lam * images + (1 - lam) * images[partners]
+        images, labels = batch.images, batch.labels
+        lam = float(step.rng.beta(params.alpha, params.alpha))
+        partners = step.permutation(len(images), images.device)
+        mixed = lam * images + (1 - lam) * images[partners]  # a plain tensor: the guide always runs on it
         student = self.student(mixed)
         terms = {
             "ce": mixed_cross_entropy(student, labels, partners, lam),
-            "kd": params.beta * soft_kl(student, self.guide_logits(0, mixed), params.temperature),
+            "kd": params.beta * soft_kl(student, self.guide(0)(mixed), params.temperature),
         }
         if params.clean_kd:
             clean = self.student(images)
-            teacher = self.guide_logits(0, images, step.views)  # the clean batch: the cache may answer
+            teacher = self.guide(0)(batch)  # the clean batch: the cache may answer
             terms["kd_clean"] = params.clean_kd * soft_kl(clean, teacher, params.temperature)
         return terms

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 
+from kdray.data import Batch
 from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
+
+if TYPE_CHECKING:
+    from kdray.stages import StagePlanner
 
 
 class StudentOnlyParams(MethodParams):
@@ -19,8 +23,11 @@ class StudentOnly(Method):
     """``L = CE(s(x), y)``."""
 
     Params = StudentOnlyParams
-    kind = "alone"
     summary = "no distillation: cross-entropy on the labels (baseline; trains teachers)"
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, torch.Tensor]:
-        return {"ce": F.cross_entropy(self.student(images), labels)}
+    @classmethod
+    def plan_guides(cls, params: MethodParams, planner: StagePlanner) -> list[str]:
+        return []
+
+    def forward(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
+        return {"ce": F.cross_entropy(self.student(batch.images), batch.labels)}

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from kdray.data import Batch
 from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
 from kdray.methods.losses import soft_kl
 
@@ -41,13 +43,19 @@ def pairwise_l2(anchors: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor
 
 
 def mine_negatives(
-    distances: torch.Tensor, labels: torch.Tensor, positive: torch.Tensor, margin: float, mining: str
+    distances: torch.Tensor,
+    labels: torch.Tensor,
+    positive: torch.Tensor,
+    margin: float,
+    mining: str,
+    rng: np.random.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of each anchor's negative, and a mask of anchors that have one (another class in the batch).
 
     ``distances[i, j]`` is d(anchor i, candidate j); ``positive[i]`` is d(anchor i, its positive).
     hardest: the closest candidate of another class. semihard (FaceNet): the closest one farther
-    than the positive but inside the margin, else the hardest. random: uniform among other classes.
+    than the positive but inside the margin, else the hardest. random: uniform among other classes
+    (scores drawn from ``rng``).
     """
     other = labels[:, None] != labels[None, :]
     valid = other.any(1)
@@ -59,7 +67,8 @@ def mine_negatives(
         band = other & (distances > positive[:, None]) & (distances < positive[:, None] + margin)
         semi = distances.masked_fill(~band, inf).argmin(1)
         return torch.where(band.any(1), semi, hardest), valid
-    scores = torch.rand(distances.shape, device=distances.device).masked_fill(~other, -1.0)
+    rng = rng or np.random.default_rng()
+    scores = torch.as_tensor(rng.random(distances.shape), device=distances.device).masked_fill(~other, -1.0)
     return scores.argmax(1), valid
 
 
@@ -70,10 +79,11 @@ class TripletKD(Method):
     Params = TripletParams
     summary = "Oki et al. 2020: CE + w_kd*T^2*KL + w_tri*triplet(anchor t(x), pos s(x), neg s(x-))"
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
         params: TripletParams = self.params  # type: ignore[assignment]
-        student = self.student(images).float()
-        teacher = self.guide_logits(0, images, step.views).float()
+        labels = batch.labels
+        student = self.student(batch.images).float()
+        teacher = self.guide(0)(batch).float()
         terms = {"ce": F.cross_entropy(student, labels)}
         if params.w_kd:
             terms["kd"] = params.w_kd * soft_kl(student, teacher, params.temperature)
@@ -84,7 +94,7 @@ class TripletKD(Method):
         distances = pairwise_l2(anchors, outputs)
         positive = distances.diagonal()
         negative_index, valid = mine_negatives(
-            distances.detach(), labels, positive.detach(), params.margin, params.mining
+            distances.detach(), labels, positive.detach(), params.margin, params.mining, step.rng
         )
         negative = distances.gather(1, negative_index[:, None]).squeeze(1)
         if params.variant == "pair":

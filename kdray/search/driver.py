@@ -22,13 +22,13 @@ from typing import Any
 
 from ray.tune import Callback
 
-from kdray.config import ConfigError, ExperimentConfig, SamplerConfig, validate_config
+from kdray.config import ConfigError, ExperimentConfig, SamplerConfig, absolute_path, validate_config
 from kdray.launch import connect_ray
-from kdray.run import run_experiment, run_tags
+from kdray.run import mark_failed, run_experiment, run_tags
 from kdray.search.report import SearchReport, build_report, publish
 from kdray.search.space import check_space, default_points, sample
 from kdray.search.trial import TRIAL_ID_TAG, run_trial
-from kdray.tracking import Tracking, flatten
+from kdray.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,6 @@ class SearchOutcome:
     parent_run_id: str
     tracking_uri: str
     report: SearchReport
-
-
-def storage_root(cfg: ExperimentConfig) -> str:
-    storage = cfg.scaling.storage_path
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
 def make_sampler(sampler: SamplerConfig) -> Any:
@@ -87,10 +82,8 @@ class TrialRunCloser(Callback):
         self.parent_run_id = parent_run_id
 
     def _running(self, trial_id: str) -> str | None:
-        tracking = Tracking(self.uri, self.experiment)
-        runs = tracking.client.search_runs(
-            [tracking.experiment_id],
-            f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
+        runs = Tracker(self.uri, self.experiment).runs(
+            {TRIAL_ID_TAG: trial_id, "mlflow.parentRunId": self.parent_run_id}
         )
         return runs[0].info.run_id if runs and runs[0].info.status == "RUNNING" else None
 
@@ -98,9 +91,9 @@ class TrialRunCloser(Callback):
         run_id = self._running(trial.trial_id)
         if run_id is not None:
             epoch = (trial.last_result or {}).get("epoch", 0)
-            tracking = Tracking(self.uri, self.experiment)
-            tracking.set_tags(run_id, {"kdray.stopped": f"stopped by ASHA after epoch {epoch}"})
-            tracking.end_run(run_id, "KILLED")
+            tracker = Tracker(self.uri, self.experiment)
+            tracker.set_tags(run_id, {"kdray.stopped": f"stopped by ASHA after epoch {epoch}"})
+            tracker.end_run(run_id, "KILLED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._running(trial.trial_id)
@@ -109,9 +102,9 @@ class TrialRunCloser(Callback):
             if trial.error_file and os.path.exists(trial.error_file):
                 lines = [line for line in Path(trial.error_file).read_text().splitlines() if line.strip()]
                 reason = lines[-1] if lines else reason
-            tracking = Tracking(self.uri, self.experiment)
-            tracking.set_tags(run_id, {"kdray.error": reason[:5000]})
-            tracking.end_run(run_id, "FAILED")
+            tracker = Tracker(self.uri, self.experiment)
+            tracker.set_tags(run_id, {"kdray.error": reason[:5000]})
+            tracker.end_run(run_id, "FAILED")
 
 
 def _trainable(cfg: ExperimentConfig, setup: dict[str, Any]) -> Any:
@@ -130,18 +123,18 @@ def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
     """Start a new search; every check runs before Ray or MLflow is touched."""
     check_space(cfg)
     name = cfg.search.name or f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    root = storage_root(cfg)
+    root = cfg.scaling.storage_path
     folder = Path(root) / name
     if "://" not in root and folder.exists():
         raise ConfigError(
             f"search.name: a search called '{name}' exists under {root}; "
             f"continue it with `kdray tune --resume {name}` or choose another name"
         )
-    tracking = Tracking(cfg.tracking.uri, cfg.tracking.experiment)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     tags = {**run_tags(cfg), "kdray.role": "search", "kdray.search_name": name}
-    parent = tracking.start_run(name, tags)
-    tracking.log_params(parent, flatten(cfg.dump()))
-    tracking.log_text(parent, cfg.to_yaml(), "config.yaml")
+    parent = tracker.start_run(name, tags)
+    tracker.log_params(parent, flatten(cfg.dump()))
+    tracker.log_text(parent, cfg.to_yaml(), "config.yaml")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / STATE_FILE).write_text(json.dumps({"config": cfg.dump(), "parent_run_id": parent}))
     try:
@@ -149,7 +142,7 @@ def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
         from ray.tune.search.optuna import OptunaSearch
 
         connect_ray(log_to_driver=False)
-        setup = {"base": cfg.dump(), "parent_run_id": parent, "search_name": name, "store": _store(cfg)}
+        setup = {"base": cfg.dump(), "parent_run_id": parent, "search_name": name}
         search = cfg.search
         searcher = OptunaSearch(
             space=partial(sample, space={k: v.model_dump() for k, v in search.space.items()}, method=cfg.method.name),
@@ -177,63 +170,52 @@ def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
             ),
         )
         tuner.fit()
-        return _finish(cfg, name, parent, tracking)
+        return _finish(cfg, name, parent, tracker)
     except BaseException as error:
-        _fail(tracking, parent, error)
+        mark_failed(tracker, [parent], error)
         raise
 
 
 def resume_search(name: str, storage_path: str) -> SearchOutcome:
     """Continue a search whose driver died: Tune's trials and the searcher's state come back from the
     search folder, the same MLflow runs continue."""
-    root = storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
+    root = absolute_path(storage_path)
     state_file = Path(root) / name / STATE_FILE
     if not state_file.exists():
         raise ConfigError(f"--resume {name}: no search of that name under {root} (set --storage to its storage_path)")
     state = json.loads(state_file.read_text())
     cfg = validate_config(state["config"])
     parent = state["parent_run_id"]
-    tracking = Tracking(cfg.tracking.uri, cfg.tracking.experiment)
-    tracking.reopen(parent)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    tracker.reopen(parent)
     try:
         from ray import tune
 
         connect_ray(log_to_driver=False)
-        setup = {"base": cfg.dump(), "parent_run_id": parent, "search_name": name, "store": _store(cfg)}
+        setup = {"base": cfg.dump(), "parent_run_id": parent, "search_name": name}
         tuner = tune.Tuner.restore(
             str(Path(root) / name), trainable=_trainable(cfg, setup), resume_unfinished=True, resume_errored=True
         )
         tuner.fit()
-        return _finish(cfg, name, parent, tracking)
+        return _finish(cfg, name, parent, tracker)
     except BaseException as error:
-        _fail(tracking, parent, error)
+        mark_failed(tracker, [parent], error)
         raise
 
 
-def _store(cfg: ExperimentConfig) -> str:
-    return str(Path(cfg.store.path).expanduser().resolve())
-
-
-def _fail(tracking: Tracking, parent: str, error: BaseException) -> None:
-    from kdray.run import mark_failed
-
-    mark_failed(tracking, [parent], error)
-
-
-def _finish(cfg: ExperimentConfig, name: str, parent: str, tracking: Tracking) -> SearchOutcome:
+def _finish(cfg: ExperimentConfig, name: str, parent: str, tracker: Tracker) -> SearchOutcome:
     """Close what is still open, train the references, write the report to the parent run."""
-    for run in tracking.runs_under(parent, role="trial"):
+    for run in tracker.runs_under(parent, role="trial"):
         if run.info.status == "RUNNING":  # its trial is over (the search is): nothing will close it
-            tracking.set_tags(run.info.run_id, {"kdray.stopped": "not finished when the search ended"})
-            tracking.end_run(run.info.run_id, "KILLED")
+            tracker.set_tags(run.info.run_id, {"kdray.stopped": "not finished when the search ended"})
+            tracker.end_run(run.info.run_id, "KILLED")
     references = {}
-    if cfg.search.references:
-        for method in ("none", "kd"):
-            raw = {**cfg.dump(), "method": {"name": method}, "assistants": {}, "search": {}}
-            raw["tracking"] = {**raw["tracking"], "run_name": f"{name}-reference-{method}"}
-            result = run_experiment(validate_config(raw), parent_run_id=parent, role="reference")
-            references[method] = result.student.metrics.get(cfg.search.metric, math.nan)
-    report = build_report(tracking, parent, cfg, references)
-    publish(tracking, parent, report)
-    tracking.end_run(parent)
+    for method in cfg.search.references:
+        raw = {**cfg.dump(), "method": {"name": method}, "assistants": {}, "search": {}}
+        raw["tracking"] = {**raw["tracking"], "run_name": f"{name}-reference-{method}"}
+        result = run_experiment(validate_config(raw), parent_run_id=parent, role="reference")
+        references[method] = result.student.metrics.get(cfg.search.metric, math.nan)
+    report = build_report(tracker, parent, cfg, references)
+    publish(tracker, parent, report)
+    tracker.end_run(parent)
     return SearchOutcome(name, parent, cfg.tracking.uri, report)

@@ -17,7 +17,7 @@ from typing import Any
 
 from kdray.config import ExperimentConfig, SearchParam
 from kdray.search.space import optuna_name
-from kdray.tracking import Tracking
+from kdray.tracking import Tracker, download_text, find_search_run
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,10 @@ class SearchReport:
         return self.ranked[0] if self.ranked else None
 
 
-def collect(tracking: Tracking, parent: str, metric: str) -> list[TrialRow]:
+def collect(tracking: Tracker, parent: str, metric: str) -> list[TrialRow]:
     rows = []
     for run in tracking.runs_under(parent, role="trial"):
-        history = sorted(tracking.client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)
+        history = tracking.metric_history(run.info.run_id, metric)
         tags = run.data.tags
         rows.append(
             TrialRow(
@@ -75,7 +75,7 @@ def collect(tracking: Tracking, parent: str, metric: str) -> list[TrialRow]:
 
 
 def build_report(
-    tracking: Tracking, parent: str, cfg: ExperimentConfig, references: dict[str, float] | None = None
+    tracking: Tracker, parent: str, cfg: ExperimentConfig, references: dict[str, float] | None = None
 ) -> SearchReport:
     search = cfg.search
     rows = collect(tracking, parent, search.metric)
@@ -116,7 +116,7 @@ def _markdown(report: SearchReport, cfg: ExperimentConfig) -> str:
     for method, row in defaults.items():
         comparison.append(_versus(f"defaults of {method} ({row.name}, {row.epochs} epochs)", row.value, best))
     for method, value in report.references.items():
-        label = "student alone" if method == "none" else "default KD"
+        label = {"none": "student alone", "kd": "default KD"}.get(method, f"{method} at its defaults")
         comparison.append(_versus(f"{label}, same budget", value, best))
     lines += comparison + [""]
     lines += [
@@ -224,14 +224,14 @@ def _plots(report: SearchReport, cfg: ExperimentConfig) -> dict[str, bytes]:
     return plots
 
 
-def publish(tracking: Tracking, parent: str, report: SearchReport) -> None:
+def publish(tracking: Tracker, parent: str, report: SearchReport) -> None:
     """The report on the search run: summary.md, the plots, counts and the best value as metrics."""
     tracking.log_text(parent, report.markdown, "summary.md")
     with tempfile.TemporaryDirectory() as folder:
         for name, png in report.plots.items():
             path = Path(folder) / f"{name}.png"
             path.write_bytes(png)
-            tracking.client.log_artifact(parent, str(path), "plots")
+            tracking.log_artifact(parent, path, "plots")
     metrics = {
         f"trials_{k}" if k in ("completed", "stopped", "failed") else k: float(v) for k, v in report.counts.items()
     }
@@ -254,24 +254,13 @@ def report_by_name(name: str, tracking_uri: str | None) -> SearchReport:
     """``kdray report NAME``: find the search run in any experiment of the store and rebuild its report."""
 
     import yaml
-    from mlflow.tracking import MlflowClient
 
     from kdray.config import ConfigError, absolute_uri, default_tracking_uri, validate_config
 
     uri = absolute_uri(tracking_uri or default_tracking_uri())
-    client = MlflowClient(tracking_uri=uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(
-        experiments,
-        f"tags.`kdray.role` = 'search' and tags.`kdray.search_name` = '{name}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not runs:
+    found = find_search_run(uri, name)
+    if found is None:
         raise ConfigError(f"no search called '{name}' in the MLflow store {uri} (give --tracking-uri?)")
-    run = runs[0]
-    with tempfile.TemporaryDirectory() as folder:
-        config = Path(client.download_artifacts(run.info.run_id, "config.yaml", folder)).read_text()
-    cfg = validate_config(yaml.safe_load(config))
-    tracking = Tracking(uri, client.get_experiment(run.info.experiment_id).name)
-    return build_report(tracking, run.info.run_id, cfg)
+    run, experiment = found
+    cfg = validate_config(yaml.safe_load(download_text(uri, run.info.run_id, "config.yaml")))
+    return build_report(Tracker(uri, experiment), run.info.run_id, cfg)

@@ -30,7 +30,7 @@ def applies(key: str, param: SearchParam, method: str) -> bool:
         owns = key.removeprefix("method.") in METHODS[method].Params.model_fields
         return owns and (param.methods is None or method in param.methods)
     if key.startswith("assistants."):
-        return METHODS[method].guidance(METHODS[method].Params()) == "chain"
+        return METHODS[method].uses_assistants
     return True
 
 

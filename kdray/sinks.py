@@ -1,0 +1,182 @@
+"""Where a training stage's epochs go: one interface, three places.
+
+``engine.fit`` calls ``restore`` once, ``end_epoch`` after every epoch and ``end_stage`` once the model
+is final. Every sink logs each epoch's metrics to the stage's MLflow run and hands the finished
+model to ``store`` (which writes the model store and closes the run); they differ only in where the
+training state of an unfinished stage is kept and who hears about each epoch:
+
+- ``LocalSink``: a file under the stage's checkpoint folder (in-process ``kdray train`` stages and the
+  guides a search trial trains), replaced atomically every ``checkpoint_every`` epochs;
+- ``RayTrainSink``: Ray Train reports, with the state as a Ray checkpoint when due (``FailureConfig``
+  restarts and a rerun restore it);
+- ``TuneSink``: Ray Tune reports from a trial that trains in its own process (the scheduler reads the
+  metrics, ``Tuner.restore`` brings the checkpoint back).
+
+The model is stored in ``end_stage``, before the last epoch is reported, so a report that ends the
+process (a scheduler stopping the trial) always comes after the model is safe.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdray.distributed import WorkerContext
+from kdray.engine import FitResult
+from kdray.tracking import MetricLogger
+
+StoreResult = Callable[[FitResult], None]
+
+
+class StageSink:
+    """Metrics to ``logger`` every epoch, the model to ``store`` at the end; subclasses keep the state."""
+
+    def __init__(
+        self, logger: MetricLogger, store: StoreResult | None, every: int, epochs: int, device: torch.device
+    ) -> None:
+        self.logger = logger
+        self.store = store
+        self.every = every
+        self.epochs = epochs
+        self.device = device
+        self.resumed_from: int | None = None
+
+    def restore(self) -> dict[str, Any] | None:
+        """The last saved state, its epochs replayed to the logger (which skips what the run holds)."""
+        state = self.load()
+        if state is not None:
+            self.resumed_from = state["epoch"]
+            for epoch, metrics in enumerate(state["history"], start=1):
+                self.logger.log_metrics(metrics, step=epoch)
+        return state
+
+    def end_epoch(self, epoch: int, metrics: dict[str, float], state: Callable[[], dict[str, Any]]) -> None:
+        self.logger.log_metrics(metrics, step=epoch)
+        # After the last epoch the stored model replaces the training state.
+        self.keep(epoch, metrics, state if epoch % self.every == 0 and epoch < self.epochs else None)
+
+    def end_stage(self, result: FitResult) -> None:
+        if self.store is not None:
+            self.store(result)
+
+    def load(self) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def keep(self, epoch: int, metrics: dict[str, float], state: Callable[[], dict[str, Any]] | None) -> None:
+        raise NotImplementedError
+
+
+class LocalSink(StageSink):
+    """The training state in ``folder/state.pt``, written next to it and renamed over it (a kill mid-write
+    keeps the previous one); the folder goes once the model is stored."""
+
+    def __init__(
+        self,
+        folder: Path,
+        logger: MetricLogger,
+        store: StoreResult | None,
+        every: int,
+        epochs: int,
+        device: torch.device,
+    ) -> None:
+        super().__init__(logger, store, every, epochs, device)
+        self.folder = folder
+        self.file = folder / "state.pt"
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.file.exists():
+            return None
+        return torch.load(self.file, map_location=self.device, weights_only=True)
+
+    def keep(self, epoch: int, metrics: dict[str, float], state: Callable[[], dict[str, Any]] | None) -> None:
+        if state is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = self.file.with_suffix(f".{os.getpid()}.partial")
+        torch.save(state(), partial)
+        os.replace(partial, self.file)
+
+    def end_stage(self, result: FitResult) -> None:
+        super().end_stage(result)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class RayTrainSink(StageSink):
+    """Every epoch a Ray Train report (``epoch`` and the metrics); when due, the state as its checkpoint.
+
+    In data-parallel runs the chief's state is everyone's (DDP keeps the replicas equal). With branch
+    parallelism each worker owns another branch (``every_rank``), so each writes ``state-<rank>.pt`` and
+    Ray merges the workers' files into one checkpoint folder.
+    """
+
+    def __init__(
+        self,
+        ctx: WorkerContext,
+        logger: MetricLogger,
+        store: StoreResult | None,
+        every: int,
+        epochs: int,
+        every_rank: bool = False,
+    ) -> None:
+        super().__init__(logger, store, every, epochs, ctx.device)
+        self.writes = every_rank or ctx.is_chief
+        self.file = f"state-{ctx.rank}.pt" if every_rank else "state.pt"
+
+    @staticmethod
+    def api() -> Any:
+        import ray.train
+
+        return ray.train
+
+    def load(self) -> dict[str, Any] | None:
+        checkpoint = self.api().get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            path = os.path.join(folder, self.file)
+            if not os.path.exists(path):
+                return None
+            return torch.load(path, map_location=self.device, weights_only=True)
+
+    def keep(self, epoch: int, metrics: dict[str, float], state: Callable[[], dict[str, Any]] | None) -> None:
+        ray = self.api()
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if state is not None and self.writes:
+                torch.save(state(), os.path.join(folder, self.file))
+                checkpoint = ray.Checkpoint.from_directory(folder)
+            ray.report({**metrics, "epoch": epoch}, checkpoint=checkpoint)
+
+
+class TuneSink(RayTrainSink):
+    """The same reports and checkpoints, to Ray Tune: a search trial training in its own process."""
+
+    @staticmethod
+    def api() -> Any:
+        import ray.tune
+
+        return ray.tune
+
+
+class MemorySink(StageSink):
+    """Keeps everything in memory: each epoch's metrics in ``history``, nothing on disk or in MLflow (the
+    benchmarks, and tests of the loop itself)."""
+
+    def __init__(self) -> None:
+        super().__init__(self, None, 1, 0, torch.device("cpu"))
+        self.history: list[dict[str, float]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.history.append(metrics)
+
+    def load(self) -> dict[str, Any] | None:
+        return None
+
+    def keep(self, epoch: int, metrics: dict[str, float], state: Callable[[], dict[str, Any]] | None) -> None:
+        return None

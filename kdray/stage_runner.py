@@ -1,0 +1,169 @@
+"""One stage loop, used by ``kdray train`` and by every search trial: reuse, lock, resume, train, store.
+
+Each stage runs under the model store's lock on its key. Whoever holds it either finds the model
+stored (reuse: the stage's run is tagged with the run that trained it) or trains it; everyone else
+waits and then finds it. So two ``kdray train`` runs, or two trials, that share a teacher train it
+once. An interrupted stage continues from its last checkpoint, wherever it was interrupted: the
+checkpoints of a stage live under ``scaling.storage_path/stages/<key>``, so a rerun, another run
+with the same teacher or a resumed search finds them. A search trial's own student is the one
+exception in how its epochs are reported: to Ray Tune (``TuneTrial``), whose scheduler reads them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import kdray
+from kdray.build import build_stage, model_info
+from kdray.config import ExperimentConfig
+from kdray.data import Dataset
+from kdray.distributed import WorkerContext
+from kdray.engine import FitResult, fit
+from kdray.sinks import LocalSink, StageSink, StoreResult, TuneSink
+from kdray.stages import StagePlan
+from kdray.store import ModelStore, StoredModel
+from kdray.tracking import MetricLogger, Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageOutcome:
+    plan: StagePlan
+    stored: StoredModel
+    run_id: str
+    reused: bool
+    metrics: dict[str, float]
+
+
+def store_stage(
+    cfg: ExperimentConfig, plan: StagePlan, store: ModelStore, tracker: Tracker, run_id: str, result: FitResult
+) -> None:
+    """Put a finished stage in the model store, then finish its MLflow run (test metrics, weights, config).
+
+    The store comes first, so a tracking failure never loses a trained model."""
+    meta = {
+        "model": plan.model.model_dump(),
+        "role": plan.role,
+        "method": plan.method.model_dump(),
+        "guides": plan.guides,
+        "metrics": result.final,
+        "mlflow_run_id": run_id,
+        "kdray_version": kdray.__version__,
+    }
+    stored = store.save(plan.key, result.state_dict, cfg.to_yaml(), meta)
+    tracker.set_tags(run_id, {"kdray.reused": "false"})
+    # val/* of the last epoch is in the per-epoch history; only test/* is new.
+    tests = {name: value for name, value in result.final.items() if name.startswith("test/")}
+    tracker.log_metrics(run_id, tests, step=plan.train.epochs)
+    tracker.log_artifact(run_id, stored.weights)
+    tracker.log_artifact(run_id, stored.path / "config.yaml")
+    tracker.end_run(run_id)
+
+
+class FileCheckpoints:
+    """How ordinary stages report: checkpoints under ``scaling.storage_path/stages/<key>`` (a file in
+    process, a Ray Train run of that name on workers), metrics to MLflow only."""
+
+    def sink(
+        self, cfg: ExperimentConfig, plan: StagePlan, ctx: WorkerContext, logger: MetricLogger, store: StoreResult
+    ) -> StageSink:
+        folder = Path(cfg.scaling.storage_path) / "stages" / plan.key
+        return LocalSink(folder, logger, store, cfg.scaling.checkpoint_every, plan.train.epochs, ctx.device)
+
+    def train_run_name(self, plan: StagePlan) -> str:
+        return f"stage-{plan.key}"
+
+    def train_callbacks(self) -> list[Any]:
+        return []
+
+
+class TuneTrial(FileCheckpoints):
+    """How a search trial's student reports: every epoch to Ray Tune, which checkpoints the trial itself (in
+    process) or hears the Ray Train run's reports through ``TuneReportCallback``."""
+
+    def __init__(self, trial_name: str) -> None:
+        self.trial_name = trial_name
+
+    def sink(
+        self, cfg: ExperimentConfig, plan: StagePlan, ctx: WorkerContext, logger: MetricLogger, store: StoreResult
+    ) -> StageSink:
+        return TuneSink(ctx, logger, store, cfg.scaling.checkpoint_every, plan.train.epochs)
+
+    def train_run_name(self, plan: StagePlan) -> str:
+        return f"{self.trial_name}-{plan.key}"
+
+    def train_callbacks(self) -> list[Any]:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        return [TuneReportCallback()]
+
+
+def stage_params(plan: StagePlan) -> dict[str, Any]:
+    """The stage's own recipe as MLflow params (the experiment's parent run holds the whole config)."""
+    return {
+        **{f"model.{k}": v for k, v in plan.model.model_dump().items()},
+        **{f"train.{k}": v for k, v in plan.train.model_dump().items()},
+        "guides": ",".join(plan.guides) or "-",
+        **{f"method.{k}": v for k, v in plan.method.model_dump().items()},
+    }
+
+
+class StageRunner:
+    """Trains or reuses the stages of one experiment (or one trial) against one store and one tracker."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        dataset: Dataset,
+        store: ModelStore,
+        tracker: Tracker,
+        ctx: WorkerContext | None,
+    ) -> None:
+        self.cfg = cfg
+        self.dataset = dataset
+        self.store = store
+        self.tracker = tracker
+        self.ctx = ctx  # None: stages train on Ray Train workers, which have their own
+
+    def run(self, plan: StagePlan, run_id: str, reporting: FileCheckpoints | None = None) -> StageOutcome:
+        """Train ``plan`` into MLflow run ``run_id`` and the store, or take it from the store; the run ends
+        FINISHED either way."""
+        self.tracker.log_params(run_id, stage_params(plan))
+        with self.store.lock(plan.key):
+            stored = self.store.find(plan.key)
+            if stored is not None:
+                return self.reuse(plan, stored, run_id)
+            self.train(plan, run_id, reporting or FileCheckpoints())
+        stored = self.store.find(plan.key)
+        assert stored is not None, f"{plan.role} finished without storing its model"
+        return StageOutcome(plan, stored, run_id, False, stored.meta["metrics"])
+
+    def reuse(self, plan: StagePlan, stored: StoredModel, run_id: str) -> StageOutcome:
+        log.info("%-8s %s reused from the model store (%s)", plan.role, plan.model.name, plan.key)
+        source = str(stored.meta.get("mlflow_run_id", ""))
+        self.tracker.set_tags(run_id, {"kdray.reused": "true", "kdray.source_run_id": source})
+        logged = self.tracker.latest_metrics(run_id)  # a restored trial's run may hold them already
+        missing = {k: v for k, v in stored.meta["metrics"].items() if k not in logged}
+        self.tracker.log_metrics(run_id, missing, step=plan.train.epochs)
+        self.tracker.end_run(run_id)
+        return StageOutcome(plan, stored, run_id, True, stored.meta["metrics"])
+
+    def train(self, plan: StagePlan, run_id: str, reporting: FileCheckpoints) -> None:
+        store = partial(store_stage, self.cfg, plan, self.store, self.tracker, run_id)
+        if self.cfg.scaling.num_workers >= 1:
+            from kdray.launch import fit_on_ray
+
+            fit_on_ray(self.cfg, plan, run_id, reporting.train_run_name(plan), reporting.train_callbacks())
+            return
+        assert self.ctx is not None
+        guides = [self.store.load(key, model_info(self.dataset)) for key in plan.guides]
+        stage = build_stage(self.cfg, plan, self.dataset, guides, self.ctx)
+        sink = reporting.sink(self.cfg, plan, self.ctx, self.tracker.continuing_logger(run_id), store)
+        fit(stage, sink)
+        if sink.resumed_from is not None:
+            self.tracker.set_tags(run_id, {"kdray.resumed_from_epoch": str(sink.resumed_from)})
