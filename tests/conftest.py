@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 from PIL import Image
 from torch import nn
 
@@ -17,6 +18,7 @@ from kdray.config import ExperimentConfig
 from kdray.data import Dataset
 from kdray.distributed import local_context
 from kdray.engine import FitResult, fit
+from kdray.launch import ray_init_options
 from kdray.sinks import MemorySink
 from kdray.stages import StagePlan
 
@@ -24,6 +26,22 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-train-jpg.tar.gz"
 # Two CPU workers of one thread each, small batches: what every Ray test trains with.
 TWO_CPU_WORKERS = ["scaling.num_workers=2", "scaling.use_gpu=false", "scaling.threads=1", "train.batch_size=32"]
+
+
+@pytest.fixture(scope="session")
+def _ray_session() -> Iterator[None]:
+    """Shuts down, at the end of the session, the Ray instance ``local_ray`` started."""
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(_ray_session: None) -> None:
+    """One local Ray instance of 2 CPUs for the whole session (started by the first test that needs it,
+    again after a test that brought up its own cluster), with kdray's job options and the dashboard,
+    which Ray Train needs to free the workers of a trial stopped by ASHA."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, **ray_init_options())
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
+from kdray.build import model_info
 from kdray.config import load_config
 from kdray.data import Views, load_dataset
-from kdray.build import model_info
 from kdray.engine import FitResult
 from kdray.guide_cache import GuideCache, open_table
 from kdray.models import build_model

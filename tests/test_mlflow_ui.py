@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 from mlflow import MlflowClient
 from test_search import SMALL, write_experiment
 
@@ -42,18 +41,14 @@ def browser_available() -> None:
 
 
 @pytest.fixture
-def searched(workdir: Path) -> tuple[str, str, list[str], str]:
+def searched(local_ray: None, workdir: Path) -> tuple[str, str, list[str], str]:
     """A two-trial search on digits; returns (tracking uri, parent run name, trial run names, experiment id)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        space = {"method.temperature": {"kind": "logfloat", "low": 1, "high": 8}}
-        cfg = load_config(
-            write_experiment(workdir, {"space": space}),
-            [*SMALL, "train.epochs=2", "search.num_samples=2", "search.name=ui-check", "tracking.experiment=ui"],
-        )
-        outcome = run_search(cfg, "unused")
-    finally:
-        ray.shutdown()
+    space = {"method.temperature": {"kind": "logfloat", "low": 1, "high": 8}}
+    cfg = load_config(
+        write_experiment(workdir, {"space": space}),
+        [*SMALL, "train.epochs=2", "search.num_samples=2", "search.name=ui-check", "tracking.experiment=ui"],
+    )
+    outcome = run_search(cfg, "unused")
     client = MlflowClient(cfg.tracking.uri)
     experiment = client.get_experiment_by_name("ui")
     # kdray marks its experiments as model training, so MLflow's UI opens them on their runs.

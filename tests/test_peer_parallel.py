@@ -14,12 +14,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kdray.data import Batch
+from kdray.distributed import WorkerContext
 from kdray.methods import METHODS, StepInfo
+from kdray.methods.base import Parallel
 from kdray.methods.ensemble import EnsembleMethod
 from kdray.models import ModelInfo, build_model
 
 DIGITS = ModelInfo(num_classes=10, in_channels=1, image_size=8)
 STEP = StepInfo(epoch=0, step=30, steps_per_epoch=10, total_steps=100)  # past the start of the KD ramp-up
+CPU = torch.device("cpu")
 CASES = {
     "online_branch": {"name": "online_branch", "branches": 2, "cd_weight": 1e-3},
     "online_branch_mean": {"name": "online_branch", "branches": 2, "ffm": False},
@@ -34,18 +38,20 @@ def build(case: str) -> EnsembleMethod:
     return METHODS[params.name](build_model("resnet8", DIGITS), [], params)
 
 
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
+def batch() -> Batch:
     generator = torch.Generator().manual_seed(1)
-    return torch.randn(16, 1, 8, 8, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+    images, labels = torch.randn(16, 1, 8, 8, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+    return Batch(images, labels, torch.arange(16))
 
 
-def step(method: EnsembleMethod, loss_scale: float) -> dict[str, object]:
-    """One training step's terms and the gradients of what this process trains, by parameter name."""
-    images, labels = batch()
-    method.train()
-    terms = method(images, labels, STEP)
-    (sum(terms.values()) * loss_scale).backward()
-    method.sync_shared_gradients()
+def step(method: EnsembleMethod, run: Parallel) -> dict[str, object]:
+    """One training step as the engine takes it (``run`` from the method's ``parallel`` hook): the terms and
+    the gradients of what this process trains, by parameter name."""
+    images, labels = batch().images, batch().labels
+    run.stepper.train()
+    terms = run.stepper(batch(), STEP)
+    (sum(terms.values()) * run.loss_scale).backward()
+    run.after_backward()
     trained = {id(p) for p in method.trainable()}
     grads = {name: p.grad.clone() for name, p in method.named_parameters() if id(p) in trained}
     with torch.no_grad():
@@ -62,15 +68,17 @@ def worker(rank: int, world_size: int, case: str, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world_size)
     try:
         method = build(case)
-        method.split_across(rank, world_size)
-        torch.save(step(method, 1 / world_size), f"{folder}/rank{rank}.pt")
+        run = method.parallel(WorkerContext(rank, world_size, CPU), "branches", wrap=None)
+        assert run.shard.world_size == 1 and run.loss_scale == 1 / world_size  # every worker reads every batch
+        torch.save(step(method, run), f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_workers_with_one_branch_each_match_one_process_with_two_branches(case: str, tmp_path: Path) -> None:
-    alone = step(build(case), 1.0)
+    method = build(case)
+    alone = step(method, method.parallel(WorkerContext(0, 1, CPU), "branches", wrap=None))
     mp.spawn(worker, args=(2, case, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
     covered: set[str] = set()

@@ -8,32 +8,25 @@ a single-process run moves the epoch-2 loss by 0.2% and the validation accuracy 
 the 1% tolerance on the epoch losses.
 """
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 from mlflow import MlflowClient
 
 from kdray.config import load_config
-from kdray.launch import FAULT_EPOCH, FAULT_MARKER
 from kdray.models import ModelInfo
 from kdray.run import run_experiment
 from kdray.store import ModelStore
+from tests.faults import install_worker_fault
+
+pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def ray_with_fault(tmp_path: Path) -> Iterator[Path]:
-    marker = tmp_path / "fault-fired"
-    os.environ[FAULT_EPOCH], os.environ[FAULT_MARKER] = "2", str(marker)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield marker
-    ray.shutdown()
-    del os.environ[FAULT_EPOCH], os.environ[FAULT_MARKER]
-
-
-def test_two_workers_one_branch_each_train_the_single_process_student(ray_with_fault: Path, workdir: Path) -> None:
+def test_two_workers_one_branch_each_train_the_single_process_student(
+    local_ray: None, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = workdir / "fault-fired"
+    install_worker_fault(monkeypatch, epoch=2, marker=marker)
     common = [
         "method.name=online_branch",
         "method.branches=2",
@@ -49,7 +42,7 @@ def test_two_workers_one_branch_each_train_the_single_process_student(ray_with_f
         [*common, "scaling.num_workers=2", "scaling.parallelism=branches", "scaling.max_failures=1", "store.path=two"],
     )
     parallel = run_experiment(parallel_cfg)
-    assert ray_with_fault.exists()  # a worker really died after epoch 2
+    assert marker.exists()  # a worker really died after epoch 2
     alone = run_experiment(load_config(None, [*common, "store.path=one"]))
     assert parallel.student.plan.key == alone.student.plan.key  # same computation, same store identity
 

@@ -15,6 +15,7 @@ from tests.conftest import TWO_CPU_WORKERS
 
 @pytest.fixture(scope="module")
 def three_nodes() -> Iterator[Cluster]:
+    ray.shutdown()  # the session's local instance, if a test started it (the next one that needs it restarts it)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(2):
         cluster.add_node(num_cpus=1)

@@ -1,10 +1,8 @@
 """Ray Train for real: a local Ray cluster, two gloo workers, DDP, MLflow from rank 0."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from mlflow import MlflowClient
 
@@ -13,13 +11,6 @@ from kdray.models import ModelInfo, build_model
 from kdray.run import run_experiment
 from kdray.store import ModelStore
 from tests.conftest import TWO_CPU_WORKERS
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_two_gloo_workers_train_a_kd_run_on_digits(local_ray: None, workdir: Path) -> None:
@@ -50,13 +41,20 @@ def test_two_gloo_workers_train_a_kd_run_on_digits(local_ray: None, workdir: Pat
 def test_two_workers_reach_the_parameters_of_one_worker_with_the_same_global_batch(
     local_ray: None, workdir: Path
 ) -> None:
-    """Without BatchNorm and augmentation, DDP over 2 x 16 images is SGD over 32: same weights."""
+    """Without BatchNorm and augmentation, DDP over 2 x 16 images is SGD over 32: the same updates.
+
+    The two compute the same sums in another order, so each step's gradients differ by a few float32
+    epsilons. Over many steps SGD amplifies such noise without bound (40 steps of this run: weights
+    0.024 apart at lr 0.05, while lr 0.04999999 vs 0.05000001 agree to 1e-6), so the test takes three
+    steps, where it cannot grow: every weight's update must match to 1000 float32 epsilons of its size.
+    """
     common = [
         "method.name=none",
         "student.name=plane4",
         "student.batchnorm=false",
         "train.epochs=1",
         "train.schedule=constant",
+        "data.limit_train=96",  # 3 steps of 32 images
         "data.augment.padding=0",
         "data.augment.flip=false",
         "scaling.use_gpu=false",
@@ -68,11 +66,13 @@ def test_two_workers_reach_the_parameters_of_one_worker_with_the_same_global_bat
     info = ModelInfo(num_classes=10, in_channels=1, image_size=8, batchnorm=False)
     alone = ModelStore("one").load(one.student.plan.key, info).state_dict()
     parallel = ModelStore("two").load(two.student.plan.key, info).state_dict()
+    torch.manual_seed(0)  # train.seed: the initial weights of both runs
+    initial = build_model("plane4", info).state_dict()
+    tolerance = 1000 * torch.finfo(torch.float32).eps
     for name, tensor in alone.items():
-        assert torch.allclose(tensor, parallel[name], atol=1e-5), name  # 40 SGD steps, float32 sums reordered
-    torch.manual_seed(0)
-    fresh = build_model("plane4", info).state_dict()
-    assert any(not torch.allclose(fresh[name], tensor) for name, tensor in alone.items())  # training moved them
+        update = (tensor - initial[name]).abs().max()
+        assert update > 1e-3, name  # training really moved every tensor
+        assert (tensor - parallel[name]).abs().max() <= tolerance * update, name
 
 
 def test_sync_batchnorm_is_refused_on_a_cluster_without_gpus(local_ray: None, workdir: Path) -> None:

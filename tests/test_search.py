@@ -12,11 +12,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 from mlflow import MlflowClient
 
 from kdray.config import ConfigError, load_config
@@ -32,13 +30,6 @@ SMALL = [
     "search.max_concurrent_trials=2",
     "search.references=false",
 ]
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def write_experiment(folder: Path, search: dict) -> Path:

@@ -1,15 +1,15 @@
 """`kdray tune` whose trials each train on a Ray Train worker group (``scaling.num_workers=1``).
 
-The cluster has one CPU, so a worker group of one CPU fits only once the previous trial's has been
-freed: a trial stopped by ASHA must give its placement group back (Ray Train's cleaner does it through
-the State API), or the next trial waits for a worker forever. An alarm turns such a hang into a failure.
+The session's cluster has two CPUs and trials run one at a time, so a worker group of one CPU fits
+only while at most one earlier trial's group is left: a trial stopped by ASHA must give its placement
+group back (Ray Train's cleaner does it through the State API), or by the third trial the next one
+waits for a worker forever. An alarm turns such a hang into a failure.
 """
 
 from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,18 +23,14 @@ from kdray.search.driver import run_search
 HANG_LIMIT_S = 600
 
 
-@pytest.fixture(scope="module")
-def one_cpu_ray() -> Iterator[None]:
-    ray.init(num_cpus=1, include_dashboard=True, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.slow
 
 
 def _hang(signum: int, frame: object) -> None:
     raise TimeoutError(f"the search made no progress for {HANG_LIMIT_S} s: a worker group is waiting for CPUs")
 
 
-def test_trials_on_ray_train_free_their_workers_when_asha_stops_them(one_cpu_ray: None, workdir: Path) -> None:
+def test_trials_on_ray_train_free_their_workers_when_asha_stops_them(local_ray: None, workdir: Path) -> None:
     space = {"method.temperature": {"kind": "logfloat", "low": 1, "high": 8}}
     cfg = load_config(
         write_experiment(workdir, {"space": space}),
@@ -69,6 +65,7 @@ def test_trials_on_ray_train_free_their_workers_when_asha_stops_them(one_cpu_ray
     assert outcome.report.counts["trials"] == 4
     # nothing is left holding the CPU once the search is over
     deadline = time.monotonic() + 60
-    while ray.available_resources().get("CPU", 0) < 1 and time.monotonic() < deadline:
+    cpus = ray.cluster_resources()["CPU"]
+    while ray.available_resources().get("CPU", 0) < cpus and time.monotonic() < deadline:
         time.sleep(1)
-    assert ray.available_resources().get("CPU", 0) == 1
+    assert ray.available_resources().get("CPU", 0) == cpus
