@@ -100,43 +100,43 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("alembic", "mlflow", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.command == "methods":
-        print(_list_methods())
-        return 0
-    if args.command == "models":
-        print(_list_models())
-        return 0
-    if args.command == "datasets":
-        print(_list_datasets())
+    listings = {"methods": _list_methods, "models": _list_models, "datasets": _list_datasets}
+    if args.command in listings:
+        print(listings[args.command]())
         return 0
     try:
-        if args.command == "report":
-            return _report(args.name, args.tracking_uri, args.out)
-        if args.command == "ui":
-            from kdray.ui import serve
-
-            return serve(args.tracking_uri, args.host, args.port)
-        if args.command == "bench":
-            return _bench(args)
-        if args.command == "tune" and args.resume:
-            return _tune(None, None, args.resume, args.storage)
-        if args.file is None:
-            raise ConfigError("give an experiment file (or --resume NAME)")
-        cfg: ExperimentConfig = load_config(args.file, args.overrides)
-        if args.command == "validate":
-            if cfg.search.space:
-                from kdray.search.space import check_space
-
-                check_space(cfg)  # what `kdray tune` would refuse, refused here too
-            print(cfg.to_yaml(), end="")
-            return 0
-        if args.command == "tune":
-            return _tune(cfg, Path(args.file).stem, None)
-        return _train(cfg)
+        return _run(args)
     except (ConfigError, DataError) as error:
         kind = "config" if isinstance(error, ConfigError) else "data"
         print(f"kdray: {kind} error: {error}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The commands that can fail on bad input (``ConfigError`` / ``DataError``, reported by ``main``)."""
+    if args.command == "report":
+        return _report(args.name, args.tracking_uri, args.out)
+    if args.command == "ui":
+        from kdray.ui import serve
+
+        return serve(args.tracking_uri, args.host, args.port)
+    if args.command == "bench":
+        return _bench(args)
+    if args.command == "tune" and args.resume:
+        return _tune(None, None, args.resume, args.storage)
+    if args.file is None:
+        raise ConfigError("give an experiment file (or --resume NAME)")
+    cfg: ExperimentConfig = load_config(args.file, args.overrides)
+    if args.command == "validate":
+        if cfg.search.space:
+            from kdray.search.space import check_space
+
+            check_space(cfg)  # what `kdray tune` would refuse, refused here too
+        print(cfg.to_yaml(), end="")
+        return 0
+    if args.command == "tune":
+        return _tune(cfg, Path(args.file).stem, None)
+    return _train(cfg)
 
 
 def _train(cfg: ExperimentConfig) -> int:

@@ -12,6 +12,7 @@ exception in how its epochs are reported: to Ray Tune (``TuneTrial``), whose sch
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -133,18 +134,23 @@ class StageRunner:
     def run(self, plan: StagePlan, run_id: str, reporting: FileCheckpoints | None = None) -> StageOutcome:
         """Train ``plan`` into MLflow run ``run_id`` and the store, or take it from the store; the run ends
         FINISHED either way."""
-        self.tracker.log_params(run_id, stage_params(plan))
         with self.store.lock(plan.key):
             stored = self.store.find(plan.key)
-            if stored is not None:
-                return self.reuse(plan, stored, run_id)
-            self.train(plan, run_id, reporting or FileCheckpoints())
-        stored = self.store.find(plan.key)
-        assert stored is not None, f"{plan.role} finished without storing its model"
-        return StageOutcome(plan, stored, run_id, False, stored.meta["metrics"])
+            if stored is None:
+                return self.train(plan, run_id, reporting or FileCheckpoints())
+        return self.reuse(plan, stored, run_id)
+
+    def train_missing(self, plan: StagePlan, open_run: Callable[[], str]) -> StageOutcome | None:
+        """Train ``plan`` unless the store holds it (then None); its MLflow run is opened (``open_run``) only
+        when it trains, so a search records each shared teacher once, not once per trial."""
+        with self.store.lock(plan.key):
+            if self.store.find(plan.key) is not None:
+                return None
+            return self.train(plan, open_run(), FileCheckpoints())
 
     def reuse(self, plan: StagePlan, stored: StoredModel, run_id: str) -> StageOutcome:
         log.info("%-8s %s reused from the model store (%s)", plan.role, plan.model.name, plan.key)
+        self.tracker.log_params(run_id, stage_params(plan))
         source = str(stored.meta.get("mlflow_run_id", ""))
         self.tracker.set_tags(run_id, {"kdray.reused": "true", "kdray.source_run_id": source})
         logged = self.tracker.latest_metrics(run_id)  # a restored trial's run may hold them already
@@ -153,17 +159,22 @@ class StageRunner:
         self.tracker.end_run(run_id)
         return StageOutcome(plan, stored, run_id, True, stored.meta["metrics"])
 
-    def train(self, plan: StagePlan, run_id: str, reporting: FileCheckpoints) -> None:
+    def train(self, plan: StagePlan, run_id: str, reporting: FileCheckpoints) -> StageOutcome:
+        """Train (the caller holds the stage's lock) into the store; the run ends FINISHED."""
+        self.tracker.log_params(run_id, stage_params(plan))
         store = partial(store_stage, self.cfg, plan, self.store, self.tracker, run_id)
         if self.cfg.scaling.num_workers >= 1:
             from kdray.launch import fit_on_ray
 
             fit_on_ray(self.cfg, plan, run_id, reporting.train_run_name(plan), reporting.train_callbacks())
-            return
-        assert self.ctx is not None
-        guides = [self.store.load(key, model_info(self.dataset)) for key in plan.guides]
-        stage = build_stage(self.cfg, plan, self.dataset, guides, self.ctx)
-        sink = reporting.sink(self.cfg, plan, self.ctx, self.tracker.continuing_logger(run_id), store)
-        fit(stage, sink)
-        if sink.resumed_from is not None:
-            self.tracker.set_tags(run_id, {"kdray.resumed_from_epoch": str(sink.resumed_from)})
+        else:
+            assert self.ctx is not None
+            guides = [self.store.load(key, model_info(self.dataset)) for key in plan.guides]
+            stage = build_stage(self.cfg, plan, self.dataset, guides, self.ctx)
+            sink = reporting.sink(self.cfg, plan, self.ctx, self.tracker.continuing_logger(run_id), store)
+            fit(stage, sink)
+            if sink.resumed_from is not None:
+                self.tracker.set_tags(run_id, {"kdray.resumed_from_epoch": str(sink.resumed_from)})
+        stored = self.store.find(plan.key)
+        assert stored is not None, f"{plan.role} finished without storing its model"
+        return StageOutcome(plan, stored, run_id, False, stored.meta["metrics"])

@@ -121,7 +121,8 @@ def _locate(parts: tuple[str, ...]) -> tuple[str, tuple[str, ...]] | None:
     return None
 
 
-def _decode(root: Path) -> ImageFolderData:
+def _collect(root: Path) -> tuple[dict[str, list[_Entry]], dict[str, set[str]], dict[str, dict[str, str]]]:
+    """Image files and class folders by split, and Tiny-ImageNet-style annotations by split."""
     files: dict[str, list[_Entry]] = defaultdict(list)
     folders: dict[str, set[str]] = defaultdict(set)
     annotations: dict[str, dict[str, str]] = {}
@@ -135,6 +136,11 @@ def _decode(root: Path) -> ImageFolderData:
             annotations[entry.split] = {line.split("\t")[0]: line.split("\t")[1] for line in text.splitlines() if line}
         elif PurePosixPath(entry.rest[-1]).suffix.lower() in IMAGE_SUFFIXES and len(entry.rest) >= 2:
             files[entry.split].append(entry)
+    return files, folders, annotations
+
+
+def _decode(root: Path) -> ImageFolderData:
+    files, folders, annotations = _collect(root)
     if not files["train"]:
         raise DataError(f"{root}: no train/<class>/<image> files found")
     classes = sorted({entry.rest[0] for entry in files["train"]})

@@ -3,9 +3,10 @@
 A trial trains its guides (teacher, assistants, pacemaker) only if no other trial has: each stage
 runs through ``kdray.stage_runner`` under a file lock on its store key, so concurrent trials that
 need the same model wait for the first one and then load it. The student's epochs are reported to
-Tune (ASHA decides from them) and logged to the trial's MLflow run. With ``scaling.num_workers: 0`` the student trains in the trial
-process; with N >= 1 the trial launches a Ray Train ``TorchTrainer`` whose chief's reports reach Tune
-through ``TuneReportCallback`` (``Tuner(trainer)`` does not work with Train V2).
+Tune (ASHA decides from them) and logged to the trial's MLflow run. With ``scaling.num_workers: 0``
+the student trains in the trial process; with N >= 1 the trial launches a Ray Train ``TorchTrainer``
+whose chief's reports reach Tune through ``TuneReportCallback`` (``Tuner(trainer)`` does not work
+with Train V2).
 
 The trial's MLflow run is found by its Tune trial id, so a retried or restored trial continues its run.
 """
@@ -24,7 +25,7 @@ from kdray.engine import TrainingDiverged
 from kdray.run import mark_failed, run_tags
 from kdray.search.space import trial_config
 from kdray.stage_runner import StageRunner, TuneTrial
-from kdray.stages import plan_stages
+from kdray.stages import StagePlan, plan_stages
 from kdray.store import ModelStore
 from kdray.tracking import Tracker, flatten
 
@@ -90,14 +91,16 @@ def _train(
     tags = run_tags(cfg)
     counts = {"trained": 0, "reused": 0}
     for plan in plans[:-1]:
-        if store.find(plan.key) is not None:
-            counts["reused"] += 1
-            continue
-        child = tracker.start_run(plan.role, {**tags, "kdray.role": plan.role, "kdray.model_key": plan.key}, run_id)
-        open_runs.append(child)
-        outcome = runner.run(plan, child)
-        open_runs.pop()
-        counts["reused" if outcome.reused else "trained"] += 1
+
+        def open_run(plan: StagePlan = plan) -> str:
+            child = tracker.start_run(plan.role, {**tags, "kdray.role": plan.role, "kdray.model_key": plan.key}, run_id)
+            open_runs.append(child)
+            return child
+
+        outcome = runner.train_missing(plan, open_run)
+        if outcome is not None:
+            open_runs.pop()
+        counts["reused" if outcome is None else "trained"] += 1
     tracker.set_tags(run_id, {f"kdray.models_{k}": str(v) for k, v in counts.items()})
     student = plans[-1]
     tracker.set_tags(run_id, {"kdray.model_key": student.key})
