@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -44,14 +45,31 @@ def local_ray(_ray_session: None) -> None:
         ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, **ray_init_options())
 
 
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow sqlite store, created (and migrated, ~3 s) once per session."""
+    from mlflow.tracking import MlflowClient
+
+    database = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{database}").search_experiments()
+    return database
+
+
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Run inside a fresh folder with its own data cache; no MLFLOW_TRACKING_URI or KDRAY_* path leaks in."""
+def bare_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run inside a fresh, empty folder with its own data cache; no MLFLOW_TRACKING_URI or KDRAY_* path leaks in."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     for variable in ("MLFLOW_TRACKING_URI", "KDRAY_STORAGE_PATH", "KDRAY_STORE_PATH"):
         monkeypatch.delenv(variable, raising=False)
     return tmp_path
+
+
+@pytest.fixture
+def workdir(bare_workdir: Path, mlflow_template: Path) -> Path:
+    """``bare_workdir`` holding an empty MLflow store at the default ``./mlflow.db`` (a copy of the template)."""
+    shutil.copy(mlflow_template, bare_workdir / "mlflow.db")
+    return bare_workdir
 
 
 def fit_stage(

@@ -1,28 +1,34 @@
-"""The command line as a user runs it: a separate process, exit codes, one-line errors."""
+"""The command line: exit codes, one-line errors, listings. Commands run in this process through
+``kdray.cli.main`` (a new interpreter costs seconds of imports); one test runs the installed entry point
+as a user does, in its own process."""
 
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
+from kdray.cli import main
+
 REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "experiments" / "quickstart.yaml")
 
 
-def kdray(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kdray", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+def kdray(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``kdray ARGS`` in this process: exit code, stdout, stderr."""
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_validate_prints_the_resolved_config() -> None:
-    done = kdray("validate", str(REPO / "experiments" / "quickstart.yaml"), "method.temperature=7")
-    assert done.returncode == 0, done.stderr
-    resolved = yaml.safe_load(done.stdout)
-    assert resolved["method"] == {"name": "kd", "temperature": 7.0, "alpha": 0.9}
-    assert resolved["tracking"]["uri"]  # resolved, not null
-
-
-def test_validate_error_is_one_line_and_exit_2() -> None:
-    done = kdray("validate", str(REPO / "experiments" / "quickstart.yaml"), "method.temperature=-4")
+def test_entry_point_runs_in_its_own_process_and_errors_in_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "kdray", "validate", QUICKSTART, "method.temperature=-4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.strip().splitlines() == [
@@ -30,35 +36,42 @@ def test_validate_error_is_one_line_and_exit_2() -> None:
     ]
 
 
-def test_train_refuses_bad_config_before_any_work(tmp_path: Path) -> None:
-    done = kdray("train", str(REPO / "experiments" / "quickstart.yaml"), "student.name=resnet7", cwd=tmp_path)
-    assert done.returncode == 2
-    assert "student.name: unknown model 'resnet7'" in done.stderr
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / ".kdray").exists()
+def test_validate_prints_the_resolved_config(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = kdray(capsys, "validate", QUICKSTART, "method.temperature=7")
+    assert code == 0, err
+    resolved = yaml.safe_load(out)
+    assert resolved["method"] == {"name": "kd", "temperature": 7.0, "alpha": 0.9}
+    assert resolved["tracking"]["uri"].startswith("sqlite:////")  # resolved to an absolute path
+    assert Path(resolved["store"]["path"]).is_absolute() and Path(resolved["scaling"]["storage_path"]).is_absolute()
 
 
-def test_listings() -> None:
-    methods = kdray("methods")
-    assert methods.returncode == 0
-    assert "method.temperature = 4.0" in methods.stdout and methods.stdout.startswith("none:")
-    listed = {line.split(":")[0] for line in methods.stdout.splitlines() if not line.startswith(" ")}
+def test_train_refuses_bad_config_before_any_work(bare_workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = kdray(capsys, "train", QUICKSTART, "student.name=resnet7")
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("kdray: config error: student.name: unknown model 'resnet7'")
+    assert not (bare_workdir / "mlflow.db").exists() and not (bare_workdir / ".kdray").exists()
+
+
+def test_listings(capsys: pytest.CaptureFixture[str]) -> None:
+    code, methods, _ = kdray(capsys, "methods")
+    assert code == 0
+    assert "method.temperature = 4.0" in methods and methods.startswith("none:")
+    listed = {line.split(":")[0] for line in methods.splitlines() if not line.startswith(" ")}
     assert listed == {
         *("none", "kd", "triplet", "feature_mixup", "stkd", "takd", "dgkd", "pacemaker", "online_branch", "dml")
     }
-    assert "method.margin = 5.0" in methods.stdout and "method.drop_num = 1" in methods.stdout
-    models = kdray("models")
-    assert "resnet32x4" in models.stdout and "wrn_40_2" in models.stdout and "plane10" in models.stdout
-    datasets = kdray("datasets")
-    assert {"digits", "cifar10", "cifar100", "imagefolder"} <= {
-        line.split()[0] for line in datasets.stdout.splitlines()
-    }
+    assert "method.margin = 5.0" in methods and "method.drop_num = 1" in methods
+    _, models, _ = kdray(capsys, "models")
+    assert "resnet32x4" in models and "wrn_40_2" in models and "plane10" in models
+    _, datasets, _ = kdray(capsys, "datasets")
+    assert {"digits", "cifar10", "cifar100", "imagefolder"} <= {line.split()[0] for line in datasets.splitlines()}
 
 
-def test_ui_refuses_a_store_that_does_not_exist(tmp_path: Path) -> None:
+def test_ui_refuses_a_store_that_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A mistyped store would otherwise open as a new, empty one."""
-    done = kdray("ui", "--tracking-uri", f"sqlite:///{tmp_path}/nothing.db", cwd=tmp_path)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
+    code, _, err = kdray(capsys, "ui", "--tracking-uri", f"sqlite:///{tmp_path}/nothing.db")
+    assert code == 2
+    assert err.strip().splitlines() == [
         f"kdray: config error: --tracking-uri: no MLflow store at {tmp_path}/nothing.db; run kdray train or "
         "kdray tune first, or point --tracking-uri at the store (sqlite:///path/mlflow.db)"
     ]

@@ -24,6 +24,8 @@ from test_search import SMALL, write_experiment
 from kdray.config import load_config
 from kdray.search.driver import run_search
 
+pytestmark = pytest.mark.slow  # end to end: a search, an MLflow server and a browser
+
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

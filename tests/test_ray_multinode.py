@@ -12,6 +12,8 @@ from kdray.config import load_config
 from kdray.run import run_experiment
 from tests.conftest import TWO_CPU_WORKERS
 
+pytestmark = pytest.mark.slow  # end to end: a three-node Ray cluster
+
 
 @pytest.fixture(scope="module")
 def three_nodes() -> Iterator[Cluster]:

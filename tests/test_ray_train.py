@@ -13,6 +13,7 @@ from kdray.store import ModelStore
 from tests.conftest import TWO_CPU_WORKERS
 
 
+@pytest.mark.slow
 def test_two_gloo_workers_train_a_kd_run_on_digits(local_ray: None, workdir: Path) -> None:
     cfg = load_config(
         None,

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+pytestmark = pytest.mark.slow  # end to end: killed drivers and reruns
+
 EPOCHS = 8
 OVERRIDES = [
     "method.name=none",

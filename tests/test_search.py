@@ -114,6 +114,7 @@ def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(
     assert "student alone, same budget" in text and "default KD, same budget" in text and "stopped by ASHA" in text
 
 
+@pytest.mark.slow
 def test_chain_depths_share_their_assistants(local_ray: None, workdir: Path) -> None:
     """Depths 0, 1, 2 of a TAKD chain plane8 > ... > plane2: each distinct assistant is trained once."""
     cfg = load_config(
@@ -147,6 +148,7 @@ def test_chain_depths_share_their_assistants(local_ray: None, workdir: Path) -> 
     assert len(guides) == len(tables) >= 2  # the teacher and at least one assistant
 
 
+@pytest.mark.slow
 def test_crashing_trial_is_retried_then_recorded_failed_with_its_reason(local_ray: None, workdir: Path) -> None:
     """A batch larger than the training set passes validation but fails in training: the trial is
     retried (search.max_failures=1), then its run and the teacher run it opened end FAILED with the reason."""
@@ -174,15 +176,17 @@ def test_crashing_trial_is_retried_then_recorded_failed_with_its_reason(local_ra
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
-def test_bad_search_space_is_refused_before_anything_starts(workdir: Path) -> None:
+def test_bad_search_space_is_refused_before_anything_starts(bare_workdir: Path) -> None:
     cfg = load_config(
-        write_experiment(workdir, {"space": {"method.temperature": {"kind": "float", "low": 0, "high": 4}}}), SMALL
+        write_experiment(bare_workdir, {"space": {"method.temperature": {"kind": "float", "low": 0, "high": 4}}}),
+        SMALL,
     )
     with pytest.raises(ConfigError, match=r"search.space.method.temperature: 0.0 is invalid for method kd"):
         run_search(cfg, "bad")
-    assert not (workdir / "mlflow.db").exists() and not (workdir / ".kdray").exists()
+    assert not (bare_workdir / "mlflow.db").exists() and not (bare_workdir / ".kdray").exists()
 
 
+@pytest.mark.slow
 def test_killed_search_driver_resumes_and_completes_without_duplicate_runs(workdir: Path) -> None:
     file = write_experiment(workdir, {"space": {"method.temperature": {"kind": "float", "low": 1, "high": 8}}})
     overrides = [
@@ -206,7 +210,7 @@ def test_killed_search_driver_resumes_and_completes_without_duplicate_runs(workd
         while True:  # kill once two trials are done and Tune has saved its state
             assert process.poll() is None, process.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
             assert time.monotonic() < deadline, "no progress"
-            if (workdir / "mlflow.db").exists() and list(state.glob("experiment_state-*.json")):
+            if list(state.glob("experiment_state-*.json")):
                 finished = [r for r in runs_by_role(uri, "killed").get("trial", []) if r.info.status == "FINISHED"]
                 if len(finished) >= 2:
                     break
