@@ -34,6 +34,10 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} '{name}' is registered twice")
         self._entries[name] = entry
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (an entry registered for a while: a method a test defines for itself)."""
+        del self._entries[name]
+
     def __getitem__(self, name: str) -> T:
         return self._entries[self.require(name)]
 

@@ -48,7 +48,7 @@ class ModelStore:
     """A folder of ``<key>/{model.pt, config.yaml, meta.json}`` entries."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root).expanduser()
+        self.root = Path(root)
 
     def lock(self, key: str) -> filelock.FileLock:
         """An inter-process lock for producing entry ``key``: concurrent search trials that need the same

@@ -37,7 +37,7 @@ def check_reachable(uri: str) -> None:
                 "tracking.uri / MLFLOW_TRACKING_URI elsewhere"
             ) from None
     elif uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
+        folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
             raise ConfigError(f"tracking.uri: folder {folder} of the sqlite store does not exist; create it first")
 

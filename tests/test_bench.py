@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kdray.cli import main
 
@@ -25,8 +26,13 @@ def bench(*args: str, cwd: Path) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines()]  # stdout holds nothing but the JSON lines
 
 
-def test_step_and_cache_measurements(bare_workdir: Path) -> None:
-    step, cache = bench(*TINY, "--rounds", "3", "--only", "step,cache", "--threads", "1", cwd=bare_workdir)
+def test_step_and_cache_measurements(bare_workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    threads = torch.get_num_threads()
+    try:  # in this process: `--threads 1` sets torch's thread count, given back afterwards
+        assert main(["bench", *TINY, "--rounds", "3", "--only", "step,cache", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    step, cache = (json.loads(line) for line in capsys.readouterr().out.splitlines())  # stdout: JSON lines only
     assert step["measurement"] == "step" and cache["measurement"] == "cache"
     rounds = step["rounds"]
     assert len(rounds["kdray"]) == len(rounds["loop"]) == 3

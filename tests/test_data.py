@@ -173,6 +173,8 @@ def test_val_class_unknown_to_train_is_named(workdir: Path) -> None:
         load_image_folder(workdir / "folder", workdir / "cache")
 
 
+@pytest.mark.slow  # decodes 50,000 JPEGs
+@pytest.mark.skipif(not SHARED_CIFAR.exists(), reason=f"{SHARED_CIFAR} is not beside this checkout")
 def test_real_cifar10_jpeg_archive(workdir: Path) -> None:
     """The shared CIFAR-10 training set (50,000 JPEGs) through the imagefolder source, then its cache."""
     cfg = load_config(None, ["data.name=imagefolder", f"data.root={SHARED_CIFAR}", "data.val_fraction=0.1"])

@@ -1,10 +1,22 @@
 """Stage planning: which models an experiment trains, in which order, from which guides."""
 
-import pytest
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
 
-from kdray.config import AssistantsConfig, ConfigError, load_config
+import pytest
+import torch
+import torch.nn.functional as F
+from mlflow import MlflowClient
+from pydantic import Field
+
+from kdray.config import AssistantsConfig, ConfigError, MethodParams, ModelConfig, load_config
+from kdray.data import Batch
 from kdray.ladders import pick_assistants
-from kdray.stages import plan_stages
+from kdray.methods import METHODS, Method, StepInfo
+from kdray.methods.losses import soft_kl
+from kdray.run import run_experiment
+from kdray.stages import StagePlanner, plan_stages
 
 
 @pytest.mark.parametrize(
@@ -86,3 +98,61 @@ def test_methods_that_learn_alone_plan_one_stage() -> None:
     assert [p.role for p in _plans("method.name=online_branch")] == ["student"]
     assert [p.role for p in _plans("method.name=feature_mixup", "method.w_kd=0")] == ["student"]
     assert [p.role for p in _plans("method.name=feature_mixup")] == ["teacher", "student"]
+
+
+# --- a method of a new shape: one class in the test, nothing changed in kdray -----------------------
+
+
+class TwoTeacherParams(MethodParams):
+    name: Literal["two_teachers"] = "two_teachers"
+    weight: float = Field(0.5, ge=0, le=1, description="Share of the first teacher in the KD target.")
+    temperature: float = Field(4.0, gt=0)
+
+
+class TwoTeachers(Method):
+    """KD from two teachers of different architectures, each trained by kdray as its own stage."""
+
+    Params = TwoTeacherParams
+
+    @classmethod
+    def plan_guides(cls, params: MethodParams, planner: StagePlanner) -> list[str]:
+        second = ModelConfig(name="plane2")
+        return [planner.teacher(), planner.add("teacher2", second, METHODS["none"].Params(), [])]
+
+    def forward(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
+        params: TwoTeacherParams = self.params  # type: ignore[assignment]
+        logits = self.student(batch.images)
+        first, second = (soft_kl(logits, self.guide(i)(batch), params.temperature) for i in (0, 1))
+        return {"ce": F.cross_entropy(logits, batch.labels), "kd": params.weight * first + (1 - params.weight) * second}
+
+
+@pytest.fixture
+def two_teachers() -> Iterator[None]:
+    METHODS.add("two_teachers", TwoTeachers)
+    yield
+    METHODS.remove("two_teachers")
+
+
+def test_a_method_defined_outside_kdray_plans_and_trains_two_teachers(two_teachers: None, workdir: Path) -> None:
+    cfg = load_config(
+        None,
+        [
+            "method.name=two_teachers",
+            "method.weight=0.25",
+            "teacher.name=plane4",
+            "student.name=plane2",
+            "train.epochs=1",
+            "train.batch_size=64",
+            "tracking.experiment=two",
+        ],
+    )
+    assert cfg.method == TwoTeacherParams(weight=0.25)  # the config validates the new method's own params
+    result = run_experiment(cfg)
+    teacher, teacher2, student = (stage.plan for stage in result.stages)
+    assert [teacher.role, teacher2.role, student.role] == ["teacher", "teacher2", "student"]
+    assert (teacher.model.name, teacher2.model.name) == ("plane4", "plane2")
+    assert student.guides == [teacher.key, teacher2.key]
+    client = MlflowClient(cfg.tracking.uri)
+    kd = client.get_metric_history(result.student.run_id, "loss/kd")
+    assert len(kd) == 1 and kd[0].value > 0  # the student learnt from both stored teachers
+    assert all(client.get_run(stage.run_id).info.status == "FINISHED" for stage in result.stages)

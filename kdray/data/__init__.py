@@ -35,8 +35,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     training split's own.
     """
     spec = DATASETS[cfg.name]
-    root = Path(cfg.root).expanduser() if cfg.root else None
-    raw = spec.load(root, cfg.download, Path(cfg.cache_dir).expanduser())
+    root = Path(cfg.root) if cfg.root else None  # absolute since validation, like every path of a config
+    raw = spec.load(root, cfg.download, Path(cfg.cache_dir))
     train, val = raw.train, raw.val
     if val is None:
         train, val = stratified_split(train, cfg.val_fraction, cfg.split_seed)
