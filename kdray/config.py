@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from kdray.registry import Registry
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_METHOD = "kd"  # what `method:` means without a name
 
 
 class ConfigError(ValueError):
@@ -96,7 +97,7 @@ def method_params(value: Any) -> MethodParams:
     if not isinstance(value, dict):
         raise ValueError("method: a mapping such as {name: kd, temperature: 4}")
     methods = _registry("method")
-    name = value.get("name", "kd")
+    name = value.get("name", DEFAULT_METHOD)
     if name not in methods:
         raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(methods.names())}")
     try:
@@ -376,7 +377,7 @@ class ExperimentConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: ModelConfig = Field(default_factory=ModelConfig)
-    method: SerializeAsAny[MethodParams] = Field(default_factory=lambda: method_params({"name": "kd"}))
+    method: SerializeAsAny[MethodParams] = Field(default_factory=lambda: method_params({"name": DEFAULT_METHOD}))
     assistants: AssistantsConfig = Field(default_factory=AssistantsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
@@ -516,7 +517,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: an experiment file is a mapping of sections (data, teacher, ...)")
     overrides = overrides or []
     switched = [item.partition("=")[2].strip() for item in overrides if item.partition("=")[0].strip() == "method.name"]
-    if switched and isinstance(raw.get("method"), dict) and raw["method"].get("name", "kd") != switched[-1]:
+    if switched and isinstance(raw.get("method"), dict) and raw["method"].get("name", DEFAULT_METHOD) != switched[-1]:
         # Switching method on the command line starts from the new method's defaults: the file's
         # hyperparameters belong to the old method (method.* overrides still apply).
         raw = {**raw, "method": {}}
@@ -564,7 +565,7 @@ def _allowed_keys(path: list[str], raw: dict[str, Any]) -> list[str]:
     model: type[BaseModel] = ExperimentConfig
     for part in path:
         if part == "method":
-            name = (raw.get("method") or {}).get("name", "kd")
+            name = (raw.get("method") or {}).get("name", DEFAULT_METHOD)
             methods = _registry("method")
             model = methods[name].Params if name in methods else model
             continue

@@ -24,7 +24,9 @@ import torch
 
 from kdray.models import ModelInfo, StagedNet, build_model
 
-STORE_FORMAT = 1
+# Part of every key: raised whenever the same identity would train another model. 2: methods draw their
+# random numbers from the step's own generator instead of torch's global one.
+STORE_FORMAT = 2
 
 
 def model_key(identity: dict[str, Any]) -> str:

@@ -8,11 +8,14 @@ code that runs without a store (Ray Train workers other than the chief, benchmar
 
 from __future__ import annotations
 
+import contextlib
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
+
+import filelock
 
 from kdray.config import ConfigError
 
@@ -42,6 +45,13 @@ def check_reachable(uri: str) -> None:
             raise ConfigError(f"tracking.uri: folder {folder} of the sqlite store does not exist; create it first")
 
 
+def _first_use_lock(uri: str) -> contextlib.AbstractContextManager[Any]:
+    """An inter-process lock beside a sqlite store (``<file>.lock``); servers need none."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    return filelock.FileLock(uri.removeprefix("sqlite:///") + ".lock")
+
+
 def _filter(tags: dict[str, str]) -> str:
     """MLflow's filter string for runs carrying all ``tags`` (``mlflow.parentRunId`` included)."""
     return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
@@ -68,9 +78,13 @@ class Tracker:
 
         check_reachable(uri)
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment, tags=KIND)
+        # The first access to a new sqlite store creates its schema, and a missing experiment is created:
+        # processes started together (two `kdray train`, a search's trials) would race at both, so they
+        # take turns on a lock file beside the store.
+        with _first_use_lock(uri):
+            self.client = MlflowClient(tracking_uri=uri)
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment, tags=KIND)
 
     # --- finding runs --------------------------------------------------------------------------------
 

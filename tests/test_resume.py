@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow  # end to end: killed drivers and reruns
 
-EPOCHS = 8
+EPOCHS = 5
 OVERRIDES = [
     "method.name=none",
     "student.name=resnet8",
@@ -62,7 +62,7 @@ def test_rerun_after_driver_kill_resumes_from_the_last_checkpoint(workers: int, 
     (workdir / "experiment.yaml").write_text("data: {name: digits}\n")
     command = [sys.executable, "-m", "kdray", "train", "experiment.yaml", *OVERRIDES, f"scaling.num_workers={workers}"]
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    run_until_killed(command, uri, after_epoch=3)
+    run_until_killed(command, uri, after_epoch=2)
     client = MlflowClient(uri)
     (student,) = client.search_runs(
         [client.get_experiment_by_name("resume").experiment_id], "tags.`kdray.role` = 'student'"
@@ -74,7 +74,7 @@ def test_rerun_after_driver_kill_resumes_from_the_last_checkpoint(workers: int, 
     runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
     assert len(runs) == 2 and {run.info.status for run in runs} == {"FINISHED"}  # continued, not duplicated
     student = client.get_run(student.info.run_id)
-    assert int(student.data.tags["kdray.resumed_from_epoch"]) >= 2  # not from scratch
+    assert int(student.data.tags["kdray.resumed_from_epoch"]) >= 1  # not from scratch
     for metric in ("val/acc", "loss/total"):
         steps = sorted(m.step for m in client.get_metric_history(student.info.run_id, metric))
         assert steps == list(range(1, EPOCHS + 1)), (metric, steps)

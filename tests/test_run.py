@@ -130,9 +130,11 @@ def test_every_method_trains_end_to_end_and_logs_its_terms(workdir: Path, overri
     assert ModelStore(cfg.store.path).find(result.student.plan.key) is not None
 
 
-def test_two_concurrent_runs_train_their_shared_teacher_once(workdir: Path) -> None:
-    """Two `kdray train` processes started together need the same teacher: the store lock on its key lets one
-    train it while the other waits, then reuses it."""
+def test_two_concurrent_runs_train_their_shared_teacher_once(bare_workdir: Path) -> None:
+    """Two `kdray train` processes started together in an empty folder need the same teacher: they create the
+    MLflow store once between them, and the store lock on the teacher's key lets one train it while the other
+    waits, then reuses it."""
+    workdir = bare_workdir
     file = workdir / "shared.yaml"
     file.write_text("teacher: {name: plane4, epochs: 2}\nstudent: {name: plane2}\ntrain: {epochs: 1, batch_size: 64}\n")
     processes = [

@@ -191,8 +191,8 @@ def test_killed_search_driver_resumes_and_completes_without_duplicate_runs(workd
     file = write_experiment(workdir, {"space": {"method.temperature": {"kind": "float", "low": 1, "high": 8}}})
     overrides = [
         *SMALL,
-        "train.epochs=5",
-        "search.num_samples=6",
+        "train.epochs=3",
+        "search.num_samples=4",
         "search.name=killed",
         "search.scheduler.name=none",
         "tracking.experiment=killed",
@@ -207,19 +207,19 @@ def test_killed_search_driver_resumes_and_completes_without_duplicate_runs(workd
     state = workdir / ".kdray" / "ray" / "killed"
     deadline = time.monotonic() + 300
     try:
-        while True:  # kill once two trials are done and Tune has saved its state
+        while True:  # kill once a trial is done and Tune has saved its state
             assert process.poll() is None, process.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
             assert time.monotonic() < deadline, "no progress"
             if list(state.glob("experiment_state-*.json")):
                 finished = [r for r in runs_by_role(uri, "killed").get("trial", []) if r.info.status == "FINISHED"]
-                if len(finished) >= 2:
+                if finished:
                     break
             time.sleep(0.5)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     before = runs_by_role(uri, "killed")
-    assert len(before["trial"]) < 6
+    assert len(before["trial"]) < 4
 
     done = subprocess.run(
         [sys.executable, "-m", "kdray", "tune", "--resume", "killed"], capture_output=True, text=True, timeout=600
@@ -228,9 +228,9 @@ def test_killed_search_driver_resumes_and_completes_without_duplicate_runs(workd
     after = runs_by_role(uri, "killed")
     assert len(after["search"]) == 1 and after["search"][0].info.status == "FINISHED"
     trial_ids = [run.data.tags["kdray.trial_id"] for run in after["trial"]]
-    assert len(trial_ids) == len(set(trial_ids)) == 6  # num_samples trials, one run each
+    assert len(trial_ids) == len(set(trial_ids)) == 4  # num_samples trials, one run each
     assert {run.info.status for run in after["trial"]} <= {"FINISHED"}
     client = MlflowClient(uri)
     for run in after["trial"]:
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/acc"))
-        assert steps == [1, 2, 3, 4, 5], (run.info.run_name, steps)  # resumed trials: no repeats, no gaps
+        assert steps == [1, 2, 3], (run.info.run_name, steps)  # resumed trials: no repeats, no gaps

@@ -94,10 +94,13 @@ def measure_search(options: BenchOptions) -> dict:
     }
 
 
-def measure_trials(options: BenchOptions, trials: int = 3) -> dict:
+TRIAL_MODES = {"in_process": 0, "ray_train_1_worker": 1}  # label: scaling.num_workers
+
+
+def measure_trials(options: BenchOptions, trials: int = 3, modes: tuple[str, ...] = tuple(TRIAL_MODES)) -> dict:
     """Seconds one more trial adds to a sequential search, from searches of 1 and ``trials`` trials with
-    a stored teacher and one student epoch, in-process and as 1-worker Ray Train runs; minus the
-    trial's own training and evaluation time, that is the per-trial overhead."""
+    a stored teacher and one student epoch, for each of ``modes`` (in-process, 1-worker Ray Train runs);
+    minus the trial's own training and evaluation time, that is the per-trial overhead."""
     connect_ray(log_to_driver=False)
     results = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -107,7 +110,8 @@ def measure_trials(options: BenchOptions, trials: int = 3) -> dict:
         warm = search_config(Path(folder), options, "warm-up", *base)
         with contextlib.chdir(folder):
             shutil.rmtree(run_experiment(warm).student.stored.path)  # keep the teacher only
-        for label, workers in (("in_process", 0), ("ray_train_1_worker", 1)):
+        for label in modes:
+            workers = TRIAL_MODES[label]
             walls = {}
             for count in (1, trials):
                 name = f"{label}-{count}"
