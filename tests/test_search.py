@@ -191,7 +191,7 @@ def test_killed_search_driver_resumes_and_completes_without_duplicate_runs(workd
     file = write_experiment(workdir, {"space": {"method.temperature": {"kind": "float", "low": 1, "high": 8}}})
     overrides = [
         *SMALL,
-        "train.epochs=3",
+        "train.epochs=2",
         "search.num_samples=4",
         "search.name=killed",
         "search.scheduler.name=none",
@@ -233,4 +233,4 @@ def test_killed_search_driver_resumes_and_completes_without_duplicate_runs(workd
     client = MlflowClient(uri)
     for run in after["trial"]:
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/acc"))
-        assert steps == [1, 2, 3], (run.info.run_name, steps)  # resumed trials: no repeats, no gaps
+        assert steps == [1, 2], (run.info.run_name, steps)  # resumed trials: no repeats, no gaps

@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from test_search import SMALL, runs_by_role, write_experiment
 
 from kdray.config import load_config
+from kdray.run import run_experiment
 from kdray.search.driver import run_search
 
 HANG_LIMIT_S = 600
@@ -34,10 +35,15 @@ def test_trials_on_ray_train_free_their_workers_when_asha_stops_them(local_ray: 
     # The first trial runs the file's lr (0.05, the top of the range); the sampled ones are far lower and
     # learn visibly less by the first rung, so ASHA stops trials whatever the noise of these tiny runs.
     space = {"train.lr": {"kind": "logfloat", "low": 1e-5, "high": 0.05}}
+    # The teacher keeps its own lr, so all trials share it; a 1-worker teacher is the in-process one (same
+    # store key), trained here first so that the trials' worker groups train students only.
+    teacher = ["teacher.lr=0.05", "scaling.num_workers=0", "train.epochs=1", "tracking.experiment=warm-up"]
+    run_experiment(load_config(None, [*SMALL, *teacher]))
     cfg = load_config(
         write_experiment(workdir, {"space": space}),
         [
             *SMALL,
+            "teacher.lr=0.05",
             "scaling.num_workers=1",
             "train.epochs=3",
             "search.num_samples=3",
@@ -64,6 +70,7 @@ def test_trials_on_ray_train_free_their_workers_when_asha_stops_them(local_ray: 
     # every trial trained on a Ray Train worker group of one
     for run in trials:
         assert run.data.params["world_size"] == "1"
+        assert run.data.tags["kdray.models_reused"] == "1"  # the teacher trained before the search
     assert outcome.report.counts["trials"] == 3
     # nothing is left holding the CPU once the search is over
     deadline = time.monotonic() + 60
