@@ -97,9 +97,6 @@ class Tracker:
             )
         )
 
-    def run(self, run_id: str) -> Any:
-        return self.client.get_run(run_id)
-
     def find_unfinished(self, name: str, tags: dict[str, str]) -> Any | None:
         """The newest run called ``name`` with these tags that did not finish (killed, failed, or still
         RUNNING because its driver died): the run a rerun continues."""
@@ -160,9 +157,6 @@ class Tracker:
         stamp = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in metrics.items()])
 
-    def logger(self, run_id: str) -> RunLogger:
-        return RunLogger(self, run_id)
-
     def continuing_logger(self, run_id: str) -> RunLogger:
         """A logger for a run that may already hold epochs (a resumed stage): those are not logged again."""
         return RunLogger(self, run_id, self.logged_until(run_id))
@@ -183,9 +177,6 @@ class NullTracker(Tracker):
 
     def runs(self, tags: dict[str, str], newest_first: bool = False, limit: int = 10000) -> list[Any]:
         return []
-
-    def run(self, run_id: str) -> Any:
-        raise LookupError("a NullTracker holds no runs")
 
     def latest_metrics(self, run_id: str) -> dict[str, float]:
         return {}

@@ -247,7 +247,7 @@ def publish(tracking: Tracker, parent: str, report: SearchReport) -> None:
     for method, value in report.references.items():
         if math.isfinite(value):
             metrics[f"reference_{method}/{report.metric}"] = value
-    tracking.logger(parent).log_metrics(metrics, step=0)
+    tracking.log_metrics(parent, metrics, step=0)
 
 
 def report_by_name(name: str, tracking_uri: str | None) -> SearchReport:
