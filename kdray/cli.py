@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
+import kdray
 from kdray.config import ConfigError, ExperimentConfig, default_storage_path, default_tracking_uri, load_config
 from kdray.data import DATASETS, DataError
 
@@ -20,6 +22,7 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdray", description="Knowledge distillation for image classifiers.")
+    parser.add_argument("--version", action="version", version=f"kdray {kdray.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train the teacher (unless stored) and the student of an experiment")
     _config_args(train)
@@ -102,14 +105,22 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     listings = {"methods": _list_methods, "models": _list_models, "datasets": _list_datasets}
     if args.command in listings:
-        print(listings[args.command]())
-        return 0
+        return _print(listings[args.command]())
     try:
         return _run(args)
     except (ConfigError, DataError) as error:
         kind = "config" if isinstance(error, ConfigError) else "data"
         print(f"kdray: {kind} error: {error}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def _print(text: str) -> int:
+    """Print a listing; a reader that stops early (``kdray methods | head``) ends it quietly, not in a traceback."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail too
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -162,7 +173,7 @@ def _tune(cfg: ExperimentConfig | None, default_name: str | None, resume: str | 
     print(outcome.report.markdown)
     print(f"Search '{outcome.name}': MLflow run {outcome.parent_run_id} (summary.md and plots/ among its artifacts)")
     print(f"  view it with:   {view_hint(uri)}")
-    print(f"  print it again: kdray report {outcome.name}")
+    print(f"  print it again: kdray report {outcome.name} --tracking-uri {uri}")
     return 0
 
 

@@ -19,9 +19,16 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 def resolve_store(tracking_uri: str | None) -> str:
     """The tracking store to serve; a ``ConfigError`` naming ``--tracking-uri`` when there is none."""
-    uri = absolute_uri(tracking_uri or default_tracking_uri())
+    uri = existing_store(tracking_uri)
     if uri.startswith(("http://", "https://")):
         raise ConfigError(f"--tracking-uri: {uri} is already a tracking server; open it in a browser")
+    return uri
+
+
+def existing_store(tracking_uri: str | None) -> str:
+    """The store a reading command (``kdray ui``, ``kdray report``) opens; refused when it is a sqlite file that
+    does not exist, which MLflow would otherwise create empty (a typo must not leave a new store behind)."""
+    uri = absolute_uri(tracking_uri or default_tracking_uri())
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise ConfigError(
             f"--tracking-uri: no MLflow store at {uri.removeprefix('sqlite:///')}; run kdray train or kdray tune "

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kdray import __version__
 from kdray.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,3 +77,25 @@ def test_ui_refuses_a_store_that_does_not_exist(tmp_path: Path, capsys: pytest.C
         "kdray tune first, or point --tracking-uri at the store (sqlite:///path/mlflow.db)"
     ]
     assert not (tmp_path / "nothing.db").exists()
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"kdray {__version__}"
+
+
+def test_a_listing_whose_reader_stops_early_ends_quietly() -> None:
+    """`kdray methods | head`: the reader is gone before kdray writes (its end of the pipe closed at once)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kdray", "methods"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    process.stdout.close()  # type: ignore[union-attr]
+    errors = process.stderr.read().decode()  # type: ignore[union-attr]
+    assert process.wait(timeout=300) == 0 and errors == "", errors[-2000:]
+
+
+def test_report_refuses_a_store_that_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = kdray(capsys, "report", "some-search", "--tracking-uri", f"sqlite:///{tmp_path}/nothing.db")
+    assert code == 2 and f"--tracking-uri: no MLflow store at {tmp_path}/nothing.db" in err
+    assert not (tmp_path / "nothing.db").exists()  # no empty store left behind

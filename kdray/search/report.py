@@ -255,9 +255,10 @@ def report_by_name(name: str, tracking_uri: str | None) -> SearchReport:
 
     import yaml
 
-    from kdray.config import ConfigError, absolute_uri, default_tracking_uri, validate_config
+    from kdray.config import ConfigError, validate_config
+    from kdray.ui import existing_store
 
-    uri = absolute_uri(tracking_uri or default_tracking_uri())
+    uri = existing_store(tracking_uri)
     found = find_search_run(uri, name)
     if found is None:
         raise ConfigError(f"no search called '{name}' in the MLflow store {uri} (give --tracking-uri?)")
