@@ -250,6 +250,9 @@ class ScalingConfig(Section):
         False, description="Data parallelism on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)."
     )
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint the training state every K epochs.")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Ray checkpoints kept per stage or trial (the newest; older ones are deleted)."
+    )
     max_failures: int = Field(0, ge=0, description="Ray runs: restart from the last checkpoint up to N times.")
     storage_path: AbsolutePath = Field(
         default_factory=default_storage_path,

@@ -117,7 +117,7 @@ def fit_on_ray(
     trial passes ``TuneReportCallback``, so its scheduler hears every epoch).
     """
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     connect_ray()
@@ -146,6 +146,7 @@ def fit_on_ray(
             name=name,
             storage_path=scaling.storage_path,
             failure_config=FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=scaling.keep_checkpoints),
             callbacks=callbacks or None,
         ),
     )

@@ -4,7 +4,7 @@ Each stage runs under the model store's lock on its key. Whoever holds it either
 stored (reuse: the stage's run is tagged with the run that trained it) or trains it; everyone else
 waits and then finds it. So two ``kdray train`` runs, or two trials, that share a teacher train it
 once. An interrupted stage continues from its last checkpoint, wherever it was interrupted: the
-checkpoints of a stage live under ``scaling.storage_path/stages/<key>``, so a rerun, another run
+checkpoints of a stage live under ``scaling.storage_path/stage-<key>``, so a rerun, another run
 with the same teacher or a resumed search finds them. A search trial's own student is the one
 exception in how its epochs are reported: to Ray Tune (``TuneTrial``), whose scheduler reads them.
 """
@@ -67,13 +67,13 @@ def store_stage(
 
 
 class FileCheckpoints:
-    """How ordinary stages report: checkpoints under ``scaling.storage_path/stages/<key>`` (a file in
-    process, a Ray Train run of that name on workers), metrics to MLflow only."""
+    """How ordinary stages report: checkpoints under ``scaling.storage_path/stage-<key>`` (a file in
+    process, the Ray Train run of that name on workers), metrics to MLflow only."""
 
     def sink(
         self, cfg: ExperimentConfig, plan: StagePlan, ctx: WorkerContext, logger: MetricLogger, store: StoreResult
     ) -> StageSink:
-        folder = Path(cfg.scaling.storage_path) / "stages" / plan.key
+        folder = Path(cfg.scaling.storage_path) / self.train_run_name(plan)
         return LocalSink(folder, logger, store, cfg.scaling.checkpoint_every, plan.train.epochs, ctx.device)
 
     def train_run_name(self, plan: StagePlan) -> str:

@@ -52,6 +52,9 @@ def test_two_gloo_workers_train_kd_through_a_worker_failure(
     # controller may not have registered that one yet: the latest is epoch 3's or an earlier one.
     assert 1 <= int(student.data.tags["kdray.resumed_from_epoch"]) <= 3
     assert set(student.data.metrics) >= {"loss/ce", "loss/kd", "test/acc"}
+    # checkpoints after epochs 1-3 (the last epoch stores the model instead): the newest 2 are kept
+    kept = list((Path(cfg.scaling.storage_path) / f"stage-{result.student.plan.key}").glob("checkpoint_*"))
+    assert len(kept) == cfg.scaling.keep_checkpoints == 2
     assert result.student.metrics["val/acc"] == student.data.metrics["val/acc"]  # the stored model's own numbers
 
 

@@ -165,6 +165,7 @@ def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
                 name=name,
                 storage_path=root,
                 failure_config=tune.FailureConfig(max_failures=search.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.scaling.keep_checkpoints),
                 callbacks=[TrialRunCloser(cfg.tracking.uri, cfg.tracking.experiment, parent)],
                 verbose=0,
             ),
