@@ -52,9 +52,12 @@ def test_two_gloo_workers_train_kd_through_a_worker_failure(
     # controller may not have registered that one yet: the latest is epoch 3's or an earlier one.
     assert 1 <= int(student.data.tags["kdray.resumed_from_epoch"]) <= 3
     assert set(student.data.metrics) >= {"loss/ce", "loss/kd", "test/acc"}
-    # checkpoints after epochs 1-3 (the last epoch stores the model instead): the newest 2 are kept
-    kept = list((Path(cfg.scaling.storage_path) / f"stage-{result.student.plan.key}").glob("checkpoint_*"))
-    assert len(kept) == cfg.scaling.keep_checkpoints == 2
+    # Checkpoints after epochs 1-3 (the last epoch stores the model instead), and again after the restart:
+    # Ray keeps the newest 2. The killed attempt's last checkpoint can be left beside them, written but never
+    # registered (the worker died right after reporting it); without pruning there would be 4 or more.
+    stage = Path(cfg.scaling.storage_path) / f"stage-{result.student.plan.key}"
+    kept = [path for path in stage.glob("checkpoint_*") if path.is_dir()]
+    assert cfg.scaling.keep_checkpoints == 2 and 2 <= len(kept) <= 3
     assert result.student.metrics["val/acc"] == student.data.metrics["val/acc"]  # the stored model's own numbers
 
 
