@@ -24,7 +24,7 @@ from kdray.guide_cache import GuideCache
 from kdray.guides import Guide
 from kdray.methods import METHODS, Method
 from kdray.methods.base import Parallel
-from kdray.models import ModelInfo, StagedNet, build_model
+from kdray.models import ModelInfo, build_model
 from kdray.stages import StagePlan
 
 
@@ -130,7 +130,7 @@ def build_stage(
     cfg: ExperimentConfig,
     plan: StagePlan,
     dataset: Dataset,
-    guide_models: Sequence[StagedNet],
+    guide_models: Sequence[nn.Module],
     ctx: WorkerContext,
     wrap: Callable[[nn.Module], nn.Module] | None = None,
 ) -> Stage:

@@ -59,6 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config of the searches"
     )
     bench.add_argument("--mlflow", action="store_true", help="also log the results to MLflow (experiment kdray-bench)")
+    evaluate = commands.add_parser("evaluate", help="accuracy of a stored, logged or registered model on a split")
+    evaluate.add_argument("model", help="models:/NAME/VERSION, models:/MODEL_ID, runs:/RUN/model, or a store key")
+    evaluate.add_argument("file", nargs="?", help="experiment YAML whose data (and tracking, store) to use")
+    evaluate.add_argument("overrides", nargs="*", metavar="section.field=value", help="e.g. data.name=cifar10")
+    evaluate.add_argument("--data", metavar="FILE", help="the same as giving FILE (an experiment YAML)")
+    evaluate.add_argument("--split", choices=["train", "val", "test"], default="test", help="default: test")
+    export = commands.add_parser("export", help="write a logged or registered model as TorchScript or ONNX")
+    export.add_argument("model", help="models:/NAME/VERSION, models:/MODEL_ID, runs:/RUN/model, or a store key")
+    export.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript", dest="fmt")
+    export.add_argument("--out", required=True, help="file to write")
+    export.add_argument(
+        "--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)"
+    )
+    export.add_argument("--store", default=None, help="model store, for a store key (default: .kdray/store)")
     validate = commands.add_parser("validate", help="print the fully resolved config, or the first error")
     _config_args(validate)
     commands.add_parser("methods", help="list distillation methods with their hyperparameters")
@@ -86,12 +100,20 @@ def _list_methods() -> str:
 
 def _list_models() -> str:
     from kdray.models import MODELS, ModelInfo, build_model, parameter_count
+    from kdray.models.registry import installed_models
 
     info = ModelInfo(num_classes=100)
-    return "\n".join(
-        f"{name:<12} {parameter_count(build_model(name, info)) / 1e6:7.2f}M params (CIFAR-100 head)"
-        for name in MODELS.names()
-    )
+    lines = [
+        f"{name:<13} {parameter_count(build_model(name, info)) / 1e6:6.2f}M params (CIFAR-100 head)  {spec.source}"
+        for name, spec in MODELS.items()
+    ]
+    lines += [f"{name:<13} entry point {target}" for name, target in installed_models().items()]
+    lines += [
+        "torchvision.<name>  any classifier of torchvision.models.list_models(), e.g. torchvision.resnet18",
+        "timm.<name>         any timm.list_models() model (pip install 'kdray[timm]')",
+        "package.module:callable  your own function or class returning a torch.nn.Module",
+    ]
+    return "\n".join(lines)
 
 
 def _list_datasets() -> str:
@@ -125,14 +147,9 @@ def _print(text: str) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """The commands that can fail on bad input (``ConfigError`` / ``DataError``, reported by ``main``)."""
-    if args.command == "report":
-        return _report(args.name, args.tracking_uri, args.out)
-    if args.command == "ui":
-        from kdray.ui import serve
-
-        return serve(args.tracking_uri, args.host, args.port)
-    if args.command == "bench":
-        return _bench(args)
+    tools = {"report": _report, "ui": _ui, "bench": _bench, "export": _export, "evaluate": _evaluate}
+    if args.command in tools:
+        return tools[args.command](args)
     if args.command == "tune" and args.resume:
         return _tune(None, None, args.resume, args.storage)
     if args.file is None:
@@ -174,13 +191,22 @@ def _tune(cfg: ExperimentConfig | None, default_name: str | None, resume: str | 
     print(f"Search '{outcome.name}': MLflow run {outcome.parent_run_id} (summary.md and plots/ among its artifacts)")
     print(f"  view it with:   {view_hint(uri)}")
     print(f"  print it again: kdray report {outcome.name} --tracking-uri {uri}")
+    if outcome.registered:
+        print(f"  best student:   {outcome.registered}  (mlflow.pytorch.load_model; kdray evaluate / export)")
     return 0
 
 
-def _report(name: str, tracking_uri: str | None, out: str | None) -> int:
+def _ui(args: argparse.Namespace) -> int:
+    from kdray.ui import serve
+
+    return serve(args.tracking_uri, args.host, args.port)
+
+
+def _report(args: argparse.Namespace) -> int:
     from kdray.search.report import report_by_name
 
-    report = report_by_name(name, tracking_uri)
+    out = args.out
+    report = report_by_name(args.name, args.tracking_uri)
     print(report.markdown)
     if out:
         folder = Path(out)
@@ -189,6 +215,31 @@ def _report(name: str, tracking_uri: str | None, out: str | None) -> int:
         for plot, png in report.plots.items():
             (folder / f"{plot}.png").write_bytes(png)
         print(f"written to {folder}/: summary.md, " + ", ".join(f"{plot}.png" for plot in report.plots))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from kdray.data import load_dataset
+    from kdray.deployed import accuracy, load_classifier
+
+    if args.data and args.file:
+        raise ConfigError("evaluate: give the experiment file once (FILE or --data FILE)")
+    cfg = load_config(args.data or args.file, args.overrides)
+    model = load_classifier(args.model, cfg)
+    value, count = accuracy(model, load_dataset(cfg.data), args.split)
+    print(f"{args.split}/acc {value:.4f}  ({count} images of {cfg.data.name}, {args.model})")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from kdray.deployed import export, load_classifier
+
+    overrides = [f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []
+    overrides += [f"store.path={args.store}"] if args.store else []
+    model = load_classifier(args.model, load_config(None, overrides))
+    export(model, args.fmt, Path(args.out))
+    shape = ", ".join(map(str, model.image_shape or ()))
+    print(f"wrote {args.out} ({args.fmt}; float images in [0, 1], shape (N, {shape}))")
     return 0
 
 

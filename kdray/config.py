@@ -53,8 +53,9 @@ class NestedConfigError(ValueError):
 def _registry(kind: str) -> Registry[Any]:
     """The registry of ``kind``, imported on first use (see the module docstring)."""
     if kind == "method":
-        from kdray.methods import METHODS
+        from kdray.methods import METHODS, load_installed
 
+        load_installed()  # packages installed since kdray.methods was imported
         return METHODS
     if kind == "model":
         from kdray.models import MODELS
@@ -68,6 +69,16 @@ def _registry(kind: str) -> Registry[Any]:
 def _known(kind: str) -> AfterValidator:
     """A validator that accepts registered names of ``kind`` (and lists the choices otherwise)."""
     return AfterValidator(lambda name: _registry(kind).require(name))
+
+
+def _model_name(name: str) -> str:
+    """A model name: kdray's, ``torchvision.<name>``, ``timm.<name>``, ``package.module:callable`` or an entry point."""
+    from kdray.models import require_model
+
+    return require_model(name)
+
+
+ModelName = Annotated[str, AfterValidator(_model_name)]
 
 
 def absolute_path(path: str) -> str:
@@ -135,6 +146,13 @@ class DataConfig(Section):
         0.1, gt=0, lt=1, description="Share of train held out (stratified) when the data has no val split."
     )
     split_seed: int = Field(0, description="Seed of the validation split and of limit_train's subset.")
+    image_size: int | None = Field(
+        None,
+        ge=8,
+        le=1024,
+        description="Resize every image to this square size when decoding (cached); null = as stored (image folders "
+        "then need one size throughout).",
+    )
     limit_train: int | None = Field(None, ge=10, description="Keep about this many training images (quick runs).")
     cache_dir: AbsolutePath = Field(
         default_factory=_default_cache, validate_default=True, description="Where decoded image folders are cached."
@@ -177,20 +195,52 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    name: Annotated[str, _known("model")] = Field("resnet8", description="Architecture (see `kdray models`).")
+    name: ModelName = Field(
+        "resnet8",
+        description="Architecture: a name from `kdray models`, torchvision.<name>, timm.<name>, or "
+        "package.module:callable (a function or class returning a torch.nn.Module).",
+    )
     onthefly: bool = Field(False, description="Replace every 3x3 convolution by a 1x3 one (Pacemaker's student).")
     batchnorm: bool = Field(True, description="BatchNorm layers (false: none, e.g. to compare worker counts).")
 
 
 class TeacherConfig(ModelConfig):
-    name: Annotated[str, _known("model")] = Field("resnet20", description="Teacher architecture (see `kdray models`).")
+    name: ModelName = Field("resnet20", description="Teacher architecture (as student.name).")
     epochs: int | None = Field(None, ge=1, description="Teacher training epochs; null = train.epochs.")
     lr: float | None = Field(None, gt=0, description="Teacher peak learning rate; null = train.lr.")
+    weights: str | None = Field(
+        None,
+        description="A trained teacher, never retrained: a state-dict file (torch.save(model.state_dict())), an "
+        "MLflow model URI (runs:/..., models:/NAME/VERSION), or pretrained[:TAG] for torchvision/timm models.",
+    )
+    input_mean: list[float] | None = Field(
+        None,
+        description="Per-channel mean (0..1 scale) the given weights expect (null: the data's; pretrained: theirs).",
+    )
+    input_std: list[float] | None = Field(None, description="Per-channel std the given weights expect (as input_mean).")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_source(cls, weights: str | None) -> str | None:
+        if weights is None or weights.startswith(("runs:/", "models:/", "pretrained")) or "://" in weights:
+            return weights
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise ValueError(f"'{weights}' is not a file; give a state-dict file, an MLflow model URI or pretrained")
+        return str(path.resolve())
+
+    @model_validator(mode="after")
+    def _stats_together(self) -> TeacherConfig:
+        if (self.input_mean is None) != (self.input_std is None):
+            raise ValueError("teacher.input_mean and teacher.input_std: give both or neither")
+        if self.input_mean is not None and self.weights is None:
+            raise ValueError("teacher.input_mean: only a given teacher (teacher.weights) has its own normalisation")
+        return self
 
 
 class AssistantsConfig(Section):
     depth: int = Field(0, ge=0, le=8, description="Teacher assistants between teacher and student (takd, dgkd).")
-    models: list[Annotated[str, _known("model")]] = Field(
+    models: list[ModelName] = Field(
         default_factory=list, description="Ladder to pick assistants from, largest first (default: the built-in one)."
     )
 
@@ -358,6 +408,9 @@ class SearchConfig(Section):
         "and kd, the student alone and default KD; false or [] = none).",
     )
     space: dict[str, SearchParam] = Field(default_factory=dict, description="Dotted config field -> range.")
+    register_model: bool = Field(
+        True, description="Register the best trial's student in the MLflow Model Registry as <experiment>-student."
+    )
 
     @field_validator("references", mode="before")
     @classmethod

@@ -65,7 +65,7 @@ def stage_worker(config: dict[str, Any]) -> None:
     ctx = ray_train_context(cfg.scaling.threads)
     dataset = load_dataset(cfg.data)
     store = ModelStore(cfg.store.path)
-    guides = [store.load(key, model_info(dataset)) for key in plan.guides]
+    guides = [store.load_guide(key, model_info(dataset), (dataset.mean, dataset.std)) for key in plan.guides]
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if ctx.is_chief else NullTracker()
     nodes: list[str | None] = [None] * ctx.world_size
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
@@ -73,7 +73,7 @@ def stage_worker(config: dict[str, Any]) -> None:
     sink = RayTrainSink(
         ctx,
         tracker.continuing_logger(run_id),
-        partial(store_stage, cfg, plan, store, tracker, run_id) if ctx.is_chief else None,
+        partial(store_stage, cfg, plan, store, tracker, run_id, dataset) if ctx.is_chief else None,
         cfg.scaling.checkpoint_every,
         plan.train.epochs,
         every_rank=cfg.scaling.parallelism == "branches",

@@ -14,9 +14,11 @@ import subprocess
 from dataclasses import dataclass, field
 
 import kdray
+from kdray.build import model_info
 from kdray.config import ExperimentConfig
 from kdray.data import load_dataset
 from kdray.distributed import local_context
+from kdray.preflight import check_models
 from kdray.stage_runner import StageOutcome, StageRunner
 from kdray.stages import plan_stages
 from kdray.store import ModelStore, model_key
@@ -73,6 +75,7 @@ def run_experiment(
     ctx = local_context(cfg.scaling.use_gpu, cfg.scaling.threads) if cfg.scaling.num_workers == 0 else None
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     dataset = load_dataset(cfg.data)
+    check_models(cfg, dataset)
     store = ModelStore(cfg.store.path)
     tags = {**run_tags(cfg), "kdray.config_hash": model_key(cfg.dump())}
     name = run_name(cfg)
@@ -85,7 +88,7 @@ def run_experiment(
     else:
         parent = tracker.start_run(name, {**tags, "kdray.role": role}, parent_run_id)
         earlier = {}
-    plans = plan_stages(cfg, dataset.fingerprint(), owner=parent)
+    plans = plan_stages(cfg, dataset.fingerprint(), owner=parent, info=model_info(dataset))
     runner = StageRunner(cfg, dataset, store, tracker, ctx)
     result = ExperimentResult(parent)
     open_runs = [parent]

@@ -21,9 +21,11 @@ from typing import Any
 import kdray
 from kdray.build import build_stage, model_info
 from kdray.config import ExperimentConfig
-from kdray.data import Dataset
-from kdray.distributed import WorkerContext
-from kdray.engine import FitResult, fit
+from kdray.data import Dataset, DeviceSplit
+from kdray.distributed import WorkerContext, local_context
+from kdray.engine import FitResult, evaluate, fit
+from kdray.given import Stats, given_teacher, input_stats
+from kdray.models.deploy import Classifier, Restandardize
 from kdray.sinks import LocalSink, StageSink, StoreResult, TuneSink
 from kdray.stages import StagePlan
 from kdray.store import ModelStore, StoredModel
@@ -42,11 +44,21 @@ class StageOutcome:
 
 
 def store_stage(
-    cfg: ExperimentConfig, plan: StagePlan, store: ModelStore, tracker: Tracker, run_id: str, result: FitResult
+    cfg: ExperimentConfig,
+    plan: StagePlan,
+    store: ModelStore,
+    tracker: Tracker,
+    run_id: str,
+    dataset: Dataset,
+    result: FitResult,
+    stats: Stats | None = None,
 ) -> None:
-    """Put a finished stage in the model store, then finish its MLflow run (test metrics, weights, config).
+    """Put a finished stage in the model store, then finish its MLflow run (test metrics, weights, config, and
+    the model as an MLflow model that takes [0, 1] images).
 
-    The store comes first, so a tracking failure never loses a trained model."""
+    The store comes first, so a tracking failure never loses a trained model. ``stats``: the input statistics
+    of a given model, when they are not the data's."""
+    data_stats = (dataset.mean, dataset.std)
     meta = {
         "model": plan.model.model_dump(),
         "role": plan.role,
@@ -55,7 +67,12 @@ def store_stage(
         "metrics": result.final,
         "mlflow_run_id": run_id,
         "kdray_version": kdray.__version__,
+        "input_stats": input_stats(stats, data_stats),
+        "image_shape": [dataset.in_channels, dataset.image_size, dataset.image_size],
+        "classes": dataset.classes,
     }
+    if plan.weights is not None:
+        meta["weights"] = plan.weights
     stored = store.save(plan.key, result.state_dict, cfg.to_yaml(), meta)
     tracker.set_tags(run_id, {"kdray.reused": "false"})
     # val/* of the last epoch is in the per-epoch history; only test/* is new.
@@ -63,6 +80,12 @@ def store_stage(
     tracker.log_metrics(run_id, tests, step=plan.train.epochs)
     tracker.log_artifact(run_id, stored.weights)
     tracker.log_artifact(run_id, stored.path / "config.yaml")
+    model = store.load(plan.key, model_info(dataset))
+    shape = (dataset.in_channels, dataset.image_size, dataset.image_size)
+    deployed = Classifier(model, *(stats or data_stats), classes=dataset.classes, image_shape=shape)
+    model_id = tracker.log_model(run_id, deployed, shape)
+    if model_id:
+        tracker.set_tags(run_id, {"kdray.model_id": model_id})
     tracker.end_run(run_id)
 
 
@@ -162,14 +185,17 @@ class StageRunner:
     def train(self, plan: StagePlan, run_id: str, reporting: FileCheckpoints) -> StageOutcome:
         """Train (the caller holds the stage's lock) into the store; the run ends FINISHED."""
         self.tracker.log_params(run_id, stage_params(plan))
-        store = partial(store_stage, self.cfg, plan, self.store, self.tracker, run_id)
+        if plan.weights is not None:
+            return self.evaluate_given(plan, run_id)
+        store = partial(store_stage, self.cfg, plan, self.store, self.tracker, run_id, self.dataset)
         if self.cfg.scaling.num_workers >= 1:
             from kdray.launch import fit_on_ray
 
             fit_on_ray(self.cfg, plan, run_id, reporting.train_run_name(plan), reporting.train_callbacks())
         else:
             assert self.ctx is not None
-            guides = [self.store.load(key, model_info(self.dataset)) for key in plan.guides]
+            stats = (self.dataset.mean, self.dataset.std)
+            guides = [self.store.load_guide(key, model_info(self.dataset), stats) for key in plan.guides]
             stage = build_stage(self.cfg, plan, self.dataset, guides, self.ctx)
             sink = reporting.sink(self.cfg, plan, self.ctx, self.tracker.continuing_logger(run_id), store)
             fit(stage, sink)
@@ -178,3 +204,27 @@ class StageRunner:
         stored = self.store.find(plan.key)
         assert stored is not None, f"{plan.role} finished without storing its model"
         return StageOutcome(plan, stored, run_id, False, stored.meta["metrics"])
+
+    def evaluate_given(self, plan: StagePlan, run_id: str) -> StageOutcome:
+        """A given model (``teacher.weights``): evaluated on val and test, stored, never trained."""
+        cfg = self.cfg
+        given = given_teacher(cfg.teacher, model_info(self.dataset), cfg.tracking.uri)
+        ctx = self.ctx or local_context(cfg.scaling.use_gpu, cfg.scaling.threads)
+        model = given.model
+        if given.stats is not None:
+            model = Restandardize(model, (self.dataset.mean, self.dataset.std), given.stats)
+        model = model.to(ctx.device)
+        final: dict[str, float] = {}
+        for name, split in (("val", self.dataset.val), ("test", self.dataset.test)):
+            if split is not None:
+                on_device = DeviceSplit(split, self.dataset.mean, self.dataset.std, ctx.device)
+                values = evaluate(model, on_device, cfg.train.eval_batch_size, ctx)  # type: ignore[arg-type]
+                final.update({f"{name}/{metric}": value for metric, value in values.items()})
+        log.info("%-8s %s given (%s): val_acc %.4f", plan.role, plan.model.name, plan.weights, final["val/acc"])
+        self.tracker.set_tags(run_id, {"kdray.given_weights": str(plan.weights)})
+        self.tracker.log_metrics(run_id, {k: v for k, v in final.items() if k.startswith("val/")}, step=0)
+        state = {name: tensor.cpu() for name, tensor in given.model.state_dict().items()}
+        store_stage(cfg, plan, self.store, self.tracker, run_id, self.dataset, FitResult(state, [], final), given.stats)
+        stored = self.store.find(plan.key)
+        assert stored is not None
+        return StageOutcome(plan, stored, run_id, False, final)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, SerializeAsAny, field_validator
 from kdray.config import ExperimentConfig, MethodParams, ModelConfig, TrainConfig, method_params
 from kdray.ladders import pick_assistants
 from kdray.methods import METHODS
+from kdray.models import ModelInfo, code_version
 from kdray.store import model_key
 
 
@@ -29,6 +30,7 @@ class StagePlan(BaseModel):
     train: TrainConfig
     guides: list[str]
     key: str
+    weights: str | None = None  # a given model (teacher.weights): evaluated and stored, never trained
 
     @field_validator("method", mode="before")
     @classmethod
@@ -53,6 +55,7 @@ def stage_identity(
         # Branch parallelism computes what one process computes.
         "world_size": max(1, cfg.scaling.num_workers) if cfg.scaling.parallelism == "data" else 1,
         "model": model.model_dump(mode="json"),
+        "code": code_version(model.name),  # a changed architecture never reuses old weights
         "data": {"fingerprint": fingerprint, "augment": cfg.data.augment.model_dump(mode="json")},
         "train": recipe,
         "method": method.model_dump(mode="json"),
@@ -67,10 +70,11 @@ class StagePlanner:
     """What a method's ``plan_guides`` builds its guides with: the experiment (read-only), its teacher,
     its assistant ladder, and ``add`` for any further stage. Stages are listed in training order."""
 
-    def __init__(self, cfg: ExperimentConfig, fingerprint: str, owner: str) -> None:
+    def __init__(self, cfg: ExperimentConfig, fingerprint: str, owner: str, info: ModelInfo | None = None) -> None:
         self.cfg = cfg
         self.fingerprint = fingerprint
         self.owner = owner
+        self.info = info
         self.plans: list[StagePlan] = []
 
     def add(
@@ -82,32 +86,62 @@ class StagePlanner:
         identity = stage_identity(self.cfg, model, method, recipe, guides, self.fingerprint)
         if not self.cfg.store.reuse:
             identity["owner"] = self.owner  # store.reuse=false: models of this run only
-        key = model_key(identity)
-        if all(plan.key != key for plan in self.plans):
-            self.plans.append(StagePlan(role=role, model=model, method=method, train=recipe, guides=guides, key=key))
-        return key
+        return self._plan(
+            StagePlan(role=role, model=model, method=method, train=recipe, guides=guides, key=model_key(identity))
+        )
+
+    def _plan(self, plan: StagePlan) -> str:
+        if all(known.key != plan.key for known in self.plans):
+            self.plans.append(plan)
+        return plan.key
 
     def teacher(self) -> str:
-        """The experiment's teacher, trained alone with its own epochs and lr where the file sets them."""
+        """The experiment's teacher: given (``teacher.weights``), or trained alone with its own epochs and lr
+        where the file sets them."""
         cfg = self.cfg
+        model = ModelConfig.model_validate(cfg.teacher.model_dump(include=set(ModelConfig.model_fields)))
+        if cfg.teacher.weights is not None:
+            return self._given(model)
         recipe = cfg.train.model_copy(
             update={"epochs": cfg.teacher.epochs or cfg.train.epochs, "lr": cfg.teacher.lr or cfg.train.lr}
         )
-        model = ModelConfig.model_validate(cfg.teacher.model_dump(include=set(ModelConfig.model_fields)))
         return self.add("teacher", model, METHODS["none"].Params(), [], recipe)
+
+    def _given(self, model: ModelConfig) -> str:
+        """A given teacher's stage: keyed by the hash of its weights (and the data it is evaluated on)."""
+        from kdray.given import given_teacher
+
+        if self.info is None:
+            raise ValueError("planning a given teacher needs the data's ModelInfo (plan_stages(..., info=...))")
+        given = given_teacher(self.cfg.teacher, self.info, self.cfg.tracking.uri)
+        identity = {
+            "given": given.digest,
+            "stats": given.stats,
+            "model": model.model_dump(mode="json"),
+            "data": {"fingerprint": self.fingerprint},
+        }
+        none = METHODS["none"].Params()
+        plan = StagePlan(
+            role="teacher", model=model, method=none, train=self.cfg.train, guides=[], key=model_key(identity),
+            weights=self.cfg.teacher.weights,
+        )  # fmt: skip
+        return self._plan(plan)
 
     def assistant_models(self) -> list[str]:
         """The ``assistants.depth`` architectures between teacher and student, largest first."""
         return pick_assistants(self.cfg.teacher.name, self.cfg.student.name, self.cfg.assistants)
 
 
-def plan_stages(cfg: ExperimentConfig, fingerprint: str, owner: str = "") -> list[StagePlan]:
+def plan_stages(
+    cfg: ExperimentConfig, fingerprint: str, owner: str = "", info: ModelInfo | None = None
+) -> list[StagePlan]:
     """The stages of ``cfg`` in training order, as its method plans its guides; the student is always last.
 
     ``owner`` (the MLflow run of an experiment, the Tune trial of a search) enters the keys when
     ``store.reuse`` is false, so no other run shares the models, while a resumed run finds its own.
+    ``info`` (the data's shape) is needed only to plan a given teacher, whose weights are read and hashed.
     """
-    planner = StagePlanner(cfg, fingerprint, owner)
+    planner = StagePlanner(cfg, fingerprint, owner, info)
     guides = METHODS[cfg.method.name].plan_guides(cfg.method, planner)
     planner.add("student", cfg.student, cfg.method, guides)
     return planner.plans

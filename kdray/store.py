@@ -23,6 +23,7 @@ import filelock
 import torch
 
 from kdray.models import ModelInfo, StagedNet, build_model
+from kdray.models.deploy import Restandardize
 
 # Part of every key: raised whenever the same identity would train another model. 2: methods draw their
 # random numbers from the step's own generator instead of torch's global one.
@@ -96,3 +97,16 @@ class ModelStore:
         )
         model.load_state_dict(torch.load(stored.weights, map_location="cpu", weights_only=True))
         return model
+
+    def load_guide(
+        self, key: str, info: ModelInfo, data_stats: tuple[tuple[float, ...], tuple[float, ...]]
+    ) -> torch.nn.Module:
+        """The stored model as a guide of a stage whose inputs are standardised with ``data_stats``: a given
+        teacher that expects other statistics (``meta["input_stats"]``) gets its inputs re-standardised."""
+        model = self.load(key, info)
+        stored = self.find(key)
+        assert stored is not None
+        own = stored.meta.get("input_stats")
+        if own is None:
+            return model
+        return Restandardize(model, data_stats, (own["mean"], own["std"]))

@@ -9,6 +9,7 @@ code that runs without a store (Ray Train workers other than the chief, benchmar
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 
 import filelock
 
-from kdray.config import ConfigError
+from kdray.config import ConfigError, absolute_uri
 
 # MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; kdray's are training runs.
 KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -76,6 +77,7 @@ class Tracker:
     def __init__(self, uri: str, experiment: str) -> None:
         from mlflow.tracking import MlflowClient
 
+        uri = absolute_uri(uri)  # MLflow caches stores by URI: a relative sqlite path would outlive a chdir
         check_reachable(uri)
         self.uri = uri
         # The first access to a new sqlite store creates its schema, and a missing experiment is created:
@@ -113,6 +115,10 @@ class Tracker:
         """A parent's child runs by stage key (tag ``kdray.model_key``)."""
         runs = self.runs_under(parent_id)
         return {run.data.tags["kdray.model_key"]: run for run in runs if "kdray.model_key" in run.data.tags}
+
+    def tags(self, run_id: str) -> dict[str, str]:
+        """A run's tags (none for an empty id)."""
+        return dict(self.client.get_run(run_id).data.tags) if run_id else {}
 
     def latest_metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of every metric a run holds."""
@@ -167,6 +173,52 @@ class Tracker:
     def log_artifact(self, run_id: str, file: Path, folder: str | None = None) -> None:
         self.client.log_artifact(run_id, str(file), folder)
 
+    def log_model(self, run_id: str, model: Any, image_shape: tuple[int, int, int], name: str = "model") -> str:
+        """Log ``model`` (float [0, 1] NCHW images -> logits) as an MLflow model of run ``run_id``, with its
+        signature and a one-image input example; returns its model id (``models:/<id>`` loads it).
+
+        Pickled (cloudpickle), not MLflow 3's default ``pt2``: a pickled module loads back for every
+        architecture kdray trains (torch.export needs a traceable forward, which a user's model need not
+        have); loading needs kdray (and a user's model package) importable, as training did."""
+        import mlflow
+        import numpy as np
+        import torch
+        import torchvision
+        from mlflow.models import infer_signature
+
+        import kdray
+
+        example = np.random.default_rng(0).random((1, *image_shape), dtype=np.float32)
+        model = model.cpu().eval()
+        with torch.no_grad():
+            logits = model(torch.from_numpy(example)).numpy()
+        versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "kdray": kdray.__version__}
+        requirements = [f"{package}=={version.split('+')[0]}" for package, version in versions.items()]
+        mlflow.set_tracking_uri(self.uri)
+        quiet = logging.getLogger("mlflow.pytorch")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # its advice to use pt2 is answered in the docstring above
+        try:
+            info = mlflow.pytorch.log_model(
+                model,
+                name=name,
+                run_id=run_id,
+                serialization_format="pickle",
+                signature=infer_signature(example, logits),
+                input_example=example,
+                pip_requirements=requirements,
+            )
+        finally:
+            quiet.setLevel(level)
+        return info.model_id
+
+    def register_model(self, model_id: str, name: str) -> str:
+        """Register logged model ``model_id`` as a new version of ``name``; returns the version."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        return str(mlflow.register_model(f"models:/{model_id}", name).version)
+
 
 class NullTracker(Tracker):
     """Records nothing and finds nothing: for code that runs without a tracking store."""
@@ -210,6 +262,12 @@ class NullTracker(Tracker):
 
     def log_artifact(self, run_id: str, file: Path, folder: str | None = None) -> None:
         return None
+
+    def log_model(self, run_id: str, model: Any, image_shape: tuple[int, int, int], name: str = "model") -> str:
+        return ""
+
+    def register_model(self, model_id: str, name: str) -> str:
+        return ""
 
 
 def find_search_run(uri: str, name: str) -> tuple[Any, str] | None:

@@ -41,10 +41,20 @@ def validate(capsys: pytest.CaptureFixture[str]) -> Callable[..., Done]:
 def test_the_paper_settings_are_all_there() -> None:
     names = {path.stem for path in FILES}
     expected = {
-        "quickstart", "cifar10_cpu", "triplet_cifar10", "feature_mixup_cifar10", "stkd_cifar100",
-        "takd_cifar100_plain", "takd_cifar100_resnet", "dgkd_cifar100_plain", "dgkd_cifar100_resnet",
-        "pacemaker_cifar100", "online_branch_cifar100", "kd_cifar100_resnet56_resnet20",
-        "kd_cifar100_resnet32x4_resnet8x4", "kd_cifar100_wrn40_2_wrn16_2",
+        "quickstart",
+        "cifar10_cpu",
+        "triplet_cifar10",
+        "feature_mixup_cifar10",
+        "stkd_cifar100",
+        "takd_cifar100_plain",
+        "takd_cifar100_resnet",
+        "dgkd_cifar100_plain",
+        "dgkd_cifar100_resnet",
+        "pacemaker_cifar100",
+        "online_branch_cifar100",
+        "kd_cifar100_resnet56_resnet20",
+        "kd_cifar100_resnet32x4_resnet8x4",
+        "kd_cifar100_wrn40_2_wrn16_2",
     }
     assert expected <= names, sorted(expected - names)
 

@@ -308,9 +308,7 @@ def test_dml_loss_is_each_peers_ce_plus_its_mean_kl_to_the_others() -> None:
     logits = [table, -table, 3 * table]
     probs = [torch.softmax(z / 2.0, 1) for z in logits]
     ce = sum(-torch.log_softmax(z, 1)[torch.arange(2), labels].mean() for z in logits)
-    kl = sum(
-        (probs[j] * (probs[j].log() - probs[k].log())).sum(1).mean() for k in range(3) for j in range(3) if j != k
-    )
+    kl = sum((probs[j] * (probs[j].log() - probs[k].log())).sum(1).mean() for k in range(3) for j in range(3) if j != k)
     assert terms["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
     assert terms["kd"].item() == pytest.approx((4.0 / 2 * kl).item(), rel=1e-5)
     assert method.deployable() is method.student and method.branches["0"] is method.student

@@ -55,9 +55,7 @@ def searched(local_ray: None, workdir: Path) -> tuple[str, str, list[str], str]:
     experiment = client.get_experiment_by_name("ui")
     # kdray marks its experiments as model training, so MLflow's UI opens them on their runs.
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    trials = client.search_runs(
-        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'"
-    )
+    trials = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
     assert len(trials) == 2
     return cfg.tracking.uri, outcome.name, [t.info.run_name for t in trials], experiment.experiment_id
 
@@ -76,7 +74,9 @@ def ui_server(searched: tuple[str, str, list[str], str], workdir: Path) -> Itera
     log = (workdir / "ui.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "kdray", "ui", "--tracking-uri", uri, "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -108,8 +108,13 @@ def chromium(browser_available: None) -> Iterator[object]:
     options = Options()
     options.binary_location = CHROMIUM
     for flag in (
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-        "--disable-dev-shm-usage", "--window-size=1600,1000",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        "--window-size=1600,1000",
     ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)

@@ -14,10 +14,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 
 from kdray.config import ConfigError, load_config
+from kdray.data import load_dataset
 from kdray.search.driver import run_search
 from kdray.store import ModelStore
 
@@ -48,9 +50,7 @@ def runs_by_role(uri: str, experiment: str) -> dict[str, list]:
     return grouped
 
 
-def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(
-    local_ray: None, workdir: Path
-) -> None:
+def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(local_ray: None, workdir: Path) -> None:
     space = {
         "method.name": {"kind": "choice", "values": ["kd", "triplet", "stkd"]},
         "method.temperature": {"kind": "logfloat", "low": 1, "high": 8},
@@ -66,12 +66,12 @@ def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(
             "search.name=methods",
             "search.scheduler.grace_period=1",
             "search.references=true",
-            "tracking.experiment=search",
+            "tracking.experiment=kdray-quickstart",  # the README's name for the registered student
         ],
     )
     outcome = run_search(cfg, "unused")
     client = MlflowClient(cfg.tracking.uri)
-    runs = runs_by_role(cfg.tracking.uri, "search")
+    runs = runs_by_role(cfg.tracking.uri, "kdray-quickstart")
     (parent,) = runs["search"]
     assert parent.info.run_id == outcome.parent_run_id and client.get_run(parent.info.run_id).info.status == "FINISHED"
     trials = [run for run in runs["trial"] if run.data.tags["mlflow.parentRunId"] == parent.info.run_id]
@@ -112,6 +112,25 @@ def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(
     summary = client.download_artifacts(parent.info.run_id, "summary.md", str(workdir))
     text = Path(summary).read_text()
     assert "student alone, same budget" in text and "default KD, same budget" in text and "stopped by ASHA" in text
+    # the best finished student is registered and loads as a plain classifier: [0, 1] images in, the logged
+    # test accuracy out, and the README's snippet runs as written
+    assert outcome.registered == "models:/kdray-quickstart-student/1"
+    version = client.get_model_version("kdray-quickstart-student", "1")
+    student = mlflow.pytorch.load_model("models:/kdray-quickstart-student/1")
+    test = load_dataset(cfg.data).test
+    raw = (student(test.images.float() / 255).argmax(1) == test.labels).float().mean().item()
+    assert raw == pytest.approx(client.get_run(version.run_id).data.metrics["test/acc"])
+    assert version.run_id in {run.info.run_id for run in [*trials, *runs.get("student", [])]}
+    snippet = readme_block("## Using your student", "python")
+    shown = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, check=True).stdout
+    assert str(student.classes) in shown
+
+
+def readme_block(section: str, language: str) -> str:
+    """The first ``language`` code block under the README heading ``section``, verbatim."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    after = text.split(section + "\n", 1)[1]
+    return after.split(f"```{language}\n", 1)[1].split("```", 1)[0]
 
 
 @pytest.mark.slow

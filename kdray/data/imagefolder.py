@@ -3,9 +3,12 @@
 Layout: ``train/<class>/...image`` and optionally ``val/`` (or ``valid/``) and ``test/`` with the same
 class folders; this covers CIFAR-10 as JPEGs and CINIC-10. Tiny-ImageNet's ``val/images`` with
 ``val/val_annotations.txt`` is read through the annotations; its unlabelled ``test/images`` is skipped.
-Archives are read in one streaming pass without extracting. Decoded splits are cached as ``.npy``
-under a key made of the path and every file's size and modification time, so a second load takes
-seconds and any change to the data invalidates the cache.
+Archives are read in one streaming pass without extracting. With ``data.image_size`` every image is
+resized while decoding (shorter side to the size, then the centre square), so folders of mixed sizes
+load; without it every image must have one square size. The memory the decoded splits will take is
+computed from the file count before decoding, and a folder that would not fit is refused with the number.
+Decoded splits are cached as ``.npy`` under a key made of the path, the image size and every file's
+size and modification time, so a second load takes seconds and any change to the data invalidates the cache.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "test": "test"}
 ANNOTATIONS = "val_annotations.txt"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -55,21 +58,22 @@ class _Entry:
     read: object  # zero-argument callable returning bytes
 
 
-def load_image_folder(root: Path, cache_dir: Path) -> ImageFolderData:
-    """Load ``root`` (a folder or an archive), from the decoded cache when it is current."""
+def load_image_folder(root: Path, cache_dir: Path, image_size: int | None = None) -> ImageFolderData:
+    """Load ``root`` (a folder or an archive), from the decoded cache when it is current; ``image_size``
+    resizes every image to that square size."""
     root = root.expanduser().resolve()
     if not root.exists():
         raise DataError(f"{root}: no such file or folder")
-    cached = cache_dir / "imagefolder" / _signature(root)
+    cached = cache_dir / "imagefolder" / _signature(root, image_size)
     if (cached / "meta.json").is_file():
         return _read_cache(cached)
-    data = _decode(root)
+    data = _decode(root, image_size)
     _write_cache(cached, data)
     return data
 
 
-def _signature(root: Path) -> str:
-    digest = hashlib.blake2b(f"{CACHE_VERSION}:{root}".encode(), digest_size=16)
+def _signature(root: Path, image_size: int | None) -> str:
+    digest = hashlib.blake2b(f"{CACHE_VERSION}:{root}:{image_size}".encode(), digest_size=16)
     if root.is_file():
         stat = root.stat()
         digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -139,20 +143,21 @@ def _collect(root: Path) -> tuple[dict[str, list[_Entry]], dict[str, set[str]], 
     return files, folders, annotations
 
 
-def _decode(root: Path) -> ImageFolderData:
+def _decode(root: Path, image_size: int | None) -> ImageFolderData:
     files, folders, annotations = _collect(root)
     if not files["train"]:
         raise DataError(f"{root}: no train/<class>/<image> files found")
+    check_memory(sum(len(entries) for entries in files.values()), image_size or _side(files["train"][0]), str(root))
     classes = sorted({entry.rest[0] for entry in files["train"]})
     for folder in sorted(folders["train"] - set(classes)):
         raise DataError(f"{root}: class folder train/{folder} holds no images")
     splits: dict[str, Split | None] = {"val": None, "test": None}
-    train = _decode_split(files["train"], classes, None)
+    train = _decode_split(files["train"], classes, None, image_size)
     assert train is not None
     decoded = {"train": train}
     for split in ("val", "test"):
         if files[split]:
-            labelled = _decode_split(files[split], classes, annotations.get(split))
+            labelled = _decode_split(files[split], classes, annotations.get(split), image_size)
             if labelled is not None:
                 decoded[split] = labelled
     _check_sizes(decoded)
@@ -166,7 +171,7 @@ def _decode(root: Path) -> ImageFolderData:
 
 
 def _decode_split(
-    entries: list[_Entry], classes: list[str], annotated: dict[str, str] | None
+    entries: list[_Entry], classes: list[str], annotated: dict[str, str] | None, image_size: int | None
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Decode one split; None for an unlabelled split (Tiny-ImageNet's test/images)."""
     index = {name: i for i, name in enumerate(classes)}
@@ -184,16 +189,19 @@ def _decode_split(
         if wnid not in index:
             raise DataError(f"{entry.source}: class '{wnid}' is not one of the {len(classes)} train classes")
         labels.append(index[wnid])
-    pictures = [_read_image(entry) for entry in entries]
+    pictures = [_read_image(entry, image_size) for entry in entries]
     first = pictures[0].shape[:2]
     for entry, picture in zip(entries, pictures, strict=True):
         if picture.shape[:2] != first:
             raise DataError(
                 f"{entry.source}: image is {_size(picture)} but {entries[0].source} is {_size(pictures[0])}; "
-                "every image must have the same size"
+                "set data.image_size to resize every image to one size"
             )
     if first[0] != first[1]:
-        raise DataError(f"{entries[0].source}: image is {_size(pictures[0])}; kdray's models need square images")
+        raise DataError(
+            f"{entries[0].source}: image is {_size(pictures[0])}; kdray's models need square images: "
+            "set data.image_size"
+        )
     if all(picture.ndim == 2 for picture in pictures):
         stacked = np.stack(pictures)[:, None]
     else:
@@ -206,14 +214,57 @@ def _size(picture: np.ndarray) -> str:
     return f"{picture.shape[1]}x{picture.shape[0]}"
 
 
-def _read_image(entry: _Entry) -> np.ndarray:
-    """Decode to HxW (grey) or HxWx3 (colour) uint8, naming the file when it cannot be read."""
+def _read_image(entry: _Entry, image_size: int | None = None) -> np.ndarray:
+    """Decode to HxW (grey) or HxWx3 (colour) uint8, resized to ``image_size`` if given, naming the file
+    when it cannot be read."""
     try:
         with Image.open(io.BytesIO(entry.read())) as image:  # type: ignore[operator]
             grey = image.mode in ("1", "L", "LA", "I", "I;16", "F")
-            return np.asarray(image.convert("L" if grey else "RGB"))
+            converted = image.convert("L" if grey else "RGB")
+            return np.asarray(converted if image_size is None else resize_square(converted, image_size))
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DataError(f"{entry.source}: cannot decode image ({error})") from None
+
+
+def resize_square(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side to ``size`` (antialiased bicubic), then the centre ``size`` x ``size`` square: the usual
+    evaluation transform of image classifiers, applied once at decode time."""
+    width, height = image.size
+    scale = size / min(width, height)
+    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    return resized.crop((left, top, left + size, top + size))
+
+
+def _side(entry: _Entry) -> int:
+    """The longer side of one image (read from its header): the size estimate of a folder kept at its size."""
+    try:
+        with Image.open(io.BytesIO(entry.read())) as image:  # type: ignore[operator]
+            return max(image.size)
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise DataError(f"{entry.source}: cannot decode image ({error})") from None
+
+
+def available_memory() -> int:
+    """Bytes this machine can still give (MemAvailable; the physical size where /proc is missing)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(images: int, side: int, source: str, channels: int = 3) -> None:
+    """Refuse data whose decoded uint8 splits (held twice while stacking) would not fit in memory."""
+    needed = 2 * images * channels * side * side
+    free = available_memory()
+    if needed > free:
+        raise DataError(
+            f"{source}: {images} images at {side}x{side} need {needed / 2**30:.1f} GiB to decode and this machine has "
+            f"{free / 2**30:.1f} GiB available; lower data.image_size or data.limit_train"
+        )
 
 
 def _check_sizes(decoded: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:

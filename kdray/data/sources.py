@@ -33,7 +33,7 @@ class RawData:
 class DatasetSpec:
     """A registered dataset: how to load it, what it needs, and its augmentation defaults."""
 
-    load: Callable[[Path | None, bool, Path], RawData]
+    load: Callable[[Path | None, bool, Path, int | None], RawData]  # root, download, cache_dir, image_size
     description: str
     needs_root: bool
     padding: int
@@ -44,7 +44,7 @@ class DatasetSpec:
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
-def _digits(root: Path | None, download: bool, cache_dir: Path) -> RawData:
+def _digits(root: Path | None, download: bool, cache_dir: Path, image_size: int | None) -> RawData:
     """scikit-learn's bundled 8x8 digits (1,797 images, values 0..16) scaled to uint8.
 
     It has no official test split, so a fixed stratified 20% (seed 0) is kdray's test split for it.
@@ -79,10 +79,10 @@ def _torchvision_cifar(class_name: str) -> type:
     return getattr(torchvision.datasets, class_name)
 
 
-def _cifar(class_name: str) -> Callable[[Path | None, bool, Path], RawData]:
+def _cifar(class_name: str) -> Callable[[Path | None, bool, Path, int | None], RawData]:
     """Reader for torchvision's CIFAR pickle layout; torchvision itself downloads and verifies it."""
 
-    def load(root: Path | None, download: bool, cache_dir: Path) -> RawData:
+    def load(root: Path | None, download: bool, cache_dir: Path, image_size: int | None) -> RawData:
         assert root is not None
         variant = _torchvision_cifar(class_name)
         if download:
@@ -138,9 +138,9 @@ def _register_cifar() -> None:
 _register_cifar()
 
 
-def _imagefolder(root: Path | None, download: bool, cache_dir: Path) -> RawData:
+def _imagefolder(root: Path | None, download: bool, cache_dir: Path, image_size: int | None) -> RawData:
     assert root is not None
-    folder = load_image_folder(root, cache_dir)
+    folder = load_image_folder(root, cache_dir, image_size)
     return RawData(folder.classes, folder.train, val=folder.val, test=folder.test)
 
 

@@ -106,6 +106,18 @@ def stratified_subset(split: Split, size: int, seed: int) -> Split:
     return kept
 
 
+def resize_split(split: Split, size: int, chunk: int = 4096) -> Split:
+    """Every image of ``split`` resized to ``size`` x ``size`` (antialiased bilinear), still uint8."""
+    import torch.nn.functional as F
+
+    parts = []
+    for start in range(0, len(split), chunk):
+        images = split.images[start : start + chunk].float()
+        scaled = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        parts.append(scaled.round_().clamp_(0, 255).to(torch.uint8))
+    return Split(torch.cat(parts), split.labels)
+
+
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images, on the 0..1 scale."""
     scaled = images.to(torch.float64).div_(255).transpose(0, 1).reshape(images.shape[1], -1)

@@ -77,6 +77,7 @@ class Method(nn.Module):
     Params: ClassVar[type[MethodParams]]
     summary: ClassVar[str] = ""
     uses_assistants: ClassVar[bool] = False  # reads the ``assistants`` section (teacher-assistant chains)
+    student_stages: ClassVar[int] = 0  # named stages the student must have (0: logits are all it reads)
 
     @classmethod
     def plan_guides(cls, params: MethodParams, planner: StagePlanner) -> list[str]:

@@ -55,6 +55,7 @@ class FeatureMixup(Method):
 
     Params = FeatureMixupParams
     summary = "Oki & Kurita 2018: mix stage outputs of 2-3 samples (Beta/Dirichlet), mixed CE [+ KD to mixed target]"
+    student_stages = 1
 
     @classmethod
     def plan_guides(cls, params: MethodParams, planner: StagePlanner) -> list[str]:

@@ -112,6 +112,7 @@ class OnlineBranch(EnsembleMethod):
 
     Params = OnlineBranchParams
     summary = "Li et al. 2020: m branches, FFM-fused soft target, classifier-diversification loss"
+    student_stages = 2
 
     def __init__(self, student: StagedNet, guides: Sequence[nn.Module], params: OnlineBranchParams) -> None:
         super().__init__(student, guides, params)

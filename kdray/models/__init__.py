@@ -1,7 +1,33 @@
-"""CIFAR-style classifiers; importing this package registers every family below."""
+"""Classifiers: kdray's CIFAR families (importing this package registers them) and, by name, torchvision's,
+timm's and a user's own (``kdray.models.registry``)."""
 
-from kdray.models import plane, resnet, wrn  # noqa: F401  (registration)
-from kdray.models.registry import MODELS, ModelInfo, build_model, parameter_count
+# isort: off
+from kdray.models import plane, resnet, wrn, vgg, mobilenetv2, shufflenet  # noqa: F401  (registration, listing order)
+
+# isort: on
+from kdray.models.registry import (
+    MODELS,
+    ModelInfo,
+    ModelSpec,
+    build_model,
+    code_version,
+    model_spec,
+    parameter_count,
+    require_model,
+)
 from kdray.models.staged import StagedNet
+from kdray.models.weights import WeightsError, load_weights
 
-__all__ = ["MODELS", "ModelInfo", "StagedNet", "build_model", "parameter_count"]
+__all__ = [
+    "MODELS",
+    "ModelInfo",
+    "ModelSpec",
+    "StagedNet",
+    "WeightsError",
+    "build_model",
+    "code_version",
+    "load_weights",
+    "model_spec",
+    "parameter_count",
+    "require_model",
+]

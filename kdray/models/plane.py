@@ -12,7 +12,7 @@ import math
 
 from torch import nn
 
-from kdray.models.registry import MODELS, ModelInfo
+from kdray.models.registry import MODELS, ModelInfo, ModelSpec
 from kdray.models.staged import StagedNet, conv3x3, init_weights, norm2d
 
 PLANE_BOOK: dict[int, tuple[list[list[int]], list[int]]] = {
@@ -56,4 +56,9 @@ def plane_cnn(depth: int, info: ModelInfo) -> StagedNet:
 
 
 for _depth in PLANE_BOOK:
-    MODELS.add(f"plane{_depth}", lambda info, d=_depth: plane_cnn(d, info))
+    MODELS.add(
+        f"plane{_depth}",
+        ModelSpec(
+            lambda info, d=_depth: plane_cnn(d, info), "TAKD (Mirzadeh et al. 2020) plain CNNs, authors' CIFAR-10 code"
+        ),
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdray.models.registry import MODELS, ModelInfo
+from kdray.models.registry import MODELS, ModelInfo, ModelSpec
 from kdray.models.staged import PooledLinearHead, StagedNet, conv3x3, init_weights, norm2d
 
 
@@ -58,10 +58,59 @@ def cifar_resnet(depth: int, widths: tuple[int, int, int, int], info: ModelInfo)
 _STANDARD = (16, 16, 32, 64)
 _X4 = (32, 64, 128, 256)
 
-for _depth in (8, 14, 20, 26, 32, 44, 56, 110):
-    MODELS.add(
-        f"resnet{_depth}",
-        lambda info, d=_depth: cifar_resnet(d, _STANDARD, info),
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3, 1x1 expand (x4), projection shortcut where the shape changes (He et al. 2016, Fig. 5)."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, width: int, stride: int, info: ModelInfo) -> None:
+        super().__init__()
+        out = width * self.expansion
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 1, bias=False),
+            norm2d(width, info.batchnorm),
+            nn.ReLU(inplace=True),
+            conv3x3(width, width, stride, info.onthefly),
+            norm2d(width, info.batchnorm),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, out, 1, bias=False),
+            norm2d(out, info.batchnorm),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out, kernel_size=1, stride=stride, bias=False), norm2d(out, info.batchnorm)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def cifar_resnet50(info: ModelInfo) -> StagedNet:
+    """RepDistiller's ResNet50 (models/resnetv2.py): ImageNet ResNet-50's bottleneck stages [3, 4, 6, 3] at
+    widths 64-128-256-512 (x4 out), on a 3x3 stride-1 stem without max pool. Stages ``stem``, ``layer1..4``."""
+    stem = nn.Sequential(
+        conv3x3(info.in_channels, 64, onthefly=info.onthefly), norm2d(64, info.batchnorm), nn.ReLU(inplace=True)
     )
+    stages: list[tuple[str, nn.Module]] = [("stem", stem)]
+    channels = 64
+    for index, (width, blocks, stride) in enumerate(
+        zip((64, 128, 256, 512), (3, 4, 6, 3), (1, 2, 2, 2), strict=True), start=1
+    ):
+        layer = []
+        for block in range(blocks):
+            layer.append(Bottleneck(channels, width, stride if block == 0 else 1, info))
+            channels = width * Bottleneck.expansion
+        stages.append((f"layer{index}", nn.Sequential(*layer)))
+    model = StagedNet(stages, PooledLinearHead(channels, info.num_classes))
+    init_weights(model)
+    return model
+
+
+SOURCE = "He et al. 2016 (CIFAR ResNet, section 4.2); widths as in RepDistiller models/resnet.py"
+for _depth in (8, 14, 20, 26, 32, 44, 56, 110):
+    MODELS.add(f"resnet{_depth}", ModelSpec(lambda info, d=_depth: cifar_resnet(d, _STANDARD, info), SOURCE))
 for _depth in (8, 32):
-    MODELS.add(f"resnet{_depth}x4", lambda info, d=_depth: cifar_resnet(d, _X4, info))
+    MODELS.add(f"resnet{_depth}x4", ModelSpec(lambda info, d=_depth: cifar_resnet(d, _X4, info), SOURCE))
+MODELS.add("resnet50", ModelSpec(cifar_resnet50, "RepDistiller models/resnetv2.py ResNet50 (Tian et al. 2020)"))

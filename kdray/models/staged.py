@@ -15,12 +15,20 @@ from torch import nn
 
 
 class StagedNet(nn.Module):
-    """A classifier written as ``head(stage_n(...stage_1(x)))`` with every stage named."""
+    """A classifier written as ``head(stage_n(...stage_1(x)))`` with every stage named.
 
-    def __init__(self, stages: Sequence[tuple[str, nn.Module]], head: nn.Module) -> None:
+    A model kdray cannot split (a user's module with its own ``forward``) is ``StagedNet([], module)``: no
+    stages, so only methods that need nothing but logits take it. ``source_names`` maps the parameter
+    names of the module a foreign model was built from to its own, so weights saved from that module load.
+    """
+
+    def __init__(
+        self, stages: Sequence[tuple[str, nn.Module]], head: nn.Module, source_names: dict[str, str] | None = None
+    ) -> None:
         super().__init__()
         self.stages = nn.ModuleDict(dict(stages))
         self.head = head
+        self.source_names = source_names or {}
 
     @property
     def stage_names(self) -> list[str]:
@@ -30,6 +38,8 @@ class StagedNet(nn.Module):
     def classifier(self) -> nn.Linear:
         """The last linear layer: the per-class weights (used by classifier-level losses)."""
         linears = [m for m in self.head.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("the model's head has no linear classifier layer")
         return linears[-1]
 
     def forward(
@@ -78,15 +88,17 @@ class PooledLinearHead(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def conv3x3(in_channels: int, out_channels: int, stride: int = 1, onthefly: bool = False) -> nn.Conv2d:
+def conv3x3(
+    in_channels: int, out_channels: int, stride: int = 1, onthefly: bool = False, bias: bool = False
+) -> nn.Conv2d:
     """The 3x3 convolution every family is built from (padding keeps the size at stride 1).
 
     ``onthefly`` makes it a 1x3 convolution, the "on-the-fly" 1xN filter of Pacemaker KD
     (Son et al., 2020): a third of the weights, same output size (padding 0 vertically, 1 horizontally).
     """
     if onthefly:
-        return nn.Conv2d(in_channels, out_channels, kernel_size=(1, 3), stride=stride, padding=(0, 1), bias=False)
-    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+        return nn.Conv2d(in_channels, out_channels, kernel_size=(1, 3), stride=stride, padding=(0, 1), bias=bias)
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=bias)
 
 
 def norm2d(channels: int, batchnorm: bool = True) -> nn.Module:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdray.models.registry import MODELS, ModelInfo
+from kdray.models.registry import MODELS, ModelInfo, ModelSpec
 from kdray.models.staged import PooledLinearHead, StagedNet, conv3x3, init_weights, norm2d
 
 
@@ -53,4 +53,10 @@ def wide_resnet(depth: int, widen: int, info: ModelInfo) -> StagedNet:
 
 
 for _depth, _widen in ((16, 1), (16, 2), (40, 1), (40, 2), (40, 4), (28, 10)):
-    MODELS.add(f"wrn_{_depth}_{_widen}", lambda info, d=_depth, w=_widen: wide_resnet(d, w, info))
+    MODELS.add(
+        f"wrn_{_depth}_{_widen}",
+        ModelSpec(
+            lambda info, d=_depth, w=_widen: wide_resnet(d, w, info),
+            "Zagoruyko & Komodakis 2016; widths as in RepDistiller models/wrn.py",
+        ),
+    )

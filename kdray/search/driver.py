@@ -23,7 +23,9 @@ from typing import Any
 from ray.tune import Callback
 
 from kdray.config import ConfigError, ExperimentConfig, SamplerConfig, absolute_path, validate_config
+from kdray.data import load_dataset
 from kdray.launch import connect_ray
+from kdray.preflight import check_models
 from kdray.run import mark_failed, run_experiment, run_tags
 from kdray.search.report import SearchReport, build_report, publish
 from kdray.search.space import check_space, default_points, sample
@@ -41,6 +43,7 @@ class SearchOutcome:
     parent_run_id: str
     tracking_uri: str
     report: SearchReport
+    registered: str | None = None  # models:/<name>/<version> of the best student, when registered
 
 
 def make_sampler(sampler: SamplerConfig) -> Any:
@@ -130,6 +133,7 @@ def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
             f"search.name: a search called '{name}' exists under {root}; "
             f"continue it with `kdray tune --resume {name}` or choose another name"
         )
+    check_models(cfg, load_dataset(cfg.data))
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     tags = {**run_tags(cfg), "kdray.role": "search", "kdray.search_name": name}
     parent = tracker.start_run(name, tags)
@@ -218,5 +222,24 @@ def _finish(cfg: ExperimentConfig, name: str, parent: str, tracker: Tracker) -> 
         references[method] = result.student.metrics.get(cfg.search.metric, math.nan)
     report = build_report(tracker, parent, cfg, references)
     publish(tracker, parent, report)
+    registered = None
+    if cfg.search.register_model:
+        registered = register_best(tracker, parent, report, f"{cfg.tracking.experiment}-student")
     tracker.end_run(parent)
-    return SearchOutcome(name, parent, cfg.tracking.uri, report)
+    return SearchOutcome(name, parent, cfg.tracking.uri, report, registered)
+
+
+def register_best(tracker: Tracker, parent: str, report: SearchReport, name: str) -> str | None:
+    """Register the best finished trial's student (its logged model, or that of the run it reused) as a new
+    version of ``name`` in the MLflow Model Registry; its ``models:/`` URI, tagged on the search run."""
+    for row in report.ranked:
+        if row.status != "FINISHED":
+            continue  # a trial stopped early stored no student
+        tags = tracker.tags(row.run_id)
+        model_id = tags.get("kdray.model_id") or tracker.tags(tags.get("kdray.source_run_id", "")).get("kdray.model_id")
+        if model_id:
+            uri = f"models:/{name}/{tracker.register_model(model_id, name)}"
+            tracker.set_tags(parent, {"kdray.registered_model": uri})
+            log.info("best student (%s) registered as %s", row.name, uri)
+            return uri
+    return None

@@ -18,6 +18,7 @@ import logging
 import math
 from typing import Any
 
+from kdray.build import model_info
 from kdray.config import ExperimentConfig
 from kdray.data import load_dataset
 from kdray.distributed import local_context
@@ -86,7 +87,7 @@ def _train(
     ctx = local_context(cfg.scaling.use_gpu, cfg.scaling.threads) if cfg.scaling.num_workers == 0 else None
     store = ModelStore(cfg.store.path)
     dataset = load_dataset(cfg.data)
-    plans = plan_stages(cfg, dataset.fingerprint(), owner=trial_id)
+    plans = plan_stages(cfg, dataset.fingerprint(), owner=trial_id, info=model_info(dataset))
     runner = StageRunner(cfg, dataset, store, tracker, ctx)
     tags = run_tags(cfg)
     counts = {"trained": 0, "reused": 0}
