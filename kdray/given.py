@@ -73,9 +73,11 @@ def _read(name: str, source: str, info: ModelInfo, tracking_uri: str) -> tuple[d
 def _from_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         state: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a damaged file or one holding pickled code
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"teacher.weights: cannot read {path} as a state dict ({first})") from None
+    except Exception as error:  # a damaged file, another format, or one holding pickled code
+        raise ConfigError(
+            f"teacher.weights: cannot read {path} as a state dict ({type(error).__name__}); save one with "
+            "torch.save(model.state_dict(), path)"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
