@@ -243,21 +243,12 @@ def test_installed_packages_add_models_and_methods_through_entry_points(
     try:
         cfg = load_config(None, ["method.name=acme_hard", "student.name=acme_tiny"])
         assert cfg.method.name == "acme_hard" and cfg.student.name == "acme_tiny"
-        listed = subprocess.run(
-            ["kdray", "methods"],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "PYTHONPATH": str(tmp_path)},
-        ).stdout
+        environment = {**os.environ, "PYTHONPATH": str(tmp_path)}  # a fresh process finds the package too
+        listed, models = (
+            subprocess.run(["kdray", what], capture_output=True, text=True, check=True, env=environment).stdout
+            for what in ("methods", "models")
+        )
         assert "acme_hard: ACME: cross-entropy on the teacher's hard labels" in listed
-        models = subprocess.run(
-            ["kdray", "models"],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "PYTHONPATH": str(tmp_path)},
-        ).stdout
         assert "acme_tiny" in models and "entry point acme_kd:tiny" in models
     finally:
         METHODS.remove("acme_hard")

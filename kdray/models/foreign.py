@@ -37,14 +37,7 @@ def torchvision_spec(name: str) -> ModelSpec:
         _need_colour(f"torchvision.{name}", info)
         return staged_from(models.get_model(name, weights=None, num_classes=info.num_classes), info)
 
-    return ModelSpec(
-        build,
-        f"torchvision {torchvision.__version__} torchvision.models.{name}",
-        onthefly=False,
-        native=False,
-        code=(__name__,),
-        version_tag=f"torchvision-{torchvision.__version__}",
-    )
+    return _library_spec(build, "torchvision", torchvision.__version__, f"torchvision.models.{name}")
 
 
 def timm_spec(name: str) -> ModelSpec:
@@ -59,14 +52,15 @@ def timm_spec(name: str) -> ModelSpec:
         model = timm.create_model(name, pretrained=False, num_classes=info.num_classes, in_chans=info.in_channels)
         return StagedNet([("features", TimmFeatures(model))], TimmHead(model), _names(model, "stages.features.model."))
 
+    return _library_spec(build, "timm", timm.__version__, f"timm.create_model('{name}')")
+
+
+def _library_spec(build: Callable[[ModelInfo], StagedNet], library: str, version: str, call: str) -> ModelSpec:
+    """A library's architecture: its version (and this module's splitting code) decide the weights."""
     return ModelSpec(
-        build,
-        f"timm {timm.__version__} timm.create_model('{name}')",
-        onthefly=False,
-        native=False,
-        code=(__name__,),
-        version_tag=f"timm-{timm.__version__}",
-    )
+        build, f"{library} {version} {call}", onthefly=False, native=False, code=(__name__,),
+        version_tag=f"{library}-{version}",
+    )  # fmt: skip
 
 
 def import_callable(target: str) -> Callable[..., Any]:
