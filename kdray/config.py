@@ -81,6 +81,16 @@ def _model_name(name: str) -> str:
 ModelName = Annotated[str, AfterValidator(_model_name)]
 
 
+def weights_source(weights: str) -> str:
+    """Given weights: an MLflow model URI or ``pretrained[:TAG]`` as written, a local file made absolute."""
+    if weights.startswith(("runs:/", "models:/", "pretrained")) or "://" in weights:
+        return weights
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ValueError(f"'{weights}' is not a file; give a state-dict file, an MLflow model URI or pretrained")
+    return str(path.resolve())
+
+
 def absolute_path(path: str) -> str:
     """A local path made absolute (``~`` expanded); URLs (``s3://...``) as given."""
     return path if "://" in path else str(Path(path).expanduser().resolve())
@@ -222,12 +232,7 @@ class TeacherConfig(ModelConfig):
     @field_validator("weights")
     @classmethod
     def _weights_source(cls, weights: str | None) -> str | None:
-        if weights is None or weights.startswith(("runs:/", "models:/", "pretrained")) or "://" in weights:
-            return weights
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise ValueError(f"'{weights}' is not a file; give a state-dict file, an MLflow model URI or pretrained")
-        return str(path.resolve())
+        return None if weights is None else weights_source(weights)
 
     @model_validator(mode="after")
     def _stats_together(self) -> TeacherConfig:
@@ -242,6 +247,11 @@ class AssistantsConfig(Section):
     depth: int = Field(0, ge=0, le=8, description="Teacher assistants between teacher and student (takd, dgkd).")
     models: list[ModelName] = Field(
         default_factory=list, description="Ladder to pick assistants from, largest first (default: the built-in one)."
+    )
+    weights: dict[str, Annotated[str, AfterValidator(weights_source)]] = Field(
+        default_factory=dict,
+        description="Assistants given already trained, by architecture: {resnet56: path or MLflow URI}; each is "
+        "evaluated and stored, never trained (its inputs standardised with the data's statistics).",
     )
 
 
@@ -455,12 +465,19 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
-        from kdray.ladders import pick_assistants
+        from kdray.ladders import assistant_candidates, pick_assistants
 
         methods = _registry("method")
         if methods[self.method.name].uses_assistants:
             pick_assistants(self.teacher.name, self.student.name, self.assistants)
-        elif self.assistants.depth or self.assistants.models:
+            ladder, source = assistant_candidates(self.teacher.name, self.student.name, self.assistants)
+            unknown = [name for name in self.assistants.weights if name not in ladder]
+            if unknown:
+                raise ValueError(
+                    f"assistants.weights: {', '.join(unknown)} is not among the assistants to pick from "
+                    f"({source}: {', '.join(ladder) or 'none'})"
+                )
+        elif self.assistants.depth or self.assistants.models or self.assistants.weights:
             users = [name for name, method in methods.items() if method.uses_assistants]
             raise ValueError(f"assistants: only {', '.join(users)} use assistants; remove the section")
         if self.scaling.parallelism == "branches":

@@ -1,4 +1,5 @@
-"""Models a user brings already trained (``teacher.weights``): read, checked against the architecture, hashed.
+"""Models a user brings already trained (``teacher.weights``, ``assistants.weights``): read, checked against
+the architecture, hashed.
 
 A given model is never trained by kdray. Its stage is evaluated on the experiment's data (val/test in
 its MLflow run) and stored under a key made of the hash of its weights, so two searches that name the
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from kdray.config import ConfigError, TeacherConfig
+from kdray.config import ConfigError, ExperimentConfig, ModelConfig
 from kdray.models import ModelInfo, StagedNet, build_model, load_weights
 
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
@@ -37,34 +38,46 @@ class GivenModel:
     stats: Stats | None
 
 
-def given_teacher(teacher: TeacherConfig, info: ModelInfo, tracking_uri: str) -> GivenModel:
-    """The teacher of ``teacher.weights`` for data described by ``info``; ConfigError (one line) when it cannot be."""
-    assert teacher.weights is not None
-    own = (tuple(teacher.input_mean), tuple(teacher.input_std)) if teacher.input_mean and teacher.input_std else None
-    info = replace(info, onthefly=teacher.onthefly, batchnorm=teacher.batchnorm)
-    return _given(teacher.name, teacher.weights, info, tracking_uri, own)
+def given_weights(cfg: ExperimentConfig, role: str, model: ModelConfig) -> tuple[str, str, Stats | None] | None:
+    """Where the weights of stage ``role`` (``teacher``, ``assistant<k>``) of architecture ``model`` are given:
+    (source, config field, input statistics the config states), or None when kdray trains that stage."""
+    if role == "teacher" and cfg.teacher.weights is not None:
+        mean, std = cfg.teacher.input_mean, cfg.teacher.input_std
+        return cfg.teacher.weights, "teacher.weights", (tuple(mean), tuple(std)) if mean and std else None
+    if role.startswith("assistant") and model.name in cfg.assistants.weights:
+        return cfg.assistants.weights[model.name], f"assistants.weights.{model.name}", None
+    return None
+
+
+def given_model(cfg: ExperimentConfig, role: str, model: ModelConfig, info: ModelInfo) -> GivenModel:
+    """The given model of stage ``role`` for data described by ``info``; ConfigError (one line) when it cannot be."""
+    given = given_weights(cfg, role, model)
+    assert given is not None, f"the {role} is not given"
+    source, field, own = given
+    shape = replace(info, onthefly=model.onthefly, batchnorm=model.batchnorm)
+    return _given(model.name, source, field, shape, cfg.tracking.uri, own)
 
 
 @functools.cache
-def _given(name: str, source: str, info: ModelInfo, tracking_uri: str, own: Stats | None) -> GivenModel:
+def _given(name: str, source: str, field: str, info: ModelInfo, tracking_uri: str, own: Stats | None) -> GivenModel:
     """Read once per process (a search's driver and each trial's planning ask again)."""
     from kdray.guide_cache import weights_fingerprint
 
-    state, stats = _read(name, source, info, tracking_uri)
     try:
+        state, stats = _read(name, source, tracking_uri)
         model = build_model(name, info)
         load_weights(model, state, source)
-    except ValueError as error:
-        raise ConfigError(f"teacher.weights: {error}") from None
+    except ValueError as error:  # ConfigError and WeightsError among them
+        raise ConfigError(f"{field}: {error}") from None
     stats = own or stats
     if stats is not None and len(stats[0]) != info.in_channels:
-        raise ConfigError(f"teacher.input_mean: {len(stats[0])} values for {info.in_channels}-channel images")
+        raise ConfigError(f"{field}: input statistics of {len(stats[0])} channels, images of {info.in_channels}")
     return GivenModel(model.eval(), weights_fingerprint(model), stats)
 
 
-def _read(name: str, source: str, info: ModelInfo, tracking_uri: str) -> tuple[dict[str, torch.Tensor], Stats | None]:
+def _read(name: str, source: str, tracking_uri: str) -> tuple[dict[str, torch.Tensor], Stats | None]:
     if source.startswith("pretrained"):
-        return _pretrained(name, source.partition(":")[2], info)
+        return _pretrained(name, source.partition(":")[2])
     if source.startswith(("runs:/", "models:/")) or "://" in source:
         return _from_mlflow(source, tracking_uri)
     return _from_file(Path(source)), None
@@ -75,14 +88,14 @@ def _from_file(path: Path) -> dict[str, torch.Tensor]:
         state: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged file, another format, or one holding pickled code
         raise ConfigError(
-            f"teacher.weights: cannot read {path} as a state dict ({type(error).__name__}); save one with "
+            f"cannot read {path} as a state dict ({type(error).__name__}); save one with "
             "torch.save(model.state_dict(), path)"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(
-            f"teacher.weights: {path} is not a state dict; save it with torch.save(model.state_dict(), path)"
+            f"{path} is not a state dict; save it with torch.save(model.state_dict(), path)"
         )
     return state
 
@@ -97,7 +110,7 @@ def _from_mlflow(uri: str, tracking_uri: str) -> tuple[dict[str, torch.Tensor], 
         module = mlflow.pytorch.load_model(uri, map_location="cpu")
     except Exception as error:
         raise ConfigError(
-            f"teacher.weights: cannot load the MLflow model {uri} ({str(error).splitlines()[0]})"
+            f"cannot load the MLflow model {uri} ({str(error).splitlines()[0]})"
         ) from None
     if isinstance(module, Classifier):
         stats = (tuple(module.mean.flatten().tolist()), tuple(module.std.flatten().tolist()))
@@ -105,7 +118,7 @@ def _from_mlflow(uri: str, tracking_uri: str) -> tuple[dict[str, torch.Tensor], 
     return module.state_dict(), None
 
 
-def _pretrained(name: str, tag: str, info: ModelInfo) -> tuple[dict[str, torch.Tensor], Stats | None]:
+def _pretrained(name: str, tag: str) -> tuple[dict[str, torch.Tensor], Stats | None]:
     """torchvision's or timm's published weights; their own normalisation comes with them."""
     try:
         if name.startswith("torchvision."):
@@ -121,13 +134,13 @@ def _pretrained(name: str, tag: str, info: ModelInfo) -> tuple[dict[str, torch.T
             config = model.pretrained_cfg
             return model.state_dict(), (tuple(config["mean"]), tuple(config["std"]))
     except KeyError:
-        raise ConfigError(f"teacher.weights: {name} has no pretrained weights tagged '{tag}'") from None
+        raise ConfigError(f"{name} has no pretrained weights tagged '{tag}'") from None
     except OSError as error:  # urllib's URLError and huggingface_hub's connection errors are OSErrors
         raise ConfigError(
-            f"teacher.weights: downloading {name}'s pretrained weights failed ({error}); this needs internet: "
+            f"downloading {name}'s pretrained weights failed ({error}); this needs internet: "
             "download them where there is some and give the file"
         ) from None
-    raise ConfigError(f"teacher.weights: pretrained weights exist for torchvision.<name> and timm.<name>, not {name}")
+    raise ConfigError(f"pretrained weights exist for torchvision.<name> and timm.<name>, not {name}")
 
 
 def input_stats(stats: Stats | None, data: Stats) -> dict[str, list[float]] | None:

@@ -28,15 +28,19 @@ def intermediates(teacher: str, student: str, ladder: tuple[str, ...]) -> list[s
     return list(ladder[below_teacher : ladder.index(student)])
 
 
+def assistant_candidates(teacher: str, student: str, assistants: AssistantsConfig) -> tuple[list[str], str]:
+    """The models assistants are picked from (``assistants.models``, else the built-in ladder between teacher
+    and student), largest first, and where they come from."""
+    if assistants.models:
+        return list(assistants.models), "assistants.models"
+    ladder = next((ladder for ladder in LADDERS if student in ladder), ())
+    source = f"the built-in ladder {' > '.join(ladder)}" if ladder else "no built-in ladder"
+    return intermediates(teacher, student, ladder), source
+
+
 def pick_assistants(teacher: str, student: str, assistants: AssistantsConfig) -> list[str]:
     """The ``depth`` assistants, evenly spaced, largest first; ValueError (naming the field) if impossible."""
-    if assistants.models:
-        candidates = list(assistants.models)
-        source = "assistants.models"
-    else:
-        ladder = next((ladder for ladder in LADDERS if student in ladder), ())
-        candidates = intermediates(teacher, student, ladder)
-        source = f"the built-in ladder {' > '.join(ladder)}" if ladder else "no built-in ladder"
+    candidates, source = assistant_candidates(teacher, student, assistants)
     if assistants.depth > len(candidates):
         raise ValueError(
             f"assistants.depth={assistants.depth} but {source} has {len(candidates)} model(s) between "

@@ -24,7 +24,7 @@ from kdray.config import ExperimentConfig
 from kdray.data import Dataset, DeviceSplit
 from kdray.distributed import WorkerContext, local_context
 from kdray.engine import FitResult, evaluate, fit
-from kdray.given import Stats, given_teacher, input_stats
+from kdray.given import Stats, given_model, input_stats
 from kdray.models.deploy import Classifier, Restandardize
 from kdray.sinks import LocalSink, StageSink, StoreResult, TuneSink
 from kdray.stages import StagePlan
@@ -208,7 +208,7 @@ class StageRunner:
     def evaluate_given(self, plan: StagePlan, run_id: str) -> StageOutcome:
         """A given model (``teacher.weights``): evaluated on val and test, stored, never trained."""
         cfg = self.cfg
-        given = given_teacher(cfg.teacher, model_info(self.dataset), cfg.tracking.uri)
+        given = given_model(cfg, plan.role, plan.model, model_info(self.dataset))
         ctx = self.ctx or local_context(cfg.scaling.use_gpu, cfg.scaling.threads)
         model = given.model
         if given.stats is not None:

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, SerializeAsAny, field_validator
 
 from kdray.config import ExperimentConfig, MethodParams, ModelConfig, TrainConfig, method_params
+from kdray.given import given_model, given_weights
 from kdray.ladders import pick_assistants
 from kdray.methods import METHODS
 from kdray.models import ModelInfo, code_version
@@ -100,30 +101,37 @@ class StagePlanner:
         where the file sets them."""
         cfg = self.cfg
         model = ModelConfig.model_validate(cfg.teacher.model_dump(include=set(ModelConfig.model_fields)))
-        if cfg.teacher.weights is not None:
-            return self._given(model)
+        if given_weights(cfg, "teacher", model) is not None:
+            return self._given("teacher", model)
         recipe = cfg.train.model_copy(
             update={"epochs": cfg.teacher.epochs or cfg.train.epochs, "lr": cfg.teacher.lr or cfg.train.lr}
         )
         return self.add("teacher", model, METHODS["none"].Params(), [], recipe)
 
-    def _given(self, model: ModelConfig) -> str:
-        """A given teacher's stage: keyed by the hash of its weights (and the data it is evaluated on)."""
-        from kdray.given import given_teacher
+    def assistant(self, index: int, name: str, method: MethodParams, guides: list[str]) -> str:
+        """Assistant ``index`` of a chain: given (``assistants.weights``), or trained by ``method`` from ``guides``."""
+        role, model = f"assistant{index}", ModelConfig(name=name)
+        if given_weights(self.cfg, role, model) is not None:
+            return self._given(role, model)
+        return self.add(role, model, method, guides)
 
+    def _given(self, role: str, model: ModelConfig) -> str:
+        """A given model's stage: keyed by the hash of its weights (and the data it is evaluated on)."""
         if self.info is None:
-            raise ValueError("planning a given teacher needs the data's ModelInfo (plan_stages(..., info=...))")
-        given = given_teacher(self.cfg.teacher, self.info, self.cfg.tracking.uri)
+            raise ValueError("planning a given model needs the data's ModelInfo (plan_stages(..., info=...))")
+        given = given_model(self.cfg, role, model, self.info)
         identity = {
             "given": given.digest,
             "stats": given.stats,
             "model": model.model_dump(mode="json"),
             "data": {"fingerprint": self.fingerprint},
         }
+        source = given_weights(self.cfg, role, model)
+        assert source is not None
         none = METHODS["none"].Params()
         plan = StagePlan(
-            role="teacher", model=model, method=none, train=self.cfg.train, guides=[], key=model_key(identity),
-            weights=self.cfg.teacher.weights,
+            role=role, model=model, method=none, train=self.cfg.train, guides=[], key=model_key(identity),
+            weights=source[0],
         )  # fmt: skip
         return self._plan(plan)
 

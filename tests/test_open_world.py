@@ -139,7 +139,7 @@ def test_a_teacher_given_as_a_weights_file_teaches_a_users_own_student(workdir: 
     assert teacher.plan.weights is not None and not teacher.reused
     assert teacher.metrics["val/acc"] == pytest.approx(val_acc, abs=1e-6)  # evaluated as the user would
     assert teacher.metrics["val/acc"] > 0.8 and student.metrics["val/acc"] > 0.3
-    client = MlflowClient("sqlite:///mlflow.db")
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     assert "loss/total" not in client.get_run(teacher.run_id).data.metrics  # never trained
     again = run_experiment(load_config(None, [*overrides, "method.temperature=2"]))
     assert again.stages[0].plan.key == teacher.plan.key and again.stages[0].reused  # keyed by the weights
@@ -267,7 +267,7 @@ def test_timm_models_are_one_stage_and_load_timms_own_weights() -> None:
 
 
 def test_a_teacher_given_as_an_mlflow_model_brings_its_normalisation(workdir: Path) -> None:
-    from kdray.given import given_teacher
+    from kdray.given import given_model
     from kdray.tracking import Tracker
 
     torch.manual_seed(0)
@@ -277,14 +277,15 @@ def test_a_teacher_given_as_an_mlflow_model_brings_its_normalisation(workdir: Pa
     logged = Classifier(model, [0.25], [0.5], [str(c) for c in range(10)], (1, 8, 8))
     model_id = tracker.log_model(run, logged, (1, 8, 8))
     cfg = load_config(None, ["teacher.name=resnet8", f"teacher.weights=models:/{model_id}"])
-    given = given_teacher(cfg.teacher, ModelInfo(num_classes=10, in_channels=1, image_size=8), cfg.tracking.uri)
+    info = ModelInfo(num_classes=10, in_channels=1, image_size=8)
+    given = given_model(cfg, "teacher", cfg.student.model_copy(update={"name": "resnet8"}), info)
     assert given.stats == ((0.25,), (0.5,))
     assert all(
         torch.equal(a, b) for a, b in zip(given.model.state_dict().values(), model.state_dict().values(), strict=True)
     )
     wrong = load_config(None, ["teacher.name=resnet20", f"teacher.weights=models:/{model_id}"])
     with pytest.raises(ConfigError, match=r"^teacher.weights: .*do not fit this architecture"):
-        given_teacher(wrong.teacher, ModelInfo(num_classes=10, in_channels=1, image_size=8), cfg.tracking.uri)
+        given_model(wrong, "teacher", wrong.student.model_copy(update={"name": "resnet20"}), info)
     tracker.end_run(run)
 
 
@@ -298,3 +299,20 @@ def test_onnx_export_takes_any_batch_size(tmp_path: Path) -> None:
     (images,) = graph.input
     dims = images.type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 8, 8]
+
+
+@pytest.mark.slow
+def test_a_chain_takes_a_given_assistant_and_trains_the_rest(workdir: Path) -> None:
+    train_plain_teacher(workdir / "plane4.pt")
+    chain = ["method.name=takd", "teacher.name=plane6", "student.name=plane2", "assistants.depth=1"]
+    chain += ["assistants.models=[plane4]", "train.epochs=2", "tracking.experiment=chain"]
+    with pytest.raises(ConfigError, match=r"^assistants.weights: plane8 is not among the assistants"):
+        load_config(None, [*chain, f"assistants.weights={{plane8: {workdir / 'plane4.pt'}}}"])
+    given = [f"assistants.weights={{plane4: {workdir / 'plane4.pt'}}}"]
+    result = run_experiment(load_config(None, [*chain, *given]))
+    teacher, assistant, student = result.stages
+    assert teacher.plan.weights is None and student.plan.guides == [assistant.plan.key]
+    assert assistant.plan.role == "assistant1" and assistant.plan.weights == str(workdir / "plane4.pt")
+    runs = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")  # absolute: MLflow caches stores by URI
+    assert "loss/total" not in runs.get_run(assistant.run_id).data.metrics
+    assert "loss/total" in runs.get_run(teacher.run_id).data.metrics and np.isfinite(student.metrics["val/acc"])

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from kdray.config import ModelConfig
 from kdray.data import Batch
 from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
 from kdray.methods.kd import KD, KDParams
@@ -41,7 +40,7 @@ def plan_chain(params: MethodParams, planner: StagePlanner, dense: bool) -> list
     chain = [planner.teacher()]
     for index, name in enumerate(planner.assistant_models(), start=1):
         link = list(chain) if dense else [chain[-1]]
-        chain.append(planner.add(f"assistant{index}", ModelConfig(name=name), params, link))
+        chain.append(planner.assistant(index, name, params, link))
     return list(chain) if dense else [chain[-1]]
 
 
