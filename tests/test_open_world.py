@@ -20,7 +20,7 @@ from kdray.build import model_info
 from kdray.config import ConfigError, load_config
 from kdray.data import DataError, load_dataset
 from kdray.deployed import accuracy, export, load_classifier
-from kdray.models import ModelInfo, build_model, code_version, load_weights, parameter_count
+from kdray.models import ModelInfo, WeightsError, build_model, code_version, load_weights, parameter_count
 from kdray.models.deploy import Classifier
 from kdray.preflight import check_models
 from kdray.run import run_experiment
@@ -316,3 +316,10 @@ def test_a_chain_takes_a_given_assistant_and_trains_the_rest(workdir: Path) -> N
     runs = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")  # absolute: MLflow caches stores by URI
     assert "loss/total" not in runs.get_run(assistant.run_id).data.metrics
     assert "loss/total" in runs.get_run(teacher.run_id).data.metrics and np.isfinite(student.metrics["val/acc"])
+
+
+def test_weights_for_other_classes_are_refused_naming_the_classifier() -> None:
+    cifar100 = build_model("resnet8", ModelInfo(num_classes=100))
+    digits = build_model("resnet8", ModelInfo(num_classes=10))
+    with pytest.raises(WeightsError, match=r"head.fc.weight is \(100, 64\) in the weights but \(10, 64\) .*classes"):
+        load_weights(digits, cifar100.state_dict(), "cifar100.pt")
