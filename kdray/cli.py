@@ -123,8 +123,12 @@ def _list_datasets() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("alembic", "mlflow", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # What the libraries tell their own users is noise to a kdray user: MLflow configures its loggers from
+    # this variable when imported, Optuna announces every in-memory study, Ray its token authentication.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    for noisy, level in (("alembic", logging.WARNING), ("urllib3", logging.WARNING), ("optuna", logging.WARNING),
+                         ("ray._private.authentication", logging.ERROR)):  # fmt: skip
+        logging.getLogger(noisy).setLevel(level)
     listings = {"methods": _list_methods, "models": _list_models, "datasets": _list_datasets}
     if args.command in listings:
         return _print(listings[args.command]())

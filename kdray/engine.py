@@ -26,6 +26,7 @@ from kdray.distributed import WorkerContext, all_reduce_sum
 from kdray.guides import guide_metrics
 from kdray.methods import StepInfo
 from kdray.models import StagedNet
+from kdray.stages import StagePlan
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,8 @@ def fit(stage: Stage, sink: EpochSink) -> FitResult:
     plan = stage.plan
     epochs = plan.train.epochs
     history = resume(stage, sink.restore())
-    result = None
-    for epoch in range(len(history), epochs):
+    result, begun, first = None, time.perf_counter(), len(history)
+    for epoch in range(first, epochs):
         started = time.perf_counter()
         lr = stage.optimizer.param_groups[0]["lr"]
         losses = train_epoch(stage, epoch)
@@ -81,14 +82,23 @@ def fit(stage: Stage, sink: EpochSink) -> FitResult:
             sink.end_stage(result)
         sink.end_epoch(epoch + 1, metrics, lambda: training_state(stage, history))
         if stage.ctx.is_chief:
-            log.info(
-                "%-8s epoch %3d/%d  loss %.4f  val_acc %.4f  %6.0f img/s  lr %.4g",
-                plan.role, epoch + 1, epochs, losses["loss/total"], val["val/acc"], metrics["images_per_s"], lr,
-            )  # fmt: skip
+            log_epoch(
+                plan, epoch + 1, metrics, (time.perf_counter() - begun) / (epoch + 1 - first) * (epochs - epoch - 1)
+            )
     if result is None:  # restored from a state saved after the last epoch
         result = finish(stage, history)
         sink.end_stage(result)
     return result
+
+
+def log_epoch(plan: StagePlan, epoch: int, metrics: dict[str, float], left_s: float) -> None:
+    """One line per epoch: which stage, how far, how well, how fast, and the time left at this pace."""
+    minutes, seconds = divmod(round(left_s), 60)
+    log.info(
+        "%-8s %-12s epoch %3d/%d  loss %.4f  val_acc %.4f  %6.0f img/s  lr %.4g  eta %d:%02d",
+        plan.role, plan.model.name, epoch, plan.train.epochs, metrics["loss/total"], metrics["val/acc"],
+        metrics["images_per_s"], metrics["lr"], minutes, seconds,
+    )  # fmt: skip
 
 
 def train_epoch(stage: Stage, epoch: int) -> dict[str, float]:

@@ -94,9 +94,7 @@ def _from_file(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(
-            f"{path} is not a state dict; save it with torch.save(model.state_dict(), path)"
-        )
+        raise ConfigError(f"{path} is not a state dict; save it with torch.save(model.state_dict(), path)")
     return state
 
 
@@ -109,9 +107,7 @@ def _from_mlflow(uri: str, tracking_uri: str) -> tuple[dict[str, torch.Tensor], 
     try:
         module = mlflow.pytorch.load_model(uri, map_location="cpu")
     except Exception as error:
-        raise ConfigError(
-            f"cannot load the MLflow model {uri} ({str(error).splitlines()[0]})"
-        ) from None
+        raise ConfigError(f"cannot load the MLflow model {uri} ({str(error).splitlines()[0]})") from None
     if isinstance(module, Classifier):
         stats = (tuple(module.mean.flatten().tolist()), tuple(module.std.flatten().tolist()))
         return module.model.state_dict(), stats

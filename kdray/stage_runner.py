@@ -187,6 +187,7 @@ class StageRunner:
         self.tracker.log_params(run_id, stage_params(plan))
         if plan.weights is not None:
             return self.evaluate_given(plan, run_id)
+        log.info("%-8s %s: training %d epochs (store key %s)", plan.role, plan.model.name, plan.train.epochs, plan.key)
         store = partial(store_stage, self.cfg, plan, self.store, self.tracker, run_id, self.dataset)
         if self.cfg.scaling.num_workers >= 1:
             from kdray.launch import fit_on_ray

@@ -50,7 +50,9 @@ def runs_by_role(uri: str, experiment: str) -> dict[str, list]:
     return grouped
 
 
-def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(local_ray: None, workdir: Path) -> None:
+def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(
+    local_ray: None, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     space = {
         "method.name": {"kind": "choice", "values": ["kd", "triplet", "stkd"]},
         "method.temperature": {"kind": "logfloat", "low": 1, "high": 8},
@@ -70,6 +72,8 @@ def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(
         ],
     )
     outcome = run_search(cfg, "unused")
+    shown = capsys.readouterr().out  # the live table, as the terminal (or `| tee`) showed it
+    assert "search methods: 6/6 trials ended (" in shown and "stopped early" in shown and "best val/acc" in shown
     client = MlflowClient(cfg.tracking.uri)
     runs = runs_by_role(cfg.tracking.uri, "kdray-quickstart")
     (parent,) = runs["search"]

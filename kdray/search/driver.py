@@ -27,6 +27,7 @@ from kdray.data import load_dataset
 from kdray.launch import connect_ray
 from kdray.preflight import check_models
 from kdray.run import mark_failed, run_experiment, run_tags
+from kdray.search.progress import SearchProgress
 from kdray.search.report import SearchReport, build_report, publish
 from kdray.search.space import check_space, default_points, sample
 from kdray.search.trial import TRIAL_ID_TAG, run_trial
@@ -122,6 +123,24 @@ def _trainable(cfg: ExperimentConfig, setup: dict[str, Any]) -> Any:
     return tune.with_resources(trainable, dict(cfg.search.resources_per_trial))
 
 
+REFERENCE_NAMES = {"none": "student alone (none)", "kd": "default KD (kd)"}
+
+
+def progress(cfg: ExperimentConfig, name: str) -> SearchProgress:
+    """The live status table on stdout, in place of what Ray Tune and Optuna print for their own users: the new
+    output engine (switched off: the legacy one at verbose=0 prints nothing), the note that the experiment
+    state was written, warnings that checkpoints are frequent (every epoch of every trial is, by design),
+    and Optuna's announcement of each in-memory study."""
+    import optuna
+
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    search = cfg.search
+    return SearchProgress(name, search.metric, search.mode, search.num_samples, cfg.train.epochs, cfg.method.name)
+
+
 def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
     """Start a new search; every check runs before Ray or MLflow is touched."""
     check_space(cfg)
@@ -170,7 +189,7 @@ def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
                 storage_path=root,
                 failure_config=tune.FailureConfig(max_failures=search.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.scaling.keep_checkpoints),
-                callbacks=[TrialRunCloser(cfg.tracking.uri, cfg.tracking.experiment, parent)],
+                callbacks=[TrialRunCloser(cfg.tracking.uri, cfg.tracking.experiment, parent), progress(cfg, name)],
                 verbose=0,
             ),
         )
@@ -216,6 +235,11 @@ def _finish(cfg: ExperimentConfig, name: str, parent: str, tracker: Tracker) -> 
             tracker.end_run(run.info.run_id, "KILLED")
     references = {}
     for method in cfg.search.references:
+        log.info(
+            "reference: %s at its defaults, %d epochs, as a baseline",
+            REFERENCE_NAMES.get(method, method),
+            cfg.train.epochs,
+        )
         raw = {**cfg.dump(), "method": {"name": method}, "assistants": {}, "search": {}}
         raw["tracking"] = {**raw["tracking"], "run_name": f"{name}-reference-{method}"}
         result = run_experiment(validate_config(raw), parent_run_id=parent, role="reference")

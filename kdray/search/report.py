@@ -156,6 +156,7 @@ def study_of(report: SearchReport, cfg: ExperimentConfig) -> Any:
     """An in-memory Optuna study holding the scored trials, for Optuna's plots."""
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "a new study created in memory" at every report
     space = cfg.search.space
     searched = "method.name" in space
     study = optuna.create_study(direction="maximize" if report.mode == "max" else "minimize")

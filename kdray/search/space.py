@@ -99,7 +99,14 @@ def default_points(cfg: ExperimentConfig) -> list[dict[str, Any]]:
 
 def check_space(cfg: ExperimentConfig) -> None:
     """Every end of every range must give a valid experiment for every method it applies to; the
-    first that does not is a one-line ``ConfigError`` before anything starts."""
+    first that does not is a one-line ``ConfigError`` before anything starts. The scheduler must fit the budget."""
+    scheduler = cfg.search.scheduler
+    max_t = scheduler.max_t or cfg.train.epochs
+    if scheduler.name == "asha" and scheduler.grace_period > max_t:
+        raise ConfigError(
+            f"search.scheduler.grace_period: {scheduler.grace_period} epochs exceed the {max_t} a trial runs "
+            "(train.epochs or search.scheduler.max_t); lower it"
+        )
     base = cfg.dump()
     for method in candidate_methods(cfg):
         for key, param in cfg.search.space.items():
