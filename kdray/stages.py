@@ -150,6 +150,7 @@ def plan_stages(
     ``info`` (the data's shape) is needed only to plan a given teacher, whose weights are read and hashed.
     """
     planner = StagePlanner(cfg, fingerprint, owner, info)
-    guides = METHODS[cfg.method.name].plan_guides(cfg.method, planner)
-    planner.add("student", cfg.student, cfg.method, guides)
+    method = METHODS[cfg.method.name]
+    guides = method.plan_guides(cfg.method, planner)
+    planner.add("student", cfg.student, method.student_params(cfg.method, planner), guides)
     return planner.plans

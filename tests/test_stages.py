@@ -156,3 +156,13 @@ def test_a_method_defined_outside_kdray_plans_and_trains_two_teachers(two_teache
     kd = client.get_metric_history(result.student.run_id, "loss/kd")
     assert len(kd) == 1 and kd[0].value > 0  # the student learnt from both stored teachers
     assert all(client.get_run(stage.run_id).info.status == "FINISHED" for stage in result.stages)
+
+
+def test_a_chain_without_assistants_plans_the_very_stage_kd_plans() -> None:
+    """takd/dgkd at depth 0 are Hinton KD from the teacher: one student stage (one key), trained once."""
+    kd = _plans("method.name=kd", "method.temperature=5", "method.alpha=0.7")
+    for chain in ("takd", "dgkd"):
+        plans = _plans(f"method.name={chain}", "method.temperature=5", "method.alpha=0.7", "assistants.depth=0")
+        assert [p.key for p in plans] == [p.key for p in kd] and plans[-1].method.name == "kd"
+    deeper = _plans("method.name=takd", "method.temperature=5", "method.alpha=0.7", "assistants.depth=1")
+    assert deeper[-1].method.name == "takd" and deeper[-1].key != kd[-1].key

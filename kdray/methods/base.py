@@ -86,6 +86,13 @@ class Method(nn.Module):
         return [planner.teacher()]
 
     @classmethod
+    def student_params(cls, params: MethodParams, planner: StagePlanner) -> MethodParams:
+        """The method the student stage is trained by, in its plainest equivalent form: a chain without
+        assistants is Hinton KD, so ``takd`` at depth 0 and ``kd`` plan the same stage (one store key, trained
+        once). Default: ``params`` themselves."""
+        return params
+
+    @classmethod
     def branch_count(cls, params: MethodParams) -> int | None:
         """Branches that can each train on their own worker (``scaling.parallelism: branches``); None if the
         method has none."""

@@ -44,6 +44,14 @@ def plan_chain(params: MethodParams, planner: StagePlanner, dense: bool) -> list
     return list(chain) if dense else [chain[-1]]
 
 
+def chain_student_params(params: MethodParams, planner: StagePlanner) -> MethodParams:
+    """Without assistants both chains are Hinton KD from the teacher at the same T and weight (DGKD's one
+    guide is never dropped, and its sum of one term is that term), so the student stage is planned as ``kd``."""
+    if planner.assistant_models():
+        return params
+    return KDParams(temperature=params.temperature, alpha=params.alpha)  # type: ignore[attr-defined]
+
+
 class TAKDParams(KDParams):
     name: Literal["takd"] = "takd"  # type: ignore[assignment]
 
@@ -59,6 +67,10 @@ class TAKD(KD):
     @classmethod
     def plan_guides(cls, params: MethodParams, planner: StagePlanner) -> list[str]:
         return plan_chain(params, planner, dense=False)
+
+    @classmethod
+    def student_params(cls, params: MethodParams, planner: StagePlanner) -> MethodParams:
+        return chain_student_params(params, planner)
 
 
 class DGKDParams(MethodParams):
@@ -80,6 +92,10 @@ class DGKD(Method):
     @classmethod
     def plan_guides(cls, params: MethodParams, planner: StagePlanner) -> list[str]:
         return plan_chain(params, planner, dense=True)
+
+    @classmethod
+    def student_params(cls, params: MethodParams, planner: StagePlanner) -> MethodParams:
+        return chain_student_params(params, planner)
 
     def kept_guides(self, step: StepInfo) -> list[int]:
         """Indices of the guides used for this batch: all but ``drop_num`` of them, at least one."""

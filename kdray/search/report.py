@@ -51,7 +51,9 @@ class SearchReport:
 
     @property
     def best(self) -> TrialRow | None:
-        return self.ranked[0] if self.ranked else None
+        """The best trial that ran its whole budget (a trial stopped early scored at fewer epochs than the
+        references it is compared with, and stored no student)."""
+        return next((row for row in self.ranked if row.status == "FINISHED"), None)
 
 
 def collect(tracking: Tracker, parent: str, metric: str) -> list[TrialRow]:
@@ -96,12 +98,12 @@ def build_report(
     counts["models_trained"] = sum(int(r.data.tags.get("kdray.models_trained", 0)) for r in trial_runs.values())
     counts["models_reused"] = sum(int(r.data.tags.get("kdray.models_reused", 0)) for r in trial_runs.values())
     report = SearchReport(search.metric, search.mode, rows, references, counts)
-    report.markdown = _markdown(report, cfg)
+    report.markdown = render_markdown(report, cfg)
     report.plots = _plots(report, cfg)
     return report
 
 
-def _markdown(report: SearchReport, cfg: ExperimentConfig) -> str:
+def render_markdown(report: SearchReport, cfg: ExperimentConfig) -> str:
     metric = report.metric
     lines = [f"# Search report: {metric} ({report.mode})", ""]
     best = report.best
@@ -119,6 +121,7 @@ def _markdown(report: SearchReport, cfg: ExperimentConfig) -> str:
         label = {"none": "student alone", "kd": "default KD"}.get(method, f"{method} at its defaults")
         comparison.append(_versus(f"{label}, same budget", value, best))
     lines += comparison + [""]
+    lines += _verdicts(report) + [""] if best is not None and report.references else []
     lines += [
         "| rank | trial | method | sampled | " + metric + " | epochs | status |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -139,6 +142,24 @@ def _markdown(report: SearchReport, cfg: ExperimentConfig) -> str:
         f"{counts['models_trained']} trained, {counts['models_reused']} reused from the model store.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _verdicts(report: SearchReport) -> list[str]:
+    """One plain sentence per reference: does the best trial beat it, at the same budget?"""
+    best = report.best
+    assert best is not None
+    sentences = []
+    for method, value in report.references.items():
+        if not math.isfinite(value):
+            continue
+        label = {"none": "the student trained alone", "kd": "default KD"}.get(method, f"{method} at its defaults")
+        better = best.value > value if report.mode == "max" else best.value < value
+        numbers = f"{report.metric} {best.value:.4f} vs {value:.4f}, {best.epochs} epochs each"
+        if better:
+            sentences.append(f"The best trial beats {label} by {best.value - value:+.4f} ({numbers}).")
+        else:
+            sentences.append(f"**The best trial does not beat {label}** ({numbers}).")
+    return sentences
 
 
 def _versus(label: str, value: float, best: TrialRow | None) -> str:
