@@ -195,6 +195,7 @@ def _tune(cfg: ExperimentConfig | None, default_name: str | None, resume: str | 
     print(f"Search '{outcome.name}': MLflow run {outcome.parent_run_id} (summary.md and plots/ among its artifacts)")
     print(f"  view it with:   {view_hint(uri)}")
     print(f"  print it again: kdray report {outcome.name} --tracking-uri {uri}")
+    print(f"  optuna study:   optuna-dashboard {outcome.optuna_storage}  (study {outcome.name})")
     if outcome.registered:
         print(f"  best student:   {outcome.registered}  (mlflow.pytorch.load_model; kdray evaluate / export)")
     return 0

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import mlflow
+import optuna
 import pytest
 from mlflow import MlflowClient
 
@@ -74,6 +75,10 @@ def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(
     outcome = run_search(cfg, "unused")
     shown = capsys.readouterr().out  # the live table, as the terminal (or `| tee`) showed it
     assert "search methods: 6/6 trials ended (" in shown and "stopped early" in shown and "best val/acc" in shown
+    # the search is kept as an Optuna study beside the MLflow store, for optuna-dashboard
+    study = optuna.load_study(study_name="methods", storage=f"sqlite:///{workdir / 'optuna.db'}")
+    assert len(study.trials) == 6 and outcome.optuna_storage == f"sqlite:///{workdir / 'optuna.db'}"
+    assert study.best_value == max(row.value for row in outcome.report.rows)
     client = MlflowClient(cfg.tracking.uri)
     runs = runs_by_role(cfg.tracking.uri, "kdray-quickstart")
     (parent,) = runs["search"]

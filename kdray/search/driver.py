@@ -28,7 +28,7 @@ from kdray.launch import connect_ray
 from kdray.preflight import check_models
 from kdray.run import mark_failed, run_experiment, run_tags
 from kdray.search.progress import SearchProgress
-from kdray.search.report import SearchReport, build_report, publish
+from kdray.search.report import SearchReport, build_report, publish, study_of
 from kdray.search.space import check_space, default_points, sample
 from kdray.search.trial import TRIAL_ID_TAG, run_trial
 from kdray.tracking import Tracker, flatten
@@ -45,6 +45,7 @@ class SearchOutcome:
     tracking_uri: str
     report: SearchReport
     registered: str | None = None  # models:/<name>/<version> of the best student, when registered
+    optuna_storage: str = ""  # the Optuna study's storage URL (study name: the search's name)
 
 
 def make_sampler(sampler: SamplerConfig) -> Any:
@@ -123,6 +124,38 @@ def _trainable(cfg: ExperimentConfig, setup: dict[str, Any]) -> Any:
     return tune.with_resources(trainable, dict(cfg.search.resources_per_trial))
 
 
+def optuna_url(cfg: ExperimentConfig) -> str:
+    """Where the finished search is kept as an Optuna study (named like the search), so ``optuna-dashboard``
+    can open it: ``optuna.db`` beside a sqlite MLflow store, else in ``scaling.storage_path`` (a local
+    folder; with storage on s3:// the driver's working folder).
+
+    The searcher itself keeps its study in memory: Tune checkpoints it with the search, and a resumed
+    search restores it; a study in a database would run ahead of that checkpoint (trials finished after
+    it), and a resumed trial could not report to its already finished Optuna trial."""
+    uri = cfg.tracking.uri
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+    else:
+        folder = Path(cfg.scaling.storage_path) if "://" not in cfg.scaling.storage_path else Path.cwd()
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+def save_study(report: SearchReport, cfg: ExperimentConfig, name: str) -> None:
+    """Write the search's scored trials as the Optuna study ``name`` at ``optuna_url(cfg)`` (replacing an
+    earlier copy: a resumed search writes it again), under a lock, as two searches may end together."""
+    import filelock
+    import optuna
+
+    url = optuna_url(cfg)
+    database = Path(url.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(f"{database}.lock"):
+        storage = optuna.storages.RDBStorage(url)
+        if name in {summary.study_name for summary in optuna.get_all_study_summaries(storage)}:
+            optuna.delete_study(study_name=name, storage=storage)
+        study_of(report, cfg, storage, name)
+
+
 REFERENCE_NAMES = {"none": "student alone (none)", "kd": "default KD (kd)"}
 
 
@@ -157,6 +190,7 @@ def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
     tags = {**run_tags(cfg), "kdray.role": "search", "kdray.search_name": name}
     parent = tracker.start_run(name, tags)
     tracker.log_params(parent, flatten(cfg.dump()))
+    tracker.set_tags(parent, {"kdray.optuna_storage": optuna_url(cfg), "kdray.optuna_study": name})
     tracker.log_text(parent, cfg.to_yaml(), "config.yaml")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / STATE_FILE).write_text(json.dumps({"config": cfg.dump(), "parent_run_id": parent}))
@@ -246,11 +280,12 @@ def _finish(cfg: ExperimentConfig, name: str, parent: str, tracker: Tracker) -> 
         references[method] = result.student.metrics.get(cfg.search.metric, math.nan)
     report = build_report(tracker, parent, cfg, references)
     publish(tracker, parent, report)
+    save_study(report, cfg, name)
     registered = None
     if cfg.search.register_model:
         registered = register_best(tracker, parent, report, f"{cfg.tracking.experiment}-student")
     tracker.end_run(parent)
-    return SearchOutcome(name, parent, cfg.tracking.uri, report, registered)
+    return SearchOutcome(name, parent, cfg.tracking.uri, report, registered, optuna_url(cfg))
 
 
 def register_best(tracker: Tracker, parent: str, report: SearchReport, name: str) -> str | None:

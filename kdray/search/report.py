@@ -173,14 +173,16 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def study_of(report: SearchReport, cfg: ExperimentConfig) -> Any:
-    """An in-memory Optuna study holding the scored trials, for Optuna's plots."""
+def study_of(report: SearchReport, cfg: ExperimentConfig, storage: Any = None, name: str | None = None) -> Any:
+    """An Optuna study holding the scored trials: in memory for Optuna's plots, or in ``storage`` as ``name``."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "a new study created in memory" at every report
     space = cfg.search.space
     searched = "method.name" in space
-    study = optuna.create_study(direction="maximize" if report.mode == "max" else "minimize")
+    study = optuna.create_study(
+        storage=storage, study_name=name, direction="maximize" if report.mode == "max" else "minimize"
+    )
     for row in report.rows:
         if not math.isfinite(row.value):
             continue
