@@ -50,7 +50,9 @@ def run(overrides: list[str], guides: int = 1) -> tuple[FitResult, list[dict[str
     gets the same ones); returns the result, each step's terms and each epoch's metrics."""
     cfg = load_config(None, [*SMALL, *overrides])
     data = load_dataset(cfg.data)
-    plan = plan_stages(cfg, data.fingerprint())[-1]
+    # The experiment's own method, with as many guides as given: without assistants a chain plans its student
+    # as plain kd (one guide); here dgkd must drop among two.
+    plan = plan_stages(cfg, data.fingerprint())[-1].model_copy(update={"method": cfg.method})
     torch.manual_seed(123)
     teachers = [build_model(name, model_info(data)) for name in ["plane4", "plane4"][:guides]]
     recorder: list[StepRecorder] = []
