@@ -133,6 +133,12 @@ def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(
     snippet = readme_block("## Using your student", "python")
     shown = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, check=True).stdout
     assert str(student.classes) in shown
+    # the winner is marked on its run and linked from the search run's description
+    best = outcome.report.best
+    assert best is not None and client.get_run(best.run_id).data.tags["kdray.winner"] == "true"
+    parent_tags = client.get_run(parent.info.run_id).data.tags
+    assert f"/runs/{best.run_id})" in parent_tags["mlflow.note.content"]
+    assert parent_tags["best.method.name"] == best.method
 
 
 def readme_block(section: str, language: str) -> str:

@@ -260,14 +260,22 @@ def publish(tracking: Tracker, parent: str, report: SearchReport) -> None:
         f"trials_{k}" if k in ("completed", "stopped", "failed") else k: float(v) for k, v in report.counts.items()
     }
     if report.best is not None:
-        metrics[f"best/{report.metric}"] = report.best.value
+        best = report.best
+        metrics[f"best/{report.metric}"] = best.value
+        link = f"[{best.name}](#/experiments/{tracking.experiment_id}/runs/{best.run_id})"
+        values = {"method.name": best.method, **best.sampled}
         tracking.set_tags(
             parent,
             {
-                "kdray.best_trial": report.best.name,
-                "kdray.best_config": json.dumps({"method.name": report.best.method, **report.best.sampled}),
+                "kdray.best_trial": best.name,
+                "kdray.best_run_id": best.run_id,
+                "kdray.best_config": json.dumps(values),
+                **{f"best.{key}": str(value) for key, value in values.items()},  # sortable columns in the runs table
+                # the run's description in MLflow's UI: the winner, one click away
+                "mlflow.note.content": f"Best trial: {link} ({best.method}), {report.metric} = {best.value:.4f}",
             },
         )
+        tracking.set_tags(best.run_id, {"kdray.winner": "true"})
     for method, value in report.references.items():
         if math.isfinite(value):
             metrics[f"reference_{method}/{report.metric}"] = value
