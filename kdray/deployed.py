@@ -45,14 +45,8 @@ def _from_store(key: str, cfg: ExperimentConfig) -> Classifier:
         raise ConfigError(f"{key}: no such model in the store at {cfg.store.path} (set store.path)")
     channels, size, _ = stored.meta["image_shape"]
     model = store.load(key, ModelInfo(len(stored.meta["classes"]), channels, size))
-    stats = stored.meta.get("input_stats") or {}
-    mean, std = stats.get("mean"), stats.get("std")
-    if mean is None:
-        from kdray.data import load_dataset
-
-        dataset = load_dataset(cfg.data)
-        mean, std = dataset.mean, dataset.std
-    return Classifier(model, mean, std, stored.meta["classes"], (channels, size, size)).eval()
+    stats = stored.meta["input_stats"]  # the statistics it was trained (or given) with
+    return Classifier(model, stats["mean"], stats["std"], stored.meta["classes"], (channels, size, size)).eval()
 
 
 @torch.no_grad()

@@ -15,7 +15,6 @@ same file (or the same MLflow model) share its store entry and its guide-output 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -137,14 +136,3 @@ def _pretrained(name: str, tag: str) -> tuple[dict[str, torch.Tensor], Stats | N
             "download them where there is some and give the file"
         ) from None
     raise ConfigError(f"pretrained weights exist for torchvision.<name> and timm.<name>, not {name}")
-
-
-def input_stats(stats: Stats | None, data: Stats) -> dict[str, list[float]] | None:
-    """The statistics to record with a stored model (None when they are the data's own)."""
-    if stats is None or (list(stats[0]), list(stats[1])) == (list(data[0]), list(data[1])):
-        return None
-    return {"mean": list(stats[0]), "std": list(stats[1])}
-
-
-def as_stats(recorded: dict[str, Sequence[float]] | None) -> Stats | None:
-    return None if recorded is None else (tuple(recorded["mean"]), tuple(recorded["std"]))

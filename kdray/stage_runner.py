@@ -24,8 +24,8 @@ from kdray.config import ExperimentConfig
 from kdray.data import Dataset, DeviceSplit
 from kdray.distributed import WorkerContext, local_context
 from kdray.engine import FitResult, evaluate, fit
-from kdray.given import Stats, given_model, input_stats
-from kdray.models.deploy import Classifier, Restandardize
+from kdray.given import Stats, given_model
+from kdray.models.deploy import Classifier, restandardized
 from kdray.sinks import LocalSink, StageSink, StoreResult, TuneSink
 from kdray.stages import StagePlan
 from kdray.store import ModelStore, StoredModel
@@ -57,8 +57,8 @@ def store_stage(
     the model as an MLflow model that takes [0, 1] images).
 
     The store comes first, so a tracking failure never loses a trained model. ``stats``: the input statistics
-    of a given model, when they are not the data's."""
-    data_stats = (dataset.mean, dataset.std)
+    the model expects (a given model's own; default: the data's)."""
+    mean, std = stats or (dataset.mean, dataset.std)
     meta = {
         "model": plan.model.model_dump(),
         "role": plan.role,
@@ -67,7 +67,7 @@ def store_stage(
         "metrics": result.final,
         "mlflow_run_id": run_id,
         "kdray_version": kdray.__version__,
-        "input_stats": input_stats(stats, data_stats),
+        "input_stats": {"mean": list(mean), "std": list(std)},
         "image_shape": [dataset.in_channels, dataset.image_size, dataset.image_size],
         "classes": dataset.classes,
     }
@@ -82,7 +82,7 @@ def store_stage(
     tracker.log_artifact(run_id, stored.path / "config.yaml")
     model = store.load(plan.key, model_info(dataset))
     shape = (dataset.in_channels, dataset.image_size, dataset.image_size)
-    deployed = Classifier(model, *(stats or data_stats), classes=dataset.classes, image_shape=shape)
+    deployed = Classifier(model, mean, std, classes=dataset.classes, image_shape=shape)
     model_id = tracker.log_model(run_id, deployed, shape)
     if model_id:
         tracker.set_tags(run_id, {"kdray.model_id": model_id})
@@ -211,10 +211,8 @@ class StageRunner:
         cfg = self.cfg
         given = given_model(cfg, plan.role, plan.model, model_info(self.dataset))
         ctx = self.ctx or local_context(cfg.scaling.use_gpu, cfg.scaling.threads)
-        model = given.model
-        if given.stats is not None:
-            model = Restandardize(model, (self.dataset.mean, self.dataset.std), given.stats)
-        model = model.to(ctx.device)
+        data_stats = (self.dataset.mean, self.dataset.std)
+        model = restandardized(given.model, data_stats, given.stats or data_stats).to(ctx.device)
         final: dict[str, float] = {}
         for name, split in (("val", self.dataset.val), ("test", self.dataset.test)):
             if split is not None:

@@ -23,7 +23,7 @@ import filelock
 import torch
 
 from kdray.models import ModelInfo, StagedNet, build_model
-from kdray.models.deploy import Restandardize
+from kdray.models.deploy import restandardized
 
 # Part of every key: raised whenever the same identity would train another model. 2: methods draw their
 # random numbers from the step's own generator instead of torch's global one.
@@ -103,10 +103,8 @@ class ModelStore:
     ) -> torch.nn.Module:
         """The stored model as a guide of a stage whose inputs are standardised with ``data_stats``: a given
         teacher that expects other statistics (``meta["input_stats"]``) gets its inputs re-standardised."""
-        model = self.load(key, info)
         stored = self.find(key)
-        assert stored is not None
-        own = stored.meta.get("input_stats")
-        if own is None:
-            return model
-        return Restandardize(model, data_stats, (own["mean"], own["std"]))
+        if stored is None:
+            raise FileNotFoundError(f"model {key} is not in the store at {self.root}")
+        own = stored.meta["input_stats"]
+        return restandardized(self.load(key, info), data_stats, (own["mean"], own["std"]))

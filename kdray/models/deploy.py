@@ -38,6 +38,16 @@ class Classifier(nn.Module):
         return self.model((images - self.mean) / self.std)
 
 
+def restandardized(
+    model: nn.Module, data: tuple[Sequence[float], Sequence[float]], own: tuple[Sequence[float], Sequence[float]]
+) -> nn.Module:
+    """``model`` fed inputs standardised with ``data``: as it is when it expects those very statistics, else
+    behind a ``Restandardize`` to its ``own``."""
+    if [list(v) for v in own] == [list(v) for v in data]:
+        return model
+    return Restandardize(model, data, own)
+
+
 class Restandardize(nn.Module):
     """Feeds a model that expects other statistics (a given teacher) from inputs standardised with the data's:
     ``x' = (x·std_data + mean_data - mean_model) / std_model``, one per-channel affine map."""
