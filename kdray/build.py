@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kdray.config import ExperimentConfig, TrainConfig
-from kdray.data import Dataset, DeviceSplit
+from kdray.data import BatchSource, Dataset, on_device
 from kdray.data.augment import view_count
 from kdray.distributed import WorkerContext
 from kdray.guide_cache import GuideCache
@@ -42,7 +42,7 @@ class Stage:
     scaler: torch.amp.GradScaler
     precision: contextlib.AbstractContextManager
     layout: torch.memory_format
-    splits: dict[str, DeviceSplit]
+    splits: dict[str, BatchSource]
     steps_per_epoch: int
 
 
@@ -109,7 +109,7 @@ def guide_cache(cfg: ExperimentConfig, dataset: Dataset, ctx: WorkerContext, tra
     data_identity = {
         "data": dataset.fingerprint(),
         "augment": augment.model_dump(mode="json"),
-        "normalise": [list(dataset.mean), list(dataset.std)],
+        "normalise": [list(dataset.mean), list(dataset.std), "scale-shift"],  # augment.normalize's form
         "compute": [device, str(autocast_dtype(ctx, train.amp) or torch.float32), str(memory_format(ctx, train))],
     }
     shape = (len(dataset.train), view_count(augment.padding, augment.flip), dataset.num_classes)
@@ -152,7 +152,7 @@ def build_stage(
             model.compile()
     parallel = method.parallel(ctx, cfg.scaling.parallelism, wrap)
     splits = {
-        name: DeviceSplit(split, dataset.mean, dataset.std, ctx.device)
+        name: on_device(split, dataset.mean, dataset.std, ctx.device, cfg.data)
         for name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))
         if split is not None
     }

@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     ui.add_argument("--host", default="127.0.0.1", help="interface to listen on (warns unless loopback)")
     ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
-    bench = commands.add_parser("bench", help="measure kdray's speed: step, cache, search, trials (JSON lines)")
-    bench.add_argument("--only", default="step,cache,search,trials", help="comma-separated measurements to run")
+    bench = commands.add_parser("bench", help="measure kdray's speed: step, cache, search, trials, data (JSON lines)")
+    bench.add_argument("--only", default="step,cache,search,trials,data", help="comma-separated measurements to run")
     bench.add_argument("--teacher", default="resnet56", help="teacher architecture (default resnet56)")
     bench.add_argument("--student", default="resnet8", help="student architecture (default resnet8)")
     bench.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--search-trials", type=int, default=8, help="trials of the search measurement (default 8)")
     bench.add_argument(
         "-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config of the searches"
+    )
+    bench.add_argument(
+        "--data-root", default=None, help="an image folder: data also times an epoch on it, in memory and streamed"
     )
     bench.add_argument("--mlflow", action="store_true", help="also log the results to MLflow (experiment kdray-bench)")
     evaluate = commands.add_parser("evaluate", help="accuracy of a stored, logged or registered model on a split")
@@ -231,7 +234,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("evaluate: give the experiment file once (FILE or --data FILE)")
     cfg = load_config(args.data or args.file, args.overrides)
     model = load_classifier(args.model, cfg)
-    value, count = accuracy(model, load_dataset(cfg.data), args.split)
+    value, count = accuracy(model, load_dataset(cfg.data), args.split, cfg.data)
     print(f"{args.split}/acc {value:.4f}  ({count} images of {cfg.data.name}, {args.model})")
     return 0
 
@@ -250,24 +253,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     """Check the options (one line naming the bad one), run the measurements, log them if asked."""
-    from kdray.bench import MEASUREMENTS, BenchOptions, run_bench
-    from kdray.models import MODELS
+    from kdray.bench import BenchOptions, run_bench
 
-    only = tuple(name.strip() for name in args.only.split(",") if name.strip())
-    unknown = [name for name in only if name not in MEASUREMENTS]
-    if unknown or not only:
-        raise ConfigError(f"--only: unknown measurement {unknown or only}; choose from {', '.join(MEASUREMENTS)}")
-    for flag in ("teacher", "student"):
-        if getattr(args, flag) not in MODELS.names():
-            raise ConfigError(f"--{flag}: unknown model '{getattr(args, flag)}'; see `kdray models`")
-    for flag in ("batch_size", "steps", "rounds", "search_trials", "threads"):
-        value = getattr(args, flag)
-        if value is not None and value < (2 if flag == "search_trials" else 1):
-            raise ConfigError(f"--{flag.replace('_', '-')}: {value} is too small")
-    if args.device == "cuda" and not torch_cuda_available():
-        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
-    if args.overrides:
-        load_config(None, args.overrides)  # a bad override fails here, before any search starts
+    only = _check_bench_options(args)
     options = BenchOptions(
         teacher=args.teacher,
         student=args.student,
@@ -278,6 +266,7 @@ def _bench(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         search_trials=args.search_trials,
         overrides=tuple(args.overrides),
+        data_root=args.data_root,
     )
     results = run_bench(options, only)
     if args.mlflow:
@@ -295,6 +284,31 @@ def _bench(args: argparse.Namespace) -> int:
             tracker.log_metrics(run, numbers, step=0)
         tracker.end_run(run)
     return 0
+
+
+def _check_bench_options(args: argparse.Namespace) -> tuple[str, ...]:
+    """The measurements asked for, after refusing any bad option in one line that names it."""
+    from kdray.bench import MEASUREMENTS
+    from kdray.models import MODELS
+
+    only = tuple(name.strip() for name in args.only.split(",") if name.strip())
+    unknown = [name for name in only if name not in MEASUREMENTS]
+    if unknown or not only:
+        raise ConfigError(f"--only: unknown measurement {unknown or only}; choose from {', '.join(MEASUREMENTS)}")
+    for flag in ("teacher", "student"):
+        if getattr(args, flag) not in MODELS.names():
+            raise ConfigError(f"--{flag}: unknown model '{getattr(args, flag)}'; see `kdray models`")
+    for flag in ("batch_size", "steps", "rounds", "search_trials", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < (2 if flag == "search_trials" else 1):
+            raise ConfigError(f"--{flag.replace('_', '-')}: {value} is too small")
+    if args.device == "cuda" and not torch_cuda_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
+    if args.overrides:
+        load_config(None, args.overrides)  # a bad override fails here, before any search starts
+    if args.data_root is not None and not Path(args.data_root).is_dir():
+        raise ConfigError(f"--data-root: {args.data_root} is not a folder; give an image folder (train/<class>/...)")
+    return only
 
 
 def torch_cuda_available() -> bool:

@@ -170,6 +170,19 @@ class DataConfig(Section):
     augment: AugmentConfig = Field(
         default_factory=AugmentConfig, description="Training augmentation; defaults depend on the dataset."
     )
+    loader: Literal["auto", "memory", "stream"] = Field(
+        "auto",
+        description="memory: decode every image once into memory (each worker holds all of it); stream: read the "
+        "image files batch by batch on Ray Data (image folders only); auto: stream when the decoded images would "
+        "not fit data.memory_budget.",
+    )
+    memory_budget: float | None = Field(
+        None, gt=0, description="GiB the decoded images may take under data.loader=auto; null = half the available."
+    )
+    bad_images: Literal["refuse", "skip"] = Field(
+        "refuse", description="An image file that cannot be decoded: refuse the data (naming it) or skip and count it."
+    )
+    decode_cpus: float = Field(1.0, gt=0, description="CPUs each Ray Data decoding task of a streamed split asks for.")
 
     @model_validator(mode="before")
     @classmethod
@@ -183,6 +196,15 @@ class DataConfig(Section):
             augment.setdefault("flip", spec.flip)
             data = {**data, "augment": augment}
         return data
+
+    @model_validator(mode="after")
+    def _loader_fits_dataset(self) -> DataConfig:
+        if self.loader == "stream" and _registry("dataset")[self.name].stream is None:
+            raise ValueError(
+                f"data.loader=stream reads image folders (data.name=imagefolder) and '{self.name}' is read whole; "
+                "set data.loader=memory or auto"
+            )
+        return self
 
     @field_validator("root")
     @classmethod

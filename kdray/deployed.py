@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from kdray.config import ConfigError, ExperimentConfig
-from kdray.data import Dataset, DeviceSplit, eval_batches
+from kdray.config import ConfigError, DataConfig, ExperimentConfig
+from kdray.data import Dataset, eval_batches, on_device
 from kdray.models import ModelInfo
 from kdray.models.deploy import Classifier
 
@@ -50,21 +50,23 @@ def _from_store(key: str, cfg: ExperimentConfig) -> Classifier:
 
 
 @torch.no_grad()
-def accuracy(model: Classifier, dataset: Dataset, split: str, batch_size: int = 512) -> tuple[float, int]:
+def accuracy(
+    model: Classifier, dataset: Dataset, split: str, data: DataConfig, batch_size: int = 512
+) -> tuple[float, int]:
     """Top-1 accuracy of ``model`` on ``split`` given as plain [0, 1] images; and the number of images."""
-    data = {"train": dataset.train, "val": dataset.val, "test": dataset.test}[split]
-    if data is None:
+    chosen = {"train": dataset.train, "val": dataset.val, "test": dataset.test}[split]
+    if chosen is None:
         raise ConfigError(f"--split {split}: the dataset has no {split} split")
-    shape = tuple(data.images.shape[1:])
+    shape = chosen.image_shape
     if model.image_shape is not None and tuple(model.image_shape) != shape:
         raise ConfigError(
             f"the model takes {tuple(model.image_shape)} images, the data has {shape}; set data.image_size"
         )
-    plain = DeviceSplit(data, (0.0,) * shape[0], (1.0,) * shape[0], torch.device("cpu"))  # [0, 1] images
+    plain = on_device(chosen, (0.0,) * shape[0], (1.0,) * shape[0], torch.device("cpu"), data)  # [0, 1] images
     correct = 0
     for batch in eval_batches(plain, batch_size):
         correct += int((model(batch.images).argmax(1) == batch.labels).sum())
-    return correct / len(data), len(data)
+    return correct / len(chosen), len(chosen)
 
 
 def export(model: Classifier, fmt: str, out: Path) -> None:

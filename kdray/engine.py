@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kdray.build import Stage
-from kdray.data import DeviceSplit, eval_batches, train_batches
+from kdray.data import BatchSource, eval_batches, train_batches
 from kdray.distributed import WorkerContext, all_reduce_sum
 from kdray.guides import guide_metrics
 from kdray.methods import StepInfo
@@ -75,7 +77,10 @@ def fit(stage: Stage, sink: EpochSink) -> FitResult:
             )
         val = evaluate_split(stage, "val")
         images = stage.steps_per_epoch * plan.train.batch_size * stage.parallel.shard.world_size
-        metrics = {**losses, **val, "lr": lr, "images_per_s": images / elapsed, **guide_metrics(stage.method.guides)}
+        metrics = {
+            **losses, **val, "lr": lr, "images_per_s": images / elapsed, **memory_use(),
+            **guide_metrics(stage.method.guides),
+        }  # fmt: skip
         history.append(metrics)
         if epoch + 1 == epochs:
             result = finish(stage, history)
@@ -89,6 +94,23 @@ def fit(stage: Stage, sink: EpochSink) -> FitResult:
         result = finish(stage, history)
         sink.end_stage(result)
     return result
+
+
+def memory_use() -> dict[str, float]:
+    """This process's own memory now (``private_mb``: pages no other process shares) and its peak resident
+    memory so far (``peak_rss_mb``), in MiB.
+
+    What a worker's data costs shows in ``private_mb``: the whole decoded dataset when in memory, a few
+    batches when streamed. Resident memory also counts the pages of Ray's object store a streaming worker
+    has read, which belong to the node's store (bounded by its own size) and are shared, not the worker's.
+    """
+    private = 0.0
+    rollup = Path("/proc/self/smaps_rollup")
+    if rollup.exists():  # Linux
+        for line in rollup.read_text().splitlines():
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                private += int(line.split()[1]) / 1024
+    return {"private_mb": private, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def log_epoch(plan: StagePlan, epoch: int, metrics: dict[str, float], left_s: float) -> None:
@@ -144,7 +166,7 @@ def evaluate_split(stage: Stage, split: str) -> dict[str, float]:
 @torch.no_grad()
 def evaluate(
     model: StagedNet,
-    split: DeviceSplit,
+    split: BatchSource,
     batch_size: int,
     ctx: WorkerContext,
     extra: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None,

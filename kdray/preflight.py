@@ -38,3 +38,20 @@ def check_models(cfg: ExperimentConfig, dataset: Dataset) -> list[StagePlan]:
                 "MobileNet, EfficientNet, ConvNeXt and VGG models have them); choose another student or method"
             )
     return plans
+
+
+def check_decode_cpus(cfg: ExperimentConfig, dataset: Dataset) -> None:
+    """Refuse a streamed run whose Ray Train workers would hold every CPU of the cluster: Ray Data's
+    decoding tasks would then wait for a CPU forever and the run would hang at its first batch."""
+    if not (dataset.streamed and cfg.scaling.num_workers > 0):
+        return
+    import ray  # connected: the scan of a streamed folder ran on it
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    held = cfg.scaling.num_workers * cfg.scaling.resources_per_worker.get("CPU", 1.0)
+    if total - held < cfg.data.decode_cpus:
+        raise ConfigError(
+            f"scaling.resources_per_worker: {cfg.scaling.num_workers} Ray Train workers hold {held:g} of the cluster's "
+            f"{total:g} CPUs and streaming needs data.decode_cpus={cfg.data.decode_cpus:g} more to decode; ask for "
+            "fewer CPUs per worker (e.g. scaling.resources_per_worker={CPU: 0.5}) or add CPU nodes"
+        )

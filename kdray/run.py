@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import kdray
 from kdray.build import model_info
 from kdray.config import ExperimentConfig
-from kdray.data import load_dataset
+from kdray.data import Dataset, load_dataset
 from kdray.distributed import local_context
-from kdray.preflight import check_models
+from kdray.preflight import check_decode_cpus, check_models
 from kdray.stage_runner import StageOutcome, StageRunner
 from kdray.stages import plan_stages
 from kdray.store import ModelStore, model_key
@@ -60,6 +60,16 @@ def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
     return tags
 
 
+def data_params(dataset: Dataset) -> dict[str, str | int]:
+    """What the config cannot say about the data a run used: its fingerprint, whether it was streamed
+    (``data.loader=auto`` decides at run time), and the unreadable images left out."""
+    return {
+        "data.fingerprint": dataset.fingerprint(),
+        "data.streamed": str(dataset.streamed).lower(),
+        "data.skipped_images": dataset.skipped,
+    }
+
+
 def run_experiment(
     cfg: ExperimentConfig, parent_run_id: str | None = None, role: str = "experiment"
 ) -> ExperimentResult:
@@ -76,6 +86,7 @@ def run_experiment(
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     dataset = load_dataset(cfg.data)
     check_models(cfg, dataset)
+    check_decode_cpus(cfg, dataset)
     store = ModelStore(cfg.store.path)
     tags = {**run_tags(cfg), "kdray.config_hash": model_key(cfg.dump())}
     name = run_name(cfg)
@@ -112,7 +123,7 @@ def run_experiment(
             open_runs.append(child)
             result.stages.append(runner.run(plan, child))
             open_runs.pop()
-        tracker.log_params(parent, {"data.fingerprint": dataset.fingerprint()})
+        tracker.log_params(parent, data_params(dataset))
         tracker.log_metrics(parent, result.student.metrics, step=cfg.train.epochs)
         tracker.end_run(open_runs.pop())
     except BaseException as error:

@@ -21,7 +21,7 @@ from typing import Any
 import kdray
 from kdray.build import build_stage, model_info
 from kdray.config import ExperimentConfig
-from kdray.data import Dataset, DeviceSplit
+from kdray.data import Dataset, on_device
 from kdray.distributed import WorkerContext, local_context
 from kdray.engine import FitResult, evaluate, fit
 from kdray.given import Stats, given_model
@@ -216,8 +216,8 @@ class StageRunner:
         final: dict[str, float] = {}
         for name, split in (("val", self.dataset.val), ("test", self.dataset.test)):
             if split is not None:
-                on_device = DeviceSplit(split, self.dataset.mean, self.dataset.std, ctx.device)
-                values = evaluate(model, on_device, cfg.train.eval_batch_size, ctx)  # type: ignore[arg-type]
+                source = on_device(split, self.dataset.mean, self.dataset.std, ctx.device, cfg.data)
+                values = evaluate(model, source, cfg.train.eval_batch_size, ctx)  # type: ignore[arg-type]
                 final.update({f"{name}/{metric}": value for metric, value in values.items()})
         log.info("%-8s %s given (%s): val_acc %.4f", plan.role, plan.model.name, plan.weights, final["val/acc"])
         self.tracker.set_tags(run_id, {"kdray.given_weights": str(plan.weights)})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
@@ -42,7 +43,11 @@ def local_ray(_ray_session: None) -> None:
     again after a test that brought up its own cluster), with kdray's job options and the dashboard,
     which Ray Train needs to free the workers of a trial stopped by ASHA."""
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, **ray_init_options())
+        options = ray_init_options()
+        # tests/user_models.py stands for a user's own package, installed on every node of their cluster
+        env = options.setdefault("runtime_env", {}).setdefault("env_vars", {})
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, **options)
 
 
 @pytest.fixture(scope="session")

@@ -68,3 +68,24 @@ def test_bad_options_fail_in_one_line_before_any_work(bare_workdir: Path, capsys
         out, err = capsys.readouterr()
         assert out == "" and message in err and len(err.strip().splitlines()) == 1
     assert [p.name for p in bare_workdir.iterdir()] == []  # refused before any work
+
+
+@pytest.mark.slow
+def test_data_measurement_compares_the_stream_with_a_plain_loader(
+    local_ray: None, bare_workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kdray.bench.data
+
+    monkeypatch.setattr(kdray.bench.data, "FOLDERS", ((24, 96), (12, 96)))
+    result = kdray.bench.data.measure_data(BenchOptions(student="plane2", batch_size=16, rounds=2))
+    for side in (24, 12):
+        measured = result[f"jpeg{side}"]
+        assert measured["images"] == 86 and measured["scan_s"] > 0  # 96 written, one per class held out for val
+        rounds = measured["rounds"]
+        per_round = [s / p for s, p in zip(rounds["stream"], rounds["plain"], strict=True)]
+        assert len(per_round) == 2 and measured["stream_over_plain"] == pytest.approx(
+            statistics.median(per_round), abs=2e-3
+        )
+        per_core = statistics.median(rounds["stream"]) / result["cores"]
+        assert measured["stream_images_per_s_per_core"] == pytest.approx(per_core, abs=0.1)
+    assert "epoch" not in result and result["cores"] >= 1

@@ -151,7 +151,7 @@ def test_a_teacher_given_as_a_weights_file_teaches_a_users_own_student(workdir: 
     data = load_dataset(load_config(None).data)
     for name in (f"models:/{logged.tags['kdray.model_id']}", student.plan.key):  # logged, and by store key
         model = load_classifier(name, load_config(None))
-        assert accuracy(model, data, "test")[0] == pytest.approx(logged.metrics["test/acc"])
+        assert accuracy(model, data, "test", load_config(None).data)[0] == pytest.approx(logged.metrics["test/acc"])
 
 
 def write_mixed_size_folder(root: Path, per_class: int = 12) -> None:

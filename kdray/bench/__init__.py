@@ -7,6 +7,8 @@
 - ``search``: a small search with the model store and the cache on, then off (every trial trains its
   own teacher and runs it every step): wall time and teacher forward passes.
 - ``trials``: the fixed cost of one search trial, in-process and as a 1-worker Ray Train run.
+- ``data``: decode + augment images/s per core of the streaming path against a plain ``DataLoader``
+  (``kdray.bench.data``), and with ``--data-root`` an epoch in memory vs streamed.
 
 Models for ``step`` and ``cache`` have random weights on random images: speed does not depend on
 either. Searches use kdray's defaults (digits) unless overridden with ``-o key=value``.
@@ -28,7 +30,7 @@ from kdray.distributed import use_threads
 
 log = logging.getLogger(__name__)
 
-MEASUREMENTS = ("step", "cache", "search", "trials")
+MEASUREMENTS = ("step", "cache", "search", "trials", "data")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class BenchOptions:
     classes: int = 10
     search_trials: int = 8
     overrides: tuple[str, ...] = field(default_factory=tuple)  # config overrides of ``search`` and ``trials``
+    data_root: str | None = None  # an image folder for ``data``'s memory-vs-stream epoch
 
 
 def synthetic_dataset(images: int, options: BenchOptions, seed: int = 0) -> Dataset:
@@ -63,11 +66,15 @@ def run_bench(
     options: BenchOptions, only: tuple[str, ...] = MEASUREMENTS, emit: Callable[[dict], None] | None = None
 ) -> list[dict]:
     """Run the chosen measurements in order; each result goes to ``emit`` (stdout JSON) as it is done."""
+    from kdray.bench.data import measure_data
     from kdray.bench.searches import measure_search, measure_trials
     from kdray.bench.training import measure_cache, measure_step
 
     use_threads(options.threads)
-    runners = {"step": measure_step, "cache": measure_cache, "search": measure_search, "trials": measure_trials}
+    runners = {
+        "step": measure_step, "cache": measure_cache, "search": measure_search, "trials": measure_trials,
+        "data": measure_data,
+    }  # fmt: skip
     stdout = sys.stdout
     emit = emit or (lambda result: print(json.dumps(result), file=stdout, flush=True))
     machine = {"device": device_name(options.device), "threads": torch.get_num_threads()}

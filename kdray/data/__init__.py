@@ -1,15 +1,19 @@
-"""Datasets as in-memory uint8 tensors: registry, loading, validation split, batches."""
+"""Datasets: registry, loading (in memory or streamed), validation split, batches."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kdray.data.batches import Batch, DeviceSplit, Views, eval_batches, train_batches
+import torch
+
+from kdray.data.batches import Batch, BatchSource, DeviceSplit, Views, eval_batches, train_batches
 from kdray.data.sources import DATASETS, DatasetSpec, RawData
 from kdray.data.splits import (
     DataError,
     Dataset,
+    FileSplit,
     Split,
     channel_stats,
     resize_split,
@@ -23,16 +27,21 @@ if TYPE_CHECKING:
 __all__ = [
     "DATASETS",
     "Batch",
+    "BatchSource",
     "DataError",
     "Dataset",
     "DatasetSpec",
     "DeviceSplit",
+    "FileSplit",
     "Split",
     "Views",
     "eval_batches",
     "load_dataset",
+    "on_device",
     "train_batches",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
@@ -44,16 +53,57 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     """
     spec = DATASETS[cfg.name]
     root = Path(cfg.root) if cfg.root else None  # absolute since validation, like every path of a config
-    raw = spec.load(root, cfg.download, Path(cfg.cache_dir), cfg.image_size)
-    if cfg.image_size is not None:  # sources that hold their data in memory resize here (image folders did)
+    if choose_loader(cfg, spec, root) == "stream":
+        assert spec.stream is not None and root is not None
+        raw = spec.stream(root, Path(cfg.cache_dir), cfg.image_size, cfg.bad_images)
+    else:
+        raw = spec.load(root, cfg.download, Path(cfg.cache_dir), cfg.image_size, cfg.bad_images)
+    if cfg.image_size is not None and isinstance(raw.train, Split):  # in-memory sources resize here
         raw = resized(raw, cfg.image_size, cfg.name)
     train, val = raw.train, raw.val
     if val is None:
         train, val = stratified_split(train, cfg.val_fraction, cfg.split_seed)
     if cfg.limit_train is not None:
         train = stratified_subset(train, cfg.limit_train, cfg.split_seed)
-    mean, std = channel_stats(train.images)
-    return Dataset(cfg.name, raw.classes, train, val, raw.test, mean, std)
+    mean, std = channel_stats(train)
+    return Dataset(cfg.name, raw.classes, train, val, raw.test, mean, std, raw.skipped)
+
+
+def choose_loader(cfg: DataConfig, spec: DatasetSpec, root: Path | None) -> str:
+    """``memory`` or ``stream`` for ``data.loader``; ``auto`` streams a folder whose decoded images would not
+    fit ``data.memory_budget`` (half of the available memory when unset), and says so with the figures."""
+    if cfg.loader == "memory" or spec.stream is None:
+        return "memory"
+    if cfg.loader == "stream":
+        return "stream"
+    assert root is not None and spec.measure is not None
+    measured = spec.measure(root, cfg.image_size)
+    if measured is None:
+        return "memory"
+    from kdray.data.imagefolder import available_memory
+
+    images, side = measured
+    needed = images * 3 * side * side
+    budget = cfg.memory_budget * 2**30 if cfg.memory_budget is not None else available_memory() / 2
+    loader = "stream" if needed > budget else "memory"
+    log.info(
+        "data.loader=auto: %d images at %dx%d decode to %.2f GiB, %s the %.2f GiB memory budget (%s): %s",
+        images, side, side, needed / 2**30, "over" if loader == "stream" else "within", budget / 2**30,
+        "data.memory_budget" if cfg.memory_budget is not None else "half of the available memory",
+        "streaming from the files" if loader == "stream" else "in memory",
+    )  # fmt: skip
+    return loader
+
+
+def on_device(
+    split: Split | FileSplit, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, cfg: DataConfig
+) -> BatchSource:
+    """The split as batches read it: moved to ``device`` whole, or streamed from its files."""
+    if isinstance(split, FileSplit):
+        from kdray.data.stream import StreamedSplit
+
+        return StreamedSplit(split, mean, std, device, cfg.image_size, cfg.decode_cpus)
+    return DeviceSplit(split, mean, std, device)
 
 
 def resized(raw: RawData, size: int, source: str) -> RawData:

@@ -1,15 +1,17 @@
-"""Batches from device-resident splits: a seeded permutation per epoch, one shard per rank.
+"""Batches: a seeded permutation per epoch, one shard per rank, augmented and normalised on the device.
 
-The whole split lives on the training device as uint8; a batch is an index slice, augmented and
-normalised there in a few tensor operations. Every rank draws the same permutation of the epoch and
-takes every ``world_size``-th index of it, so the shards never overlap and together cover the
-epoch, with no DataLoader workers involved.
+Every rank draws the same permutation of the epoch and takes every ``world_size``-th index of it, so
+the shards never overlap and together cover the epoch. Where the images come from is the split's
+business (``images_of``): a ``DeviceSplit`` holds them all on the device and slices, a
+``kdray.data.stream.StreamedSplit`` decodes them from their files on Ray Data. Everything else (which
+images, in which batches, with which crops and flips) is decided here, once, for both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -41,6 +43,24 @@ class Batch:
     views: Views | None = None
 
 
+class BatchSource(Protocol):
+    """A split as batches read it: labels, statistics and device, and the images of chunks of positions."""
+
+    labels: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    device: torch.device
+
+    def __len__(self) -> int: ...
+
+    def images_of(
+        self, chunks: list[torch.Tensor], augment: list[AugmentParams] | None = None, padding: int = 0
+    ) -> Iterator[torch.Tensor]:
+        """The uint8 images of each chunk of positions, in order, on the device; cropped and flipped by the
+        chunk's ``augment`` (host tensors) when given."""
+        ...
+
+
 class DeviceSplit:
     """A split moved once to ``device``, with the normalisation statistics beside it."""
 
@@ -54,6 +74,16 @@ class DeviceSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def images_of(
+        self, chunks: list[torch.Tensor], augment: list[AugmentParams] | None = None, padding: int = 0
+    ) -> Iterator[torch.Tensor]:
+        for at, chunk in enumerate(chunks):
+            images = self.images[chunk.to(self.device)]
+            if augment is not None:
+                params = AugmentParams(augment[at].offsets.to(self.device), augment[at].flips.to(self.device))
+                images = apply_augment(images, params, padding)
+            yield images
+
 
 def epoch_shard(size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
     """This rank's share of the epoch's permutation (equal length on every rank)."""
@@ -64,7 +94,7 @@ def epoch_shard(size: int, epoch: int, seed: int, rank: int = 0, world_size: int
 
 
 def train_batches(
-    split: DeviceSplit,
+    split: BatchSource,
     batch_size: int,
     epoch: int,
     seed: int,
@@ -75,28 +105,33 @@ def train_batches(
 ) -> Iterator[Batch]:
     """Shuffled, augmented batches of this rank's shard; the last partial batch is dropped.
 
-    Indices and augmentation parameters are drawn on the host and copied to the device, so the host
-    knows every batch's views without waiting for the device, and CPU and GPU runs see the same views.
+    Indices and augmentation parameters are drawn on the host, the whole epoch's up front, so the host
+    knows every batch's views without waiting for the device, CPU and GPU runs see the same views, and a
+    streamed split can crop and flip while decoding.
     """
     shard = epoch_shard(len(split), epoch, seed, rank, world_size)
     generator = torch.Generator().manual_seed(_mix(seed, epoch, rank + 1))
     cpu = torch.device("cpu")
-    for start in range(0, len(shard) - batch_size + 1, batch_size):
-        index = shard[start : start + batch_size]
-        params = sample_augment(len(index), padding, flip, generator, cpu)
+    chunks = [shard[start : start + batch_size] for start in range(0, len(shard) - batch_size + 1, batch_size)]
+    augments = [sample_augment(len(chunk), padding, flip, generator, cpu) for chunk in chunks]
+    batches = zip(chunks, augments, split.images_of(chunks, augments, padding), strict=True)
+    for index, params, images in batches:
         views = Views(index.numpy(), view_ids(params, padding, flip).numpy())
         index = index.to(split.device)
-        params = AugmentParams(params.offsets.to(split.device), params.flips.to(split.device))
-        images = apply_augment(split.images[index], params, padding)
-        yield Batch(normalize(images, split.mean, split.std), split.labels[index], index, params, views)
+        on_device = AugmentParams(params.offsets.to(split.device), params.flips.to(split.device))
+        yield Batch(normalize(images, split.mean, split.std), split.labels[index], index, on_device, views)
 
 
-def eval_batches(split: DeviceSplit, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+def eval_batches(split: BatchSource, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
     """Every sample exactly once across ranks (contiguous shards), without augmentation."""
     bounds = torch.linspace(0, len(split), world_size + 1).long().tolist()
-    for start in range(bounds[rank], bounds[rank + 1], batch_size):
-        index = torch.arange(start, min(start + batch_size, bounds[rank + 1]), device=split.device)
-        yield Batch(normalize(split.images[index], split.mean, split.std), split.labels[index], index)
+    chunks = [
+        torch.arange(start, min(start + batch_size, bounds[rank + 1]))
+        for start in range(bounds[rank], bounds[rank + 1], batch_size)
+    ]
+    for index, images in zip(chunks, split.images_of(chunks), strict=True):
+        index = index.to(split.device)
+        yield Batch(normalize(images, split.mean, split.std), split.labels[index], index)
 
 
 def _mix(*values: int) -> int:

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from kdray.data.splits import DataError, Split
+from kdray.data.splits import Split
+from kdray.images import DataError, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class ImageFolderData:
     train: Split
     val: Split | None
     test: Split | None
+    skipped: int = 0  # unreadable images left out (skip_bad)
 
 
 @dataclass
@@ -58,22 +60,27 @@ class _Entry:
     read: object  # zero-argument callable returning bytes
 
 
-def load_image_folder(root: Path, cache_dir: Path, image_size: int | None = None) -> ImageFolderData:
+def load_image_folder(
+    root: Path, cache_dir: Path, image_size: int | None = None, skip_bad: bool = False
+) -> ImageFolderData:
     """Load ``root`` (a folder or an archive), from the decoded cache when it is current; ``image_size``
-    resizes every image to that square size."""
+    resizes every image to that square size; ``skip_bad`` leaves out (and counts) images that do not decode
+    instead of refusing the folder."""
     root = root.expanduser().resolve()
     if not root.exists():
         raise DataError(f"{root}: no such file or folder")
-    cached = cache_dir / "imagefolder" / _signature(root, image_size)
+    cached = cache_dir / "imagefolder" / folder_signature(root, image_size, f"{CACHE_VERSION}{'-skip' * skip_bad}")
     if (cached / "meta.json").is_file():
         return _read_cache(cached)
-    data = _decode(root, image_size)
+    data = _decode(root, image_size, skip_bad)
     _write_cache(cached, data)
     return data
 
 
-def _signature(root: Path, image_size: int | None) -> str:
-    digest = hashlib.blake2b(f"{CACHE_VERSION}:{root}:{image_size}".encode(), digest_size=16)
+def folder_signature(root: Path, image_size: int | None, version: int | str) -> str:
+    """A key that changes with the path, the image size, the cache format ``version`` and any file's size or
+    modification time."""
+    digest = hashlib.blake2b(f"{version}:{root}:{image_size}".encode(), digest_size=16)
     if root.is_file():
         stat = root.stat()
         digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -143,37 +150,72 @@ def _collect(root: Path) -> tuple[dict[str, list[_Entry]], dict[str, set[str]], 
     return files, folders, annotations
 
 
-def _decode(root: Path, image_size: int | None) -> ImageFolderData:
+@dataclass(frozen=True)
+class FolderIndex:
+    """The labelled image files of a folder, by split (``train`` always; ``val``/``test`` when labelled)."""
+
+    classes: list[str]
+    files: dict[str, list[_Entry]]
+    labels: dict[str, list[int]]
+
+    @property
+    def count(self) -> int:
+        return sum(len(entries) for entries in self.files.values())
+
+
+def index_folder(root: Path) -> FolderIndex:
+    """Find and label every image of ``root``, refusing empty or mismatched class folders by name."""
     files, folders, annotations = _collect(root)
     if not files["train"]:
         raise DataError(f"{root}: no train/<class>/<image> files found")
-    check_memory(sum(len(entries) for entries in files.values()), image_size or _side(files["train"][0]), str(root))
     classes = sorted({entry.rest[0] for entry in files["train"]})
     for folder in sorted(folders["train"] - set(classes)):
         raise DataError(f"{root}: class folder train/{folder} holds no images")
-    splits: dict[str, Split | None] = {"val": None, "test": None}
-    train = _decode_split(files["train"], classes, None, image_size)
-    assert train is not None
-    decoded = {"train": train}
-    for split in ("val", "test"):
+    labelled: dict[str, list[_Entry]] = {}
+    labels: dict[str, list[int]] = {}
+    for split in ("train", "val", "test"):
         if files[split]:
-            labelled = _decode_split(files[split], classes, annotations.get(split), image_size)
-            if labelled is not None:
-                decoded[split] = labelled
+            found = _labels(files[split], classes, annotations.get(split) if split != "train" else None)
+            if found is not None:
+                labelled[split], labels[split] = files[split], found
+    return FolderIndex(classes, labelled, labels)
+
+
+def measure_folder(root: Path, image_size: int | None) -> tuple[int, int]:
+    """How many labelled images ``root`` holds and the side they decode to (from the first image's header
+    when ``image_size`` is not set): what deciding between memory and streaming needs."""
+    index = index_folder(root)
+    return index.count, image_size or _side(index.files["train"][0])
+
+
+def _decode(root: Path, image_size: int | None, skip_bad: bool) -> ImageFolderData:
+    index = index_folder(root)
+    check_memory(index.count, image_size or _side(index.files["train"][0]), str(root))
+    classes = index.classes
+    splits: dict[str, Split | None] = {"val": None, "test": None}
+    decoded, kept, failures = {}, {}, []
+    for split, entries in index.files.items():
+        decoded[split], kept[split] = _decode_split(entries, image_size, failures)
+    if failures and not skip_bad:
+        raise DataError(
+            f"{failures[0]} ({len(failures)} of {index.count} images cannot be read; set data.bad_images=skip to "
+            "train without them)"
+        )
+    if failures:
+        log.warning("data.bad_images=skip: left out %d unreadable images, the first %s", len(failures), failures[0])
     _check_sizes(decoded)
-    channels = max(images.shape[1] for images, _ in decoded.values())
-    for name, (images, labels) in decoded.items():
+    channels = max(images.shape[1] for images in decoded.values())
+    for name, images in decoded.items():
         if images.shape[1] != channels:  # a grey split beside colour splits
             images = np.repeat(images, channels, axis=1)
+        labels = np.asarray(index.labels[name], dtype=np.int64)[kept[name]]
         splits[name] = Split(torch.from_numpy(images), torch.from_numpy(labels))
     assert splits.get("train") is not None
-    return ImageFolderData(classes, splits["train"], splits["val"], splits["test"])  # type: ignore[arg-type]
+    return ImageFolderData(classes, splits["train"], splits["val"], splits["test"], len(failures))  # type: ignore[arg-type]
 
 
-def _decode_split(
-    entries: list[_Entry], classes: list[str], annotated: dict[str, str] | None, image_size: int | None
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Decode one split; None for an unlabelled split (Tiny-ImageNet's test/images)."""
+def _labels(entries: list[_Entry], classes: list[str], annotated: dict[str, str] | None) -> list[int] | None:
+    """Each file's class index; None for an unlabelled split (Tiny-ImageNet's test/images)."""
     index = {name: i for i, name in enumerate(classes)}
     labels = []
     for entry in entries:
@@ -189,7 +231,23 @@ def _decode_split(
         if wnid not in index:
             raise DataError(f"{entry.source}: class '{wnid}' is not one of the {len(classes)} train classes")
         labels.append(index[wnid])
-    pictures = [_read_image(entry, image_size) for entry in entries]
+    return labels
+
+
+def _decode_split(entries: list[_Entry], image_size: int | None, failures: list[str]) -> tuple[np.ndarray, list[int]]:
+    """Decode one split to uint8 [N, C, H, W] (C = 1 when every image is grey), and the rows that decoded;
+    each image that does not decode adds its error to ``failures``."""
+    pictures, kept = [], []
+    for row, entry in enumerate(entries):
+        try:
+            pictures.append(_read_image(entry, image_size))
+        except DataError as error:
+            failures.append(str(error))
+            continue
+        kept.append(row)
+    if not pictures:
+        raise DataError(f"{entries[0].source}: no image of its split decodes ({failures[-1]})")
+    entries = [entries[row] for row in kept]
     first = pictures[0].shape[:2]
     for entry, picture in zip(entries, pictures, strict=True):
         if picture.shape[:2] != first:
@@ -207,7 +265,7 @@ def _decode_split(
     else:
         colour = [p if p.ndim == 3 else np.repeat(p[:, :, None], 3, axis=2) for p in pictures]
         stacked = np.stack(colour).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(stacked), np.asarray(labels, dtype=np.int64)
+    return np.ascontiguousarray(stacked), kept
 
 
 def _size(picture: np.ndarray) -> str:
@@ -215,25 +273,11 @@ def _size(picture: np.ndarray) -> str:
 
 
 def _read_image(entry: _Entry, image_size: int | None = None) -> np.ndarray:
-    """Decode to HxW (grey) or HxWx3 (colour) uint8, resized to ``image_size`` if given, naming the file
-    when it cannot be read."""
     try:
-        with Image.open(io.BytesIO(entry.read())) as image:  # type: ignore[operator]
-            grey = image.mode in ("1", "L", "LA", "I", "I;16", "F")
-            converted = image.convert("L" if grey else "RGB")
-            return np.asarray(converted if image_size is None else resize_square(converted, image_size))
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise DataError(f"{entry.source}: cannot decode image ({error})") from None
-
-
-def resize_square(image: Image.Image, size: int) -> Image.Image:
-    """Shorter side to ``size`` (antialiased bicubic), then the centre ``size`` x ``size`` square: the usual
-    evaluation transform of image classifiers, applied once at decode time."""
-    width, height = image.size
-    scale = size / min(width, height)
-    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
-    left, top = (resized.width - size) // 2, (resized.height - size) // 2
-    return resized.crop((left, top, left + size, top + size))
+        payload = entry.read()  # type: ignore[operator]
+    except OSError as error:
+        raise DataError(f"{entry.source}: cannot read ({error})") from None
+    return decode_image(payload, entry.source, image_size)
 
 
 def _side(entry: _Entry) -> int:
@@ -267,8 +311,8 @@ def check_memory(images: int, side: int, source: str, channels: int = 3) -> None
         )
 
 
-def _check_sizes(decoded: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    shapes = {name: images.shape[2:] for name, (images, _) in decoded.items()}
+def _check_sizes(decoded: dict[str, np.ndarray]) -> None:
+    shapes = {name: images.shape[2:] for name, images in decoded.items()}
     if len(set(shapes.values())) > 1:
         listed = ", ".join(f"{name} {h}x{w}" for name, (h, w) in shapes.items())
         raise DataError(f"splits have different image sizes ({listed}); every image must have the same size")
@@ -286,7 +330,8 @@ def _write_cache(folder: Path, data: ImageFolderData) -> None:
                 np.save(staging / f"{name}_images.npy", split.images.numpy())
                 np.save(staging / f"{name}_labels.npy", split.labels.numpy())
                 present[name] = len(split)
-        (staging / "meta.json").write_text(json.dumps({"classes": data.classes, "splits": present}))
+        meta = {"classes": data.classes, "splits": present, "skipped": data.skipped}
+        (staging / "meta.json").write_text(json.dumps(meta))
         os.replace(staging, folder)
     except OSError:
         if (folder / "meta.json").is_file():  # another process cached the same folder first
@@ -304,4 +349,4 @@ def _read_cache(folder: Path) -> ImageFolderData:
         labels = torch.from_numpy(np.load(folder / f"{name}_labels.npy"))
         splits[name] = Split(images, labels)
     assert splits["train"] is not None
-    return ImageFolderData(meta["classes"], splits["train"], splits["val"], splits["test"])
+    return ImageFolderData(meta["classes"], splits["train"], splits["val"], splits["test"], meta.get("skipped", 0))

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdray.data.imagefolder import load_image_folder
-from kdray.data.splits import DataError, Split, stratified_split
+from kdray.data.imagefolder import load_image_folder, measure_folder
+from kdray.data.splits import DataError, FileSplit, Split, stratified_split
 from kdray.registry import Registry
 
 
@@ -24,27 +24,30 @@ class RawData:
     """Splits as a source provides them; ``val``/``test`` are None when the data has none."""
 
     classes: list[str]
-    train: Split
-    val: Split | None = None
-    test: Split | None = None
+    train: Split | FileSplit
+    val: Split | FileSplit | None = None
+    test: Split | FileSplit | None = None
+    skipped: int = 0  # unreadable images left out (data.bad_images=skip)
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
     """A registered dataset: how to load it, what it needs, and its augmentation defaults."""
 
-    load: Callable[[Path | None, bool, Path, int | None], RawData]  # root, download, cache_dir, image_size
+    load: Callable[[Path | None, bool, Path, int | None, str], RawData]  # root, download, cache, image_size, bad_images
     description: str
     needs_root: bool
     padding: int
     flip: bool
     check_root: Callable[[Path, bool], str | None] = lambda root, download: None
+    measure: Callable[[Path, int | None], tuple[int, int] | None] | None = None  # images, side: for data.loader=auto
+    stream: Callable[[Path, Path, int | None, str], RawData] | None = None  # root, cache_dir, image_size, bad_images
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
-def _digits(root: Path | None, download: bool, cache_dir: Path, image_size: int | None) -> RawData:
+def _digits(root: Path | None, download: bool, cache_dir: Path, image_size: int | None, bad_images: str) -> RawData:
     """scikit-learn's bundled 8x8 digits (1,797 images, values 0..16) scaled to uint8.
 
     It has no official test split, so a fixed stratified 20% (seed 0) is kdray's test split for it.
@@ -79,10 +82,10 @@ def _torchvision_cifar(class_name: str) -> type:
     return getattr(torchvision.datasets, class_name)
 
 
-def _cifar(class_name: str) -> Callable[[Path | None, bool, Path, int | None], RawData]:
+def _cifar(class_name: str) -> Callable[[Path | None, bool, Path, int | None, str], RawData]:
     """Reader for torchvision's CIFAR pickle layout; torchvision itself downloads and verifies it."""
 
-    def load(root: Path | None, download: bool, cache_dir: Path, image_size: int | None) -> RawData:
+    def load(root: Path | None, download: bool, cache_dir: Path, image_size: int | None, bad_images: str) -> RawData:
         assert root is not None
         variant = _torchvision_cifar(class_name)
         if download:
@@ -138,10 +141,25 @@ def _register_cifar() -> None:
 _register_cifar()
 
 
-def _imagefolder(root: Path | None, download: bool, cache_dir: Path, image_size: int | None) -> RawData:
+def _imagefolder(
+    root: Path | None, download: bool, cache_dir: Path, image_size: int | None, bad_images: str
+) -> RawData:
     assert root is not None
-    folder = load_image_folder(root, cache_dir, image_size)
-    return RawData(folder.classes, folder.train, val=folder.val, test=folder.test)
+    folder = load_image_folder(root, cache_dir, image_size, skip_bad=bad_images == "skip")
+    return RawData(folder.classes, folder.train, val=folder.val, test=folder.test, skipped=folder.skipped)
+
+
+def _streamed_folder(root: Path, cache_dir: Path, image_size: int | None, bad_images: str) -> RawData:
+    from kdray.data.scan import stream_folder  # Ray Data is imported only by runs that stream
+
+    folder = stream_folder(root, cache_dir, image_size, bad_images)
+    splits = folder.splits
+    return RawData(folder.classes, splits["train"], splits.get("val"), splits.get("test"), folder.skipped)
+
+
+def _measure_folder(root: Path, image_size: int | None) -> tuple[int, int] | None:
+    """Images and side of a folder; None for an archive, which is read whole (it cannot be streamed)."""
+    return None if root.is_file() else measure_folder(root, image_size)
 
 
 DATASETS.add(
@@ -149,9 +167,11 @@ DATASETS.add(
     DatasetSpec(
         _imagefolder,
         "a folder or .tar.gz with train/ and optional val|valid/ and test/ class folders "
-        "(CIFAR-10 JPEGs, CINIC-10, Tiny-ImageNet)",
+        "(CIFAR-10 JPEGs, CINIC-10, Tiny-ImageNet, ImageNet; a folder can be streamed: data.loader)",
         needs_root=True,
         padding=4,
         flip=True,
+        measure=_measure_folder,
+        stream=_streamed_folder,
     ),
 )

@@ -25,7 +25,7 @@ from ray.tune import Callback
 from kdray.config import ConfigError, ExperimentConfig, SamplerConfig, absolute_path, validate_config
 from kdray.data import load_dataset
 from kdray.launch import connect_ray
-from kdray.preflight import check_models
+from kdray.preflight import check_decode_cpus, check_models
 from kdray.run import mark_failed, run_experiment, run_tags
 from kdray.search.progress import SearchProgress
 from kdray.search.report import SearchReport, build_report, publish, study_of
@@ -185,7 +185,9 @@ def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
             f"search.name: a search called '{name}' exists under {root}; "
             f"continue it with `kdray tune --resume {name}` or choose another name"
         )
-    check_models(cfg, load_dataset(cfg.data))
+    dataset = load_dataset(cfg.data)
+    check_models(cfg, dataset)
+    check_decode_cpus(cfg, dataset)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     tags = {**run_tags(cfg), "kdray.role": "search", "kdray.search_name": name}
     parent = tracker.start_run(name, tags)

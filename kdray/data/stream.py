@@ -1,0 +1,79 @@
+"""Streamed splits: image files decoded batch by batch on Ray Data's CPU tasks, uint8 to the device.
+
+A ``StreamedSplit`` answers ``images_of`` the way a ``DeviceSplit`` does (the uint8 images of each
+chunk of indices, in order), so ``kdray.data.batches`` draws the epoch's permutation, shards it over
+the workers and augments on the device the same way for both: a streamed epoch holds the same images
+in the same batches as the in-memory one, and a run repeats from its seed. Each Ray Train worker asks
+Ray Data for its own shard only, so no worker ever holds more than a few batches of images; the
+decoding runs on whichever nodes have CPUs free (preprocessing nodes included).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pyarrow as pa
+import torch
+
+from kdray.data.augment import AugmentParams
+from kdray.data.raydata import ordered_map
+from kdray.data.splits import FileSplit
+from kdray.images import decode_batch
+
+TASK_BYTES = 2**25  # decoded bytes one task aims at: ~220 images at 224x224, 2,048 (the cap) at 32x32
+
+
+def rows_per_task(count: int, image_shape: tuple[int, int, int]) -> int:
+    """Images per decoding task: about ``TASK_BYTES`` of output (a task has a fixed cost of some
+    milliseconds, which 32x32 images amortise only by the thousand), 16 to 2,048, and small enough that
+    ``count`` images make at least four tasks to run side by side."""
+    image_bytes = image_shape[0] * image_shape[1] * image_shape[2]
+    return max(1, min(2048, max(16, TASK_BYTES // image_bytes), math.ceil(count / 4)))
+
+
+class StreamedSplit:
+    """A ``FileSplit`` with the normalisation statistics and device that batches need."""
+
+    def __init__(
+        self,
+        split: FileSplit,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        device: torch.device,
+        image_size: int | None,
+        cpus_per_task: float = 1.0,
+    ) -> None:
+        self.split = split
+        self.labels = split.labels.to(device)
+        self.mean = torch.tensor(mean, device=device)
+        self.std = torch.tensor(std, device=device)
+        self.device = device
+        self.image_size = image_size
+        self.cpus_per_task = cpus_per_task
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def images_of(
+        self, chunks: list[torch.Tensor], augment: list[AugmentParams] | None = None, padding: int = 0
+    ) -> Iterator[torch.Tensor]:
+        """The uint8 [n, C, H, W] images of each chunk of split positions, on the device, in order; cropped
+        and flipped while decoding (on Ray Data's tasks, not in the training process) when ``augment`` is given."""
+        if not chunks:
+            return
+        order = torch.cat(chunks).numpy()
+        columns = {"path": self.split.paths.take(pa.array(order))}
+        if augment is not None:
+            offsets = torch.cat([params.offsets for params in augment]).numpy()
+            columns |= {
+                "row": offsets[:, 0],
+                "column": offsets[:, 1],
+                "flip": torch.cat([p.flips for p in augment]).numpy(),
+            }
+        table = pa.table(columns)
+        kwargs = {"image_size": self.image_size, "channels": self.split.image_shape[0], "padding": padding}
+        rows = rows_per_task(len(table), self.split.image_shape)
+        batches = ordered_map(table, decode_batch, kwargs, len(chunks[0]), rows, self.cpus_per_task)
+        for batch in batches:  # Ray hands out read-only views: a copy makes a tensor torch may write
+            yield torch.from_numpy(batch["image"].copy()).to(self.device, non_blocking=True)
