@@ -9,6 +9,7 @@ loops. A Ray Train worker and an in-process run call the same function with thei
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -26,6 +27,8 @@ from kdray.methods import METHODS, Method
 from kdray.methods.base import Parallel
 from kdray.models import ModelInfo, build_model
 from kdray.stages import StagePlan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,14 +115,24 @@ def guide_cache(cfg: ExperimentConfig, dataset: Dataset, ctx: WorkerContext, tra
         "normalise": [list(dataset.mean), list(dataset.std), "scale-shift"],  # augment.normalize's form
         "compute": [device, str(autocast_dtype(ctx, train.amp) or torch.float32), str(memory_format(ctx, train))],
     }
-    shape = (len(dataset.train), view_count(augment.padding, augment.flip), dataset.num_classes)
+    views = view_count(augment.padding, augment.flip)
+    if augment.kind == "random_resized_crop":  # a view is (epoch of the cycle, flip); its crop comes from the seed
+        assert augment.crop_cycle is not None
+        data_identity["crop_seed"] = train.seed
+        views *= augment.crop_cycle
+    shape = (len(dataset.train), views, dataset.num_classes)
     return GuideCache(cfg.guide_cache, cfg.guide_cache_folder, data_identity, shape, ctx.device)
 
 
 def make_guides(
     cfg: ExperimentConfig, dataset: Dataset, ctx: WorkerContext, train: TrainConfig, models: Sequence[nn.Module]
 ) -> list[Guide]:
-    """The frozen guides, each in front of its cached outputs when ``guide_cache.enabled``."""
+    """The frozen guides, each in front of its cached outputs when ``guide_cache.enabled`` and the views repeat:
+    random resized crops drawn anew every epoch (no ``data.augment.crop_cycle``) never do, so those run uncached."""
+    augment = cfg.data.augment
+    if augment.kind == "random_resized_crop" and augment.crop_cycle is None and models and cfg.guide_cache.enabled:
+        log.info("guide cache bypassed: random_resized_crop draws new crops every epoch (data.augment.crop_cycle)")
+        return [Guide(model) for model in models]
     if not (models and cfg.guide_cache.enabled):
         return [Guide(model) for model in models]
     cache = guide_cache(cfg, dataset, ctx, train)

@@ -142,8 +142,51 @@ def _default_cache() -> str:
 
 
 class AugmentConfig(Section):
+    kind: Literal["crop_flip", "random_resized_crop"] = Field(
+        "crop_flip",
+        description="crop_flip: a random crop of the zero-padded image (CIFAR's); random_resized_crop: a random area "
+        "and aspect ratio of the original image resized to data.image_size (ImageNet's; streamed folders only).",
+    )
     padding: int = Field(4, ge=0, le=32, description="Zero padding before the random crop, pixels (0 = no crop).")
     flip: bool = Field(True, description="Random horizontal flip with probability 1/2.")
+    scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="random_resized_crop: the range of the crop's share of the image's area."
+    )
+    ratio: tuple[float, float] = Field(
+        (3 / 4, 4 / 3), description="random_resized_crop: the range of the crop's aspect ratio (width / height)."
+    )
+    crop_cycle: int | None = Field(
+        None,
+        ge=1,
+        description="random_resized_crop: the crops repeat every this many epochs, so the guide-output cache can hold "
+        "them (null: new crops every epoch, and guides run uncached).",
+    )
+    eval_crop: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Images are decoded by resizing the shorter side to data.image_size / eval_crop and keeping the "
+        "centre square (evaluation's transform); default 1.0 for crop_flip, 0.875 for random_resized_crop.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _eval_crop_default(cls, data: Any) -> Any:
+        """``eval_crop`` takes the kind's default here, so the resolved config records it."""
+        if isinstance(data, dict) and data.get("eval_crop") is None:
+            data = {**data, "eval_crop": 0.875 if data.get("kind") == "random_resized_crop" else 1.0}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AugmentConfig:
+        if self.kind == "random_resized_crop" and self.padding:
+            raise ValueError("padding: random_resized_crop does not pad; set data.augment.padding=0")
+        for name, (low, high) in (("scale", self.scale), ("ratio", self.ratio)):
+            if not 0 < low <= high:
+                raise ValueError(f"{name}: ({low}, {high}) must be 0 < low <= high")
+        if self.scale[1] > 1:
+            raise ValueError(f"scale: {self.scale[1]} is more than the whole image (1.0)")
+        return self
 
 
 class DataConfig(Section):
@@ -192,17 +235,32 @@ class DataConfig(Section):
         if isinstance(data, dict) and data.get("name", "digits") in datasets:
             spec = datasets[data.get("name", "digits")]
             augment = dict(data.get("augment") or {})
-            augment.setdefault("padding", spec.padding)
+            resized = augment.get("kind") == "random_resized_crop"
+            augment.setdefault("padding", 0 if resized else spec.padding)
             augment.setdefault("flip", spec.flip)
             data = {**data, "augment": augment}
         return data
 
     @model_validator(mode="after")
     def _loader_fits_dataset(self) -> DataConfig:
-        if self.loader == "stream" and _registry("dataset")[self.name].stream is None:
+        streams = _registry("dataset")[self.name].stream is not None
+        if self.loader == "stream" and not streams:
             raise ValueError(
                 f"data.loader=stream reads image folders (data.name=imagefolder) and '{self.name}' is read whole; "
                 "set data.loader=memory or auto"
+            )
+        if self.augment.kind == "random_resized_crop":
+            if not streams or self.loader == "memory":
+                raise ValueError(
+                    "augment.kind=random_resized_crop crops the original images, which only a streamed image folder "
+                    "reads: use data.name=imagefolder with data.loader=stream or auto"
+                )
+            if self.image_size is None:
+                raise ValueError("augment.kind=random_resized_crop needs data.image_size, the training resolution")
+        if self.augment.eval_crop != 1.0 and (self.image_size is None or not streams):
+            raise ValueError(
+                "augment.eval_crop crops image folders as they are decoded at data.image_size: set data.image_size "
+                "and data.name=imagefolder, or leave eval_crop at 1.0"
             )
         return self
 
@@ -217,6 +275,11 @@ class DataConfig(Section):
             if spec.needs_root:
                 raise ValueError(f"dataset '{name}' needs data.root (a folder or .tar.gz path)")
             return root
+        if "://" in root:
+            raise ValueError(
+                f"'{root}': kdray reads data through the file system; mount the bucket at the same path on every node "
+                "(e.g. mountpoint-s3 or gcsfuse) and give that path"
+            )
         path = Path(root).expanduser()
         if not path.exists() and not (info.data.get("download") and spec.needs_root):
             raise ValueError(f"'{root}' does not exist; give the path of the {name} data")

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from kdray.build import Stage
+from kdray.config import AugmentConfig
 from kdray.data import BatchSource, eval_batches, train_batches
+from kdray.data.augment import ResizedCrops
 from kdray.distributed import WorkerContext, all_reduce_sum
 from kdray.guides import guide_metrics
 from kdray.methods import StepInfo
@@ -131,7 +133,7 @@ def train_epoch(stage: Stage, epoch: int) -> dict[str, float]:
     sums: dict[str, torch.Tensor] = {}
     batches = train_batches(
         stage.splits["train"], train.batch_size, epoch, train.seed, augment.padding, augment.flip,
-        run.shard.rank, run.shard.world_size,
+        run.shard.rank, run.shard.world_size, resized_crops(augment, train.seed, epoch),
     )  # fmt: skip
     for index, batch in enumerate(batches):
         at = epoch * steps + index
@@ -150,6 +152,14 @@ def train_epoch(stage: Stage, epoch: int) -> dict[str, float]:
     means = {f"loss/{name}": total / steps for name, total in sums.items()}
     means["loss/total"] = torch.stack(list(means.values())).sum()
     return {name: value.item() for name, value in means.items()}
+
+
+def resized_crops(augment: AugmentConfig, seed: int, epoch: int) -> ResizedCrops | None:
+    """This epoch's random resized crops (None for crop_flip): new each epoch, or the epoch's within the cycle."""
+    if augment.kind != "random_resized_crop":
+        return None
+    view = epoch % augment.crop_cycle if augment.crop_cycle else epoch
+    return ResizedCrops(seed, view, augment.scale, augment.ratio)
 
 
 def evaluate_split(stage: Stage, split: str) -> dict[str, float]:

@@ -18,7 +18,7 @@ from kdray.cli import main
 REPO = Path(__file__).resolve().parents[1]
 FILES = sorted((REPO / "experiments").glob("*.yaml"))
 # Files whose data is given on the command line (the README says how).
-ROOT_ON_COMMAND_LINE = {"cifar10_cpu.yaml"}
+ROOT_ON_COMMAND_LINE = {"cifar10_cpu.yaml", "kd_imagenet_resnet34_resnet18.yaml"}
 
 
 @dataclass
@@ -55,6 +55,7 @@ def test_the_paper_settings_are_all_there() -> None:
         "kd_cifar100_resnet56_resnet20",
         "kd_cifar100_resnet32x4_resnet8x4",
         "kd_cifar100_wrn40_2_wrn16_2",
+        "kd_imagenet_resnet34_resnet18",
     }
     assert expected <= names, sorted(expected - names)
 

@@ -164,3 +164,123 @@ def test_workers_that_would_leave_no_cpu_to_decode_are_refused_before_any_run(lo
         run_experiment(cfg)
     client = MlflowClient(f"sqlite:///{folder.parent / 'mlflow.db'}")
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])  # nothing was opened
+
+
+def test_resized_crop_boxes_follow_torchvision_s_rule() -> None:
+    """Every box lies inside the image; boxes that are not the fallback have an area share in ``scale`` and an
+    aspect ratio in ``ratio`` (up to rounding to whole pixels); the same seed draws the same box."""
+    from kdray.images import resized_crop_box
+
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    for seed in range(300):
+        left, top, width, height = resized_crop_box(100, 80, scale, ratio, np.random.default_rng(seed))
+        assert left >= 0 and left + width <= 100 and top >= 0 and top + height <= 80
+        assert (left, top, width, height) == resized_crop_box(100, 80, scale, ratio, np.random.default_rng(seed))
+        if (width, height) != (100, 80):
+            assert 0.08 * 8000 * 0.9 <= width * height <= 8000
+            assert 3 / 4 * 0.9 <= width / height <= 4 / 3 * 1.1
+    # an image far narrower than any allowed ratio: the centre crop at the closest ratio
+    assert resized_crop_box(10, 200, (0.9, 1.0), ratio, np.random.default_rng(0)) == (0, 93, 10, 13)
+
+
+@pytest.fixture
+def photos(workdir: Path) -> Path:
+    """Non-square images of mixed sizes, as photos come: 3 classes, 8 train and 2 val images each."""
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 8), ("val", 2)):
+        for label in ("cat", "dog", "eel"):
+            for index in range(count):
+                width, height = (int(side) for side in rng.integers(24, 48, 2))
+                write_png(
+                    workdir / "photos" / split / label / f"{index}.png",
+                    rng.integers(0, 256, (height, width, 3), np.uint8),
+                )
+    return workdir / "photos"
+
+
+def test_random_resized_crops_repeat_from_the_seed_and_within_the_cycle(local_ray: None, photos: Path) -> None:
+    from kdray.build import make_guides
+    from kdray.distributed import local_context
+    from kdray.engine import resized_crops
+    from kdray.images import open_image, resized_crop_box
+
+    overrides = ["data.augment.kind=random_resized_crop", "data.image_size=16", "data.augment.crop_cycle=2"]
+    cfg = load_config(None, folder_config(photos, *overrides))
+    data = load_dataset(cfg.data)
+    assert data.streamed and data.train.image_shape == (3, 16, 16)  # auto streams: the crops need the originals
+    source = on_device(data.train, data.mean, data.std, torch.device("cpu"), cfg.data)
+
+    def epoch(number: int, seed: int = 0) -> dict[tuple[int, int], torch.Tensor]:
+        crops = resized_crops(cfg.data.augment, seed, number)
+        batches = train_batches(source, 4, number, seed, 0, True, resized=crops)
+        return {
+            (int(sample), int(view)): image
+            for batch in batches
+            for sample, view, image in zip(batch.views.samples, batch.views.views, batch.images, strict=True)
+        }
+
+    first, again, second, third = epoch(0), epoch(0), epoch(1), epoch(2)
+    assert first.keys() == again.keys() and all(torch.equal(first[key], again[key]) for key in first)
+    assert {view // 2 for _, view in first} == {0} and {view // 2 for _, view in second} == {1}
+    assert {view // 2 for _, view in third} == {0}  # epoch 2 is epoch 0 of the cycle: the same crops
+    shared = first.keys() & third.keys()  # same image, same flip
+    assert shared and all(torch.equal(first[key], third[key]) for key in shared)
+    other_seed = epoch(0, seed=1)
+    assert any(not torch.equal(first[key], other_seed[key]) for key in first.keys() & other_seed.keys())
+    # one crop, computed independently: PIL's crop then resize, mirrored when the view says so
+    (sample, view), image = next(iter(first.items()))
+    path = data.train.paths[sample].as_py()
+    original = open_image(Path(path).read_bytes())
+    left, top, width, height = resized_crop_box(
+        *original.size, (0.08, 1.0), (3 / 4, 4 / 3), np.random.default_rng([0, 0, sample])
+    )
+    expected = np.asarray(original.crop((left, top, left + width, top + height)).resize((16, 16), Image.BILINEAR))
+    expected = expected[:, ::-1] if view % 2 else expected
+    plain = on_device(data.train, (0.0,) * 3, (1 / 255,) * 3, torch.device("cpu"), cfg.data)  # pixel values out
+    crops = resized_crops(cfg.data.augment, 0, 0)
+    for batch in train_batches(plain, 4, 0, 0, 0, True, resized=crops):
+        for at, (row, row_view) in enumerate(zip(batch.views.samples, batch.views.views, strict=True)):
+            if (row, row_view) == (sample, view):
+                assert np.array_equal(batch.images[at].permute(1, 2, 0).round().byte().numpy(), expected)
+    # the guide-output cache: one table of 2 crops x 2 flips per image with the cycle, bypassed without it
+    ctx = local_context(False)
+    model = torch.nn.Linear(1, 1)
+    assert make_guides(cfg, data, ctx, cfg.train, [model])[0].lookup is not None
+    no_cycle = load_config(None, folder_config(photos, *overrides[:2]))
+    assert make_guides(no_cycle, data, ctx, no_cycle.train, [model])[0].lookup is None
+
+
+@pytest.mark.slow
+def test_trials_with_random_resized_crops_share_the_teacher_s_cached_outputs(local_ray: None, photos: Path) -> None:
+    """Two KD students that differ only in temperature (two trials of a search): the crops come from the seed,
+    so the second student's every teacher output is a cache hit; without a crop cycle the cache is bypassed."""
+    base = [
+        "data.augment.kind=random_resized_crop", "data.image_size=16", "data.augment.crop_cycle=2",
+        "teacher.name=plane2", "teacher.epochs=1", "student.name=plane2", "train.epochs=2", "train.batch_size=8",
+    ]  # fmt: skip
+    client = MlflowClient(f"sqlite:///{photos.parent / 'mlflow.db'}")
+    rates = []
+    for temperature in (2, 6):
+        student = run_experiment(load_config(None, folder_config(photos, *base, f"method.temperature={temperature}")))
+        history = client.get_metric_history(student.student.run_id, "cache/hit_rate")
+        rates.append([metric.value for metric in sorted(history, key=lambda metric: metric.step)])
+    assert rates[0][0] < 1.0 and rates[1] == [1.0, 1.0]
+
+
+def test_augmentation_settings_that_cannot_apply_are_refused(workdir: Path, photos: Path) -> None:
+    rrc = "data.augment.kind=random_resized_crop"
+    for overrides, message in (
+        ([rrc, "data.image_size=16"], r"^data: augment.kind=random_resized_crop crops the original images"),
+        (folder_config(photos, rrc, "data.loader=memory", "data.image_size=16"), r"only a streamed image folder"),
+        (folder_config(photos, rrc), r"random_resized_crop needs data.image_size"),
+        (folder_config(photos, rrc, "data.image_size=16", "data.augment.padding=4"), r"does not pad"),
+        (folder_config(photos, rrc, "data.image_size=16", "data.augment.scale=[0.5, 0.2]"), r"scale: \(0.5, 0.2\)"),
+        (["data.augment.eval_crop=0.875", "data.image_size=16"], r"eval_crop crops image folders"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, overrides)
+
+
+def test_a_bucket_uri_is_refused_with_the_way_to_read_it(workdir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^data.root: 's3://bucket/imagenet': .*mount the bucket .*mountpoint-s3"):
+        load_config(None, ["data.name=imagefolder", "data.root=s3://bucket/imagenet"])

@@ -55,9 +55,9 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     root = Path(cfg.root) if cfg.root else None  # absolute since validation, like every path of a config
     if choose_loader(cfg, spec, root) == "stream":
         assert spec.stream is not None and root is not None
-        raw = spec.stream(root, Path(cfg.cache_dir), cfg.image_size, cfg.bad_images)
+        raw = spec.stream(root, cfg)
     else:
-        raw = spec.load(root, cfg.download, Path(cfg.cache_dir), cfg.image_size, cfg.bad_images)
+        raw = spec.load(root, cfg)
     if cfg.image_size is not None and isinstance(raw.train, Split):  # in-memory sources resize here
         raw = resized(raw, cfg.image_size, cfg.name)
     train, val = raw.train, raw.val
@@ -75,6 +75,9 @@ def choose_loader(cfg: DataConfig, spec: DatasetSpec, root: Path | None) -> str:
     if cfg.loader == "memory" or spec.stream is None:
         return "memory"
     if cfg.loader == "stream":
+        return "stream"
+    if cfg.augment.kind == "random_resized_crop":
+        log.info("data.loader=auto: random_resized_crop crops the original images: streaming from the files")
         return "stream"
     assert root is not None and spec.measure is not None
     measured = spec.measure(root, cfg.image_size)
@@ -102,7 +105,7 @@ def on_device(
     if isinstance(split, FileSplit):
         from kdray.data.stream import StreamedSplit
 
-        return StreamedSplit(split, mean, std, device, cfg.image_size, cfg.decode_cpus)
+        return StreamedSplit(split, mean, std, device, cfg.image_size, cfg.decode_cpus, cfg.augment.eval_crop)
     return DeviceSplit(split, mean, std, device)
 
 

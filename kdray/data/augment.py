@@ -4,7 +4,12 @@ Each sample's augmentation is a pair (crop offset, flip), drawn for the whole ba
 applied with one indexing operation on the device that holds the data. Keeping the parameters
 explicit makes an augmented view reproducible from (sample index, offset, flip), which is what a
 teacher-output cache keys on. Padding is with zeros on the uint8 image, as torchvision's
-``RandomCrop(padding=p)`` does before normalisation.
+``RandomCrop(padding=p)`` does before normalisation. A streamed split applies the same parameters
+while decoding (``kdray.images.crop_flip``).
+
+Random resized crops (``ResizedCrops``) need the original image, so they are drawn where a streamed
+image is decoded (``kdray.images.resized_crop``), from (seed, epoch or epoch of the cycle, image); the
+flip is still drawn here, and a view is (epoch of the cycle, flip).
 """
 
 from __future__ import annotations
@@ -21,6 +26,28 @@ class AugmentParams:
 
     offsets: torch.Tensor
     flips: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ResizedCrops:
+    """One epoch's ``random_resized_crop``: each image's crop is drawn from (``seed``, ``view``, its position in
+    the split) where it is decoded, so it is the same in every run with this seed; ``view`` is the epoch, or
+    the epoch within ``data.augment.crop_cycle``."""
+
+    seed: int
+    view: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class EpochAugment:
+    """How a split augments one epoch's chunks: each chunk's crop offsets and flips (host tensors), the
+    padding they crop from, and the epoch's random resized crops (if any)."""
+
+    params: list[AugmentParams]
+    padding: int
+    resized: ResizedCrops | None = None
 
 
 def sample_augment(

@@ -9,14 +9,23 @@ images, in which batches, with which crops and flips) is decided here, once, for
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 
-from kdray.data.augment import AugmentParams, apply_augment, normalize, sample_augment, view_ids
+from kdray.data.augment import (
+    AugmentParams,
+    EpochAugment,
+    ResizedCrops,
+    apply_augment,
+    normalize,
+    sample_augment,
+    view_count,
+    view_ids,
+)
 from kdray.data.splits import Split
 
 
@@ -43,30 +52,12 @@ class Batch:
     views: Views | None = None
 
 
-class BatchSource(Protocol):
-    """A split as batches read it: labels, statistics and device, and the images of chunks of positions."""
+class BatchSource(ABC):
+    """A split as batches read it: labels, normalisation statistics and device, and (``images_of``) the
+    uint8 images of chunks of its positions."""
 
-    labels: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
-    device: torch.device
-
-    def __len__(self) -> int: ...
-
-    def images_of(
-        self, chunks: list[torch.Tensor], augment: list[AugmentParams] | None = None, padding: int = 0
-    ) -> Iterator[torch.Tensor]:
-        """The uint8 images of each chunk of positions, in order, on the device; cropped and flipped by the
-        chunk's ``augment`` (host tensors) when given."""
-        ...
-
-
-class DeviceSplit:
-    """A split moved once to ``device``, with the normalisation statistics beside it."""
-
-    def __init__(self, split: Split, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
-        self.images = split.images.to(device)
-        self.labels = split.labels.to(device)
+    def __init__(self, labels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
+        self.labels = labels.to(device)
         self.mean = torch.tensor(mean, device=device)
         self.std = torch.tensor(std, device=device)
         self.device = device
@@ -74,14 +65,28 @@ class DeviceSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def images_of(
-        self, chunks: list[torch.Tensor], augment: list[AugmentParams] | None = None, padding: int = 0
-    ) -> Iterator[torch.Tensor]:
+    @abstractmethod
+    def images_of(self, chunks: list[torch.Tensor], augment: EpochAugment | None = None) -> Iterator[torch.Tensor]:
+        """The uint8 images of each chunk of positions, in order, on the device; augmented by ``augment``
+        (chunk by chunk) when given."""
+
+
+class DeviceSplit(BatchSource):
+    """A split moved once to ``device``, with the normalisation statistics beside it."""
+
+    def __init__(self, split: Split, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
+        super().__init__(split.labels, mean, std, device)
+        self.images = split.images.to(device)
+
+    def images_of(self, chunks: list[torch.Tensor], augment: EpochAugment | None = None) -> Iterator[torch.Tensor]:
+        if augment is not None and augment.resized is not None:
+            raise ValueError("random_resized_crop reads the original images: stream the split (data.loader)")
         for at, chunk in enumerate(chunks):
             images = self.images[chunk.to(self.device)]
             if augment is not None:
-                params = AugmentParams(augment[at].offsets.to(self.device), augment[at].flips.to(self.device))
-                images = apply_augment(images, params, padding)
+                params = augment.params[at]
+                on_device = AugmentParams(params.offsets.to(self.device), params.flips.to(self.device))
+                images = apply_augment(images, on_device, augment.padding)
             yield images
 
 
@@ -102,6 +107,7 @@ def train_batches(
     flip: bool,
     rank: int = 0,
     world_size: int = 1,
+    resized: ResizedCrops | None = None,
 ) -> Iterator[Batch]:
     """Shuffled, augmented batches of this rank's shard; the last partial batch is dropped.
 
@@ -114,9 +120,12 @@ def train_batches(
     cpu = torch.device("cpu")
     chunks = [shard[start : start + batch_size] for start in range(0, len(shard) - batch_size + 1, batch_size)]
     augments = [sample_augment(len(chunk), padding, flip, generator, cpu) for chunk in chunks]
-    batches = zip(chunks, augments, split.images_of(chunks, augments, padding), strict=True)
+    batches = zip(chunks, augments, split.images_of(chunks, EpochAugment(augments, padding, resized)), strict=True)
     for index, params, images in batches:
-        views = Views(index.numpy(), view_ids(params, padding, flip).numpy())
+        view = view_ids(params, padding, flip)
+        if resized is not None:  # the crop is the epoch's (of the cycle's); only the flip is drawn here
+            view = view + resized.view * view_count(padding, flip)
+        views = Views(index.numpy(), view.numpy())
         index = index.to(split.device)
         on_device = AugmentParams(params.offsets.to(split.device), params.flips.to(split.device))
         yield Batch(normalize(images, split.mean, split.std), split.labels[index], index, on_device, views)

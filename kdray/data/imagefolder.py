@@ -61,18 +61,19 @@ class _Entry:
 
 
 def load_image_folder(
-    root: Path, cache_dir: Path, image_size: int | None = None, skip_bad: bool = False
+    root: Path, cache_dir: Path, image_size: int | None = None, skip_bad: bool = False, crop: float = 1.0
 ) -> ImageFolderData:
     """Load ``root`` (a folder or an archive), from the decoded cache when it is current; ``image_size``
-    resizes every image to that square size; ``skip_bad`` leaves out (and counts) images that do not decode
-    instead of refusing the folder."""
+    resizes every image to that square size (the centre ``crop`` of it: ``resize_square``); ``skip_bad``
+    leaves out (and counts) images that do not decode instead of refusing the folder."""
     root = root.expanduser().resolve()
     if not root.exists():
         raise DataError(f"{root}: no such file or folder")
-    cached = cache_dir / "imagefolder" / folder_signature(root, image_size, f"{CACHE_VERSION}{'-skip' * skip_bad}")
+    variant = f"{CACHE_VERSION}{'-skip' * skip_bad}{f'-crop{crop}' * (crop != 1.0)}"
+    cached = cache_dir / "imagefolder" / folder_signature(root, image_size, variant)
     if (cached / "meta.json").is_file():
         return _read_cache(cached)
-    data = _decode(root, image_size, skip_bad)
+    data = _decode(root, image_size, skip_bad, crop)
     _write_cache(cached, data)
     return data
 
@@ -188,14 +189,14 @@ def measure_folder(root: Path, image_size: int | None) -> tuple[int, int]:
     return index.count, image_size or _side(index.files["train"][0])
 
 
-def _decode(root: Path, image_size: int | None, skip_bad: bool) -> ImageFolderData:
+def _decode(root: Path, image_size: int | None, skip_bad: bool, crop: float) -> ImageFolderData:
     index = index_folder(root)
     check_memory(index.count, image_size or _side(index.files["train"][0]), str(root))
     classes = index.classes
     splits: dict[str, Split | None] = {"val": None, "test": None}
     decoded, kept, failures = {}, {}, []
     for split, entries in index.files.items():
-        decoded[split], kept[split] = _decode_split(entries, image_size, failures)
+        decoded[split], kept[split] = _decode_split(entries, image_size, crop, failures)
     if failures and not skip_bad:
         raise DataError(
             f"{failures[0]} ({len(failures)} of {index.count} images cannot be read; set data.bad_images=skip to "
@@ -234,13 +235,15 @@ def _labels(entries: list[_Entry], classes: list[str], annotated: dict[str, str]
     return labels
 
 
-def _decode_split(entries: list[_Entry], image_size: int | None, failures: list[str]) -> tuple[np.ndarray, list[int]]:
+def _decode_split(
+    entries: list[_Entry], image_size: int | None, crop: float, failures: list[str]
+) -> tuple[np.ndarray, list[int]]:
     """Decode one split to uint8 [N, C, H, W] (C = 1 when every image is grey), and the rows that decoded;
     each image that does not decode adds its error to ``failures``."""
     pictures, kept = [], []
     for row, entry in enumerate(entries):
         try:
-            pictures.append(_read_image(entry, image_size))
+            pictures.append(_read_image(entry, image_size, crop))
         except DataError as error:
             failures.append(str(error))
             continue
@@ -272,12 +275,12 @@ def _size(picture: np.ndarray) -> str:
     return f"{picture.shape[1]}x{picture.shape[0]}"
 
 
-def _read_image(entry: _Entry, image_size: int | None = None) -> np.ndarray:
+def _read_image(entry: _Entry, image_size: int | None = None, crop: float = 1.0) -> np.ndarray:
     try:
         payload = entry.read()  # type: ignore[operator]
     except OSError as error:
         raise DataError(f"{entry.source}: cannot read ({error})") from None
-    return decode_image(payload, entry.source, image_size)
+    return decode_image(payload, entry.source, image_size, crop)
 
 
 def _side(entry: _Entry) -> int:

@@ -45,8 +45,11 @@ class StreamedFolder:
     skipped: int
 
 
-def stream_folder(root: Path, cache_dir: Path, image_size: int | None, bad_images: str) -> StreamedFolder:
-    """Index and scan ``root`` (from the cache when current) into splits that stay in their files."""
+def stream_folder(
+    root: Path, cache_dir: Path, image_size: int | None, bad_images: str, crop: float = 1.0
+) -> StreamedFolder:
+    """Index and scan ``root`` (from the cache when current) into splits that stay in their files; each image
+    is scanned as evaluation decodes it (``image_size``, centre ``crop``)."""
     root = root.expanduser().resolve()
     if root.is_file():
         raise DataError(
@@ -57,9 +60,8 @@ def stream_folder(root: Path, cache_dir: Path, image_size: int | None, bad_image
     paths = [entry.source for split in index.files for entry in index.files[split]]
     check_reachable(root, paths[0])
     labels = np.concatenate([np.asarray(index.labels[split], dtype=np.int64) for split in index.files])
-    facts = _cached_scan(
-        root, cache_dir / "stream" / folder_signature(root, image_size, SCAN_VERSION), paths, image_size
-    )
+    signature = folder_signature(root, image_size, f"{SCAN_VERSION}{f'-crop{crop}' * (crop != 1.0)}")
+    facts = _cached_scan(root, cache_dir / "stream" / signature, paths, image_size, crop)
     keep = _apply_policy(facts, paths, bad_images)
     shape = _image_shape(facts, keep, paths)
     digests = facts["digest3"] if shape[0] == 3 else facts["digest"]
@@ -100,13 +102,15 @@ def check_reachable(root: Path, sample: str) -> None:
             )
 
 
-def _cached_scan(root: Path, folder: Path, paths: list[str], image_size: int | None) -> dict[str, np.ndarray]:
+def _cached_scan(
+    root: Path, folder: Path, paths: list[str], image_size: int | None, crop: float
+) -> dict[str, np.ndarray]:
     """The per-file facts of ``paths``, read from ``folder`` or scanned and written there."""
     if (folder / "meta.json").is_file():
         with np.load(folder / "facts.npz") as stored:
             return {name: stored[name] for name in stored.files}
     started = time.perf_counter()
-    facts = scan(paths, image_size)
+    facts = scan(paths, image_size, crop)
     log.info(
         "scanned %d images of %s in %.1f s (cached in %s)", len(paths), root, time.perf_counter() - started, folder
     )
@@ -123,11 +127,12 @@ def _cached_scan(root: Path, folder: Path, paths: list[str], image_size: int | N
     return facts
 
 
-def scan(paths: list[str], image_size: int | None) -> dict[str, np.ndarray]:
+def scan(paths: list[str], image_size: int | None, crop: float = 1.0) -> dict[str, np.ndarray]:
     """Decode every file once on Ray Data tasks; per file: ``FACTS`` and (``error_rows``,
     ``error_messages``) for those that do not decode."""
     table = pa.table({"path": pa.array(paths, type=pa.string())})
-    parts = list(ordered_map(table, scan_batch, {"image_size": image_size}, 4096, ROWS_PER_TASK, 1.0))
+    kwargs = {"image_size": image_size, "crop": crop}
+    parts = list(ordered_map(table, scan_batch, kwargs, 4096, ROWS_PER_TASK, 1.0))
     facts = {name: np.concatenate([part[name] for part in parts]) for name in FACTS}
     errors = np.concatenate([part["error"] for part in parts])
     failed = np.flatnonzero(errors != "")

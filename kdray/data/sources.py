@@ -10,6 +10,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ import torch
 from kdray.data.imagefolder import load_image_folder, measure_folder
 from kdray.data.splits import DataError, FileSplit, Split, stratified_split
 from kdray.registry import Registry
+
+if TYPE_CHECKING:
+    from kdray.config import DataConfig
 
 
 @dataclass(frozen=True)
@@ -34,20 +38,20 @@ class RawData:
 class DatasetSpec:
     """A registered dataset: how to load it, what it needs, and its augmentation defaults."""
 
-    load: Callable[[Path | None, bool, Path, int | None, str], RawData]  # root, download, cache, image_size, bad_images
+    load: Callable[[Path | None, DataConfig], RawData]  # data.root (resolved), the data section
     description: str
     needs_root: bool
     padding: int
     flip: bool
     check_root: Callable[[Path, bool], str | None] = lambda root, download: None
     measure: Callable[[Path, int | None], tuple[int, int] | None] | None = None  # images, side: for data.loader=auto
-    stream: Callable[[Path, Path, int | None, str], RawData] | None = None  # root, cache_dir, image_size, bad_images
+    stream: Callable[[Path, DataConfig], RawData] | None = None  # how a folder is streamed, if it can be
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
-def _digits(root: Path | None, download: bool, cache_dir: Path, image_size: int | None, bad_images: str) -> RawData:
+def _digits(root: Path | None, cfg: DataConfig) -> RawData:
     """scikit-learn's bundled 8x8 digits (1,797 images, values 0..16) scaled to uint8.
 
     It has no official test split, so a fixed stratified 20% (seed 0) is kdray's test split for it.
@@ -82,13 +86,13 @@ def _torchvision_cifar(class_name: str) -> type:
     return getattr(torchvision.datasets, class_name)
 
 
-def _cifar(class_name: str) -> Callable[[Path | None, bool, Path, int | None, str], RawData]:
+def _cifar(class_name: str) -> Callable[[Path | None, DataConfig], RawData]:
     """Reader for torchvision's CIFAR pickle layout; torchvision itself downloads and verifies it."""
 
-    def load(root: Path | None, download: bool, cache_dir: Path, image_size: int | None, bad_images: str) -> RawData:
+    def load(root: Path | None, cfg: DataConfig) -> RawData:
         assert root is not None
         variant = _torchvision_cifar(class_name)
-        if download:
+        if cfg.download:
             variant(str(root), train=True, download=True)  # fetches and checks the archive's MD5
         folder = root / variant.base_folder
         with open(folder / variant.meta["filename"], "rb") as handle:
@@ -141,18 +145,17 @@ def _register_cifar() -> None:
 _register_cifar()
 
 
-def _imagefolder(
-    root: Path | None, download: bool, cache_dir: Path, image_size: int | None, bad_images: str
-) -> RawData:
+def _imagefolder(root: Path | None, cfg: DataConfig) -> RawData:
     assert root is not None
-    folder = load_image_folder(root, cache_dir, image_size, skip_bad=bad_images == "skip")
+    skip = cfg.bad_images == "skip"
+    folder = load_image_folder(root, Path(cfg.cache_dir), cfg.image_size, skip, cfg.augment.eval_crop)
     return RawData(folder.classes, folder.train, val=folder.val, test=folder.test, skipped=folder.skipped)
 
 
-def _streamed_folder(root: Path, cache_dir: Path, image_size: int | None, bad_images: str) -> RawData:
+def _streamed_folder(root: Path, cfg: DataConfig) -> RawData:
     from kdray.data.scan import stream_folder  # Ray Data is imported only by runs that stream
 
-    folder = stream_folder(root, cache_dir, image_size, bad_images)
+    folder = stream_folder(root, Path(cfg.cache_dir), cfg.image_size, cfg.bad_images, cfg.augment.eval_crop)
     splits = folder.splits
     return RawData(folder.classes, splits["train"], splits.get("val"), splits.get("test"), folder.skipped)
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import asdict
 
 import pyarrow as pa
 import torch
 
-from kdray.data.augment import AugmentParams
+from kdray.data.augment import EpochAugment
+from kdray.data.batches import BatchSource
 from kdray.data.raydata import ordered_map
 from kdray.data.splits import FileSplit
 from kdray.images import decode_batch
@@ -32,7 +34,7 @@ def rows_per_task(count: int, image_shape: tuple[int, int, int]) -> int:
     return max(1, min(2048, max(16, TASK_BYTES // image_bytes), math.ceil(count / 4)))
 
 
-class StreamedSplit:
+class StreamedSplit(BatchSource):
     """A ``FileSplit`` with the normalisation statistics and device that batches need."""
 
     def __init__(
@@ -43,36 +45,34 @@ class StreamedSplit:
         device: torch.device,
         image_size: int | None,
         cpus_per_task: float = 1.0,
+        crop: float = 1.0,
     ) -> None:
+        super().__init__(split.labels, mean, std, device)
         self.split = split
-        self.labels = split.labels.to(device)
-        self.mean = torch.tensor(mean, device=device)
-        self.std = torch.tensor(std, device=device)
-        self.device = device
         self.image_size = image_size
         self.cpus_per_task = cpus_per_task
+        self.crop = crop
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def images_of(
-        self, chunks: list[torch.Tensor], augment: list[AugmentParams] | None = None, padding: int = 0
-    ) -> Iterator[torch.Tensor]:
+    def images_of(self, chunks: list[torch.Tensor], augment: EpochAugment | None = None) -> Iterator[torch.Tensor]:
         """The uint8 [n, C, H, W] images of each chunk of split positions, on the device, in order; cropped
         and flipped while decoding (on Ray Data's tasks, not in the training process) when ``augment`` is given."""
         if not chunks:
             return
         order = torch.cat(chunks).numpy()
         columns = {"path": self.split.paths.take(pa.array(order))}
+        resized = augment.resized if augment is not None else None
         if augment is not None:
-            offsets = torch.cat([params.offsets for params in augment]).numpy()
-            columns |= {
-                "row": offsets[:, 0],
-                "column": offsets[:, 1],
-                "flip": torch.cat([p.flips for p in augment]).numpy(),
-            }
+            offsets = torch.cat([params.offsets for params in augment.params]).numpy()
+            flips = torch.cat([params.flips for params in augment.params]).numpy()
+            columns |= {"row": offsets[:, 0], "column": offsets[:, 1], "flip": flips}
+        if resized is not None:
+            columns["position"] = order
         table = pa.table(columns)
-        kwargs = {"image_size": self.image_size, "channels": self.split.image_shape[0], "padding": padding}
+        kwargs = {
+            "image_size": self.image_size, "channels": self.split.image_shape[0],
+            "padding": augment.padding if augment is not None else 0, "crop": self.crop,
+            "resized": None if resized is None else asdict(resized),
+        }  # fmt: skip
         rows = rows_per_task(len(table), self.split.image_shape)
         batches = ordered_map(table, decode_batch, kwargs, len(chunks[0]), rows, self.cpus_per_task)
         for batch in batches:  # Ray hands out read-only views: a copy makes a tensor torch may write
