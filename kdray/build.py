@@ -129,11 +129,11 @@ def make_guides(
 ) -> list[Guide]:
     """The frozen guides, each in front of its cached outputs when ``guide_cache.enabled`` and the views repeat:
     random resized crops drawn anew every epoch (no ``data.augment.crop_cycle``) never do, so those run uncached."""
-    augment = cfg.data.augment
-    if augment.kind == "random_resized_crop" and augment.crop_cycle is None and models and cfg.guide_cache.enabled:
-        log.info("guide cache bypassed: random_resized_crop draws new crops every epoch (data.augment.crop_cycle)")
-        return [Guide(model) for model in models]
     if not (models and cfg.guide_cache.enabled):
+        return [Guide(model) for model in models]
+    augment = cfg.data.augment
+    if augment.kind == "random_resized_crop" and augment.crop_cycle is None:
+        log.info("guide cache bypassed: random_resized_crop draws new crops every epoch (data.augment.crop_cycle)")
         return [Guide(model) for model in models]
     cache = guide_cache(cfg, dataset, ctx, train)
     return [Guide(model, cache.lookup(model)) for model in models]

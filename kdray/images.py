@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +22,25 @@ class DataError(ValueError):
     """Bad data on disk: the message names the file or folder and what is wrong with it."""
 
 
+@contextmanager
+def decoding(source: str) -> Iterator[None]:
+    """Turn PIL's errors on a file into one ``DataError`` line naming ``source``."""
+    try:
+        yield
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise DataError(f"{source}: cannot decode image ({error})") from None
+
+
 def decode_image(payload: bytes, source: str, image_size: int | None = None, crop: float = 1.0) -> np.ndarray:
     """Decode to HxW (grey) or HxWx3 (colour) uint8, resized to ``image_size`` if given (``resize_square``),
     naming ``source`` when it cannot be read. The one decoder of both the in-memory cache and the stream."""
-    try:
+    with decoding(source):
         return np.asarray(resize_square(open_image(payload), image_size, crop) if image_size else open_image(payload))
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise DataError(f"{source}: cannot decode image ({error})") from None
+
+
+def chw(picture: np.ndarray) -> np.ndarray:
+    """A decoded HxW or HxWx3 picture as [C, H, W]."""
+    return picture[None] if picture.ndim == 2 else picture.transpose(2, 0, 1)
 
 
 def open_image(payload: bytes) -> Image.Image:
@@ -54,7 +68,7 @@ def image_digest(image: np.ndarray) -> bytes:
 
 def decode_batch(
     batch: dict[str, np.ndarray],
-    image_size: int | None,
+    image_size: int,
     channels: int,
     padding: int = 0,
     crop: float = 1.0,
@@ -73,10 +87,9 @@ def decode_batch(
         if resized is None:
             picture = decode_image(payload, path, image_size, crop)
         else:
-            assert image_size is not None
             seed = [resized["seed"], resized["view"], int(batch["position"][at])]
             picture = resized_crop(payload, path, image_size, resized["scale"], resized["ratio"], seed)
-        image = picture[None] if picture.ndim == 2 else picture.transpose(2, 0, 1)
+        image = chw(picture)
         if image.shape[0] != channels:
             image = np.repeat(image, channels, axis=0)
         if "row" in batch:
@@ -111,7 +124,7 @@ def scan_batch(batch: dict[str, np.ndarray], image_size: int | None, crop: float
         except DataError as error:
             out["error"][row] = str(error)
             continue
-        image = picture[None] if picture.ndim == 2 else picture.transpose(2, 0, 1)
+        image = chw(picture)
         colour = np.repeat(image, 3, axis=0) if picture.ndim == 2 else image
         wide = colour.reshape(3, -1).astype(np.int64)
         out["height"][row], out["width"][row] = picture.shape[:2]
@@ -162,10 +175,8 @@ def resized_crop(
 ) -> np.ndarray:
     """A ``resized_crop_box`` of the original image, drawn from ``seed`` (the same crop for the same seed, in
     every trial of a search), resized to ``size`` x ``size`` (bilinear, antialiased): HxW or HxWx3 uint8."""
-    try:
+    with decoding(source):
         image = open_image(payload)
         left, top, width, height = resized_crop_box(*image.size, scale, ratio, np.random.default_rng(seed))
         crop = image.crop((left, top, left + width, top + height))  # then resize, as torchvision's resized_crop
         return np.asarray(crop.resize((size, size), Image.BILINEAR))
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise DataError(f"{source}: cannot decode image ({error})") from None

@@ -24,7 +24,7 @@ from PIL import Image
 
 from kdray.bench import BenchOptions
 from kdray.config import ExperimentConfig, load_config
-from kdray.data import load_dataset, on_device, train_batches
+from kdray.data import Dataset, load_dataset, on_device, train_batches
 from kdray.distributed import local_context
 
 FOLDERS = ((224, 2048), (32, 8192))  # side, images
@@ -85,10 +85,10 @@ def folder_config(root: Path, cache: Path, options: BenchOptions, *overrides: st
     )  # fmt: skip
 
 
-def stream_epoch_rate(cfg: ExperimentConfig, data: object, batch_size: int) -> float:
+def stream_epoch_rate(cfg: ExperimentConfig, data: Dataset, batch_size: int) -> float:
     """Images/s of one pass of ``train_batches`` over the streamed training split (nothing trains)."""
     augment = cfg.data.augment
-    source = on_device(data.train, data.mean, data.std, torch.device("cpu"), cfg.data)  # type: ignore[attr-defined]
+    source = on_device(data.train, data.mean, data.std, torch.device("cpu"), cfg.data)
     started, images = time.perf_counter(), 0
     for batch in train_batches(source, batch_size, 0, 0, augment.padding, augment.flip):
         images += len(batch.labels)

@@ -105,7 +105,7 @@ def on_device(
     if isinstance(split, FileSplit):
         from kdray.data.stream import StreamedSplit
 
-        return StreamedSplit(split, mean, std, device, cfg.image_size, cfg.decode_cpus, cfg.augment.eval_crop)
+        return StreamedSplit(split, mean, std, device, cfg.decode_cpus, cfg.augment.eval_crop)
     return DeviceSplit(split, mean, std, device)
 
 

@@ -69,8 +69,9 @@ def load_image_folder(
     root = root.expanduser().resolve()
     if not root.exists():
         raise DataError(f"{root}: no such file or folder")
-    variant = f"{CACHE_VERSION}{'-skip' * skip_bad}{f'-crop{crop}' * (crop != 1.0)}"
-    cached = cache_dir / "imagefolder" / folder_signature(root, image_size, variant)
+    cached = (
+        cache_dir / "imagefolder" / folder_signature(root, image_size, crop, f"{CACHE_VERSION}{'-skip' * skip_bad}")
+    )
     if (cached / "meta.json").is_file():
         return _read_cache(cached)
     data = _decode(root, image_size, skip_bad, crop)
@@ -78,10 +79,10 @@ def load_image_folder(
     return data
 
 
-def folder_signature(root: Path, image_size: int | None, version: int | str) -> str:
-    """A key that changes with the path, the image size, the cache format ``version`` and any file's size or
-    modification time."""
-    digest = hashlib.blake2b(f"{version}:{root}:{image_size}".encode(), digest_size=16)
+def folder_signature(root: Path, image_size: int | None, crop: float, version: int | str) -> str:
+    """A key that changes with the path, the decoded size and centre crop, the cache format ``version`` and any
+    file's size or modification time."""
+    digest = hashlib.blake2b(f"{version}:{root}:{image_size}:{crop}".encode(), digest_size=16)
     if root.is_file():
         stat = root.stat()
         digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())

@@ -60,8 +60,8 @@ def stream_folder(
     paths = [entry.source for split in index.files for entry in index.files[split]]
     check_reachable(root, paths[0])
     labels = np.concatenate([np.asarray(index.labels[split], dtype=np.int64) for split in index.files])
-    signature = folder_signature(root, image_size, f"{SCAN_VERSION}{f'-crop{crop}' * (crop != 1.0)}")
-    facts = _cached_scan(root, cache_dir / "stream" / signature, paths, image_size, crop)
+    folder = cache_dir / "stream" / folder_signature(root, image_size, crop, SCAN_VERSION)
+    facts = _cached_scan(root, folder, paths, image_size, crop)
     keep = _apply_policy(facts, paths, bad_images)
     shape = _image_shape(facts, keep, paths)
     digests = facts["digest3"] if shape[0] == 3 else facts["digest"]

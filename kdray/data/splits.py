@@ -75,8 +75,8 @@ class Split:
 class FileSplit:
     """A split that stays in its image files: paths and labels, and what a scan of every file found.
 
-    ``sums``/``squares`` (int64 [N, C]) are each image's per-channel pixel sums, ``digests`` (uint8 [N, 16])
-    its ``image_digest``, all of the image as training decodes it (``image_shape``), so statistics and the
+    ``sums``/``squares`` (int64 [N, C]) are each image's per-channel pixel sums, ``image_digests`` (uint8
+    [N, 16]) its ``image_digest``, all of the image as training decodes it (``image_shape``), so statistics and the
     fingerprint of any subset are those an in-memory copy of the same images would give.
     """
 

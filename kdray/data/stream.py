@@ -1,9 +1,10 @@
 """Streamed splits: image files decoded batch by batch on Ray Data's CPU tasks, uint8 to the device.
 
 A ``StreamedSplit`` answers ``images_of`` the way a ``DeviceSplit`` does (the uint8 images of each
-chunk of indices, in order), so ``kdray.data.batches`` draws the epoch's permutation, shards it over
-the workers and augments on the device the same way for both: a streamed epoch holds the same images
-in the same batches as the in-memory one, and a run repeats from its seed. Each Ray Train worker asks
+chunk of indices, in order, with the crops and flips ``kdray.data.batches`` drew for them), so both
+share one permutation, one sharding over the workers and one draw of augmentations: a streamed epoch
+holds the same images in the same batches as the in-memory one, and a run repeats from its seed. The
+crop and flip are applied in the decoding tasks, off the training process. Each Ray Train worker asks
 Ray Data for its own shard only, so no worker ever holds more than a few batches of images; the
 decoding runs on whichever nodes have CPUs free (preprocessing nodes included).
 """
@@ -43,13 +44,11 @@ class StreamedSplit(BatchSource):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         device: torch.device,
-        image_size: int | None,
         cpus_per_task: float = 1.0,
         crop: float = 1.0,
     ) -> None:
         super().__init__(split.labels, mean, std, device)
         self.split = split
-        self.image_size = image_size
         self.cpus_per_task = cpus_per_task
         self.crop = crop
 
@@ -69,7 +68,7 @@ class StreamedSplit(BatchSource):
             columns["position"] = order
         table = pa.table(columns)
         kwargs = {
-            "image_size": self.image_size, "channels": self.split.image_shape[0],
+            "image_size": self.split.image_shape[-1], "channels": self.split.image_shape[0],
             "padding": augment.padding if augment is not None else 0, "crop": self.crop,
             "resized": None if resized is None else asdict(resized),
         }  # fmt: skip
