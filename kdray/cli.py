@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from kdray.config import ConfigError, ExperimentConfig, default_storage_path, de
 from kdray.data import DATASETS, DataError
 
 EXIT_CONFIG = 2
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -132,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy, level in (("alembic", logging.WARNING), ("urllib3", logging.WARNING), ("optuna", logging.WARNING),
                          ("ray._private.authentication", logging.ERROR)):  # fmt: skip
         logging.getLogger(noisy).setLevel(level)
+    if not sys.stderr.isatty():  # Ray colours the dashboard URL it logs: escape codes in a log file
+        logging.getLogger("ray._private.worker").addFilter(_plain_text)
     listings = {"methods": _list_methods, "models": _list_models, "datasets": _list_datasets}
     if args.command in listings:
         return _print(listings[args.command]())
@@ -141,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         kind = "config" if isinstance(error, ConfigError) else "data"
         print(f"kdray: {kind} error: {error}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def _plain_text(record: logging.LogRecord) -> bool:
+    """A logging filter that removes ANSI escape codes from a record's message."""
+    record.msg, record.args = ANSI_ESCAPE.sub("", record.getMessage()), None
+    return True
 
 
 def _print(text: str) -> int:

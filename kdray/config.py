@@ -466,7 +466,7 @@ class SearchParam(Section):
             if not self.values:
                 raise ValueError("a choice parameter needs values: [...]")
         elif self.low is None or self.high is None or self.low >= self.high:
-            raise ValueError(f"a {self.kind} parameter needs low < high")
+            raise ValueError(f"a {self.kind} parameter needs low < high (here low={self.low}, high={self.high})")
         elif self.kind == "logfloat" and self.low <= 0:
             raise ValueError("a logfloat parameter needs low > 0")
         return self
@@ -650,7 +650,7 @@ def set_fields(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``raw`` with ``{"section.field": value}`` set (the nested dicts on the way are copied)."""
     result = {key: (dict(value) if isinstance(value, dict) else value) for key, value in raw.items()}
     for key, value in values.items():
-        parts = key.split(".")
+        parts = _field_path(key)
         node = result
         for part in parts[:-1]:
             child = node.get(part)
@@ -658,6 +658,18 @@ def set_fields(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
             node = node[part]
         node[parts[-1]] = value
     return result
+
+
+def _field_path(key: str) -> list[str]:
+    """The nested keys of a dotted name. Search-space entries are themselves dotted (``method.margin``), so
+    under ``search.space`` the entry is everything up to a parameter field: ``search.space.method.margin.low``
+    is ``["search", "space", "method.margin", "low"]``, ``search.space.method.margin`` the entry itself."""
+    parts = key.split(".")
+    if parts[:2] != ["search", "space"] or len(parts) < 4:
+        return parts
+    if parts[-1] in SearchParam.model_fields:
+        return ["search", "space", ".".join(parts[2:-1]), parts[-1]]
+    return ["search", "space", ".".join(parts[2:])]
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -90,7 +90,10 @@ def run_experiment(
     store = ModelStore(cfg.store.path)
     tags = {**run_tags(cfg), "kdray.config_hash": model_key(cfg.dump())}
     name = run_name(cfg)
-    unfinished = tracker.find_unfinished(name, {"kdray.role": role, "kdray.config_hash": tags["kdray.config_hash"]})
+    lookup = {"kdray.role": role, "kdray.config_hash": tags["kdray.config_hash"]}
+    if parent_run_id is not None:  # a search's reference: continue only a run of this search
+        lookup["mlflow.parentRunId"] = parent_run_id
+    unfinished = tracker.find_unfinished(name, lookup)
     if unfinished is not None:
         parent = unfinished.info.run_id
         log.info("continuing the unfinished run '%s' (%s)", name, parent)

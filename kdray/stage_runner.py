@@ -171,9 +171,20 @@ class StageRunner:
                 return None
             return self.train(plan, open_run(), FileCheckpoints())
 
+    def _log_params(self, run_id: str, plan: StagePlan) -> None:
+        """The stage's params on its run. A search trial's student stage runs in the trial's run, which holds
+        the trial's config: where the stage is planned in a plainer equivalent form (takd at depth 0 trains
+        kd's student), the trial's values stay the params and the stage's go to ``kdray.stage.*`` tags."""
+        params = {key: str(value)[:6000] for key, value in stage_params(plan).items()}
+        held = self.tracker.params(run_id)
+        self.tracker.log_params(run_id, {key: value for key, value in params.items() if key not in held})
+        differ = {f"kdray.stage.{key}": value for key, value in params.items() if held.get(key, value) != value}
+        if differ:
+            self.tracker.set_tags(run_id, differ)
+
     def reuse(self, plan: StagePlan, stored: StoredModel, run_id: str) -> StageOutcome:
         log.info("%-8s %s reused from the model store (%s)", plan.role, plan.model.name, plan.key)
-        self.tracker.log_params(run_id, stage_params(plan))
+        self._log_params(run_id, plan)
         source = str(stored.meta.get("mlflow_run_id", ""))
         self.tracker.set_tags(run_id, {"kdray.reused": "true", "kdray.source_run_id": source})
         logged = self.tracker.latest_metrics(run_id)  # a restored trial's run may hold them already
@@ -184,7 +195,7 @@ class StageRunner:
 
     def train(self, plan: StagePlan, run_id: str, reporting: FileCheckpoints) -> StageOutcome:
         """Train (the caller holds the stage's lock) into the store; the run ends FINISHED."""
-        self.tracker.log_params(run_id, stage_params(plan))
+        self._log_params(run_id, plan)
         if plan.weights is not None:
             return self.evaluate_given(plan, run_id)
         log.info("%-8s %s: training %d epochs (store key %s)", plan.role, plan.model.name, plan.train.epochs, plan.key)

@@ -120,6 +120,10 @@ class Tracker:
         """A run's tags (none for an empty id)."""
         return dict(self.client.get_run(run_id).data.tags) if run_id else {}
 
+    def params(self, run_id: str) -> dict[str, str]:
+        """A run's params."""
+        return dict(self.client.get_run(run_id).data.params)
+
     def latest_metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of every metric a run holds."""
         return dict(self.client.get_run(run_id).data.metrics)
@@ -141,6 +145,14 @@ class Tracker:
 
     def reopen(self, run_id: str) -> None:
         self.client.update_run(run_id, status="RUNNING")
+
+    def rename(self, run_id: str, name: str) -> None:
+        self.client.update_run(run_id, name=name)
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        """Remove ``key`` from a run if it is there."""
+        if key in self.tags(run_id):
+            self.client.delete_tag(run_id, key)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
@@ -229,6 +241,9 @@ class NullTracker(Tracker):
 
     def runs(self, tags: dict[str, str], newest_first: bool = False, limit: int = 10000) -> list[Any]:
         return []
+
+    def params(self, run_id: str) -> dict[str, str]:
+        return {}
 
     def latest_metrics(self, run_id: str) -> dict[str, float]:
         return {}

@@ -44,6 +44,19 @@ def test_overrides_are_typed_and_nested() -> None:
     assert cfg.data.augment.flip is True
 
 
+def test_search_space_bounds_are_overridable_by_their_dotted_names() -> None:
+    """Space entries are dotted themselves: ``search.space.method.margin.low`` is entry method.margin's low."""
+    quickstart = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+    cfg = load_config(quickstart, ["search.space.method.margin.low=2", "search.space.method.margin.high=3"])
+    margin = cfg.search.space["method.margin"]
+    assert (margin.kind, margin.low, margin.high) == ("float", 2, 3)
+    assert cfg.search.space["method.temperature"].low == 1  # the other entries are untouched
+    added = load_config(quickstart, ["search.space.method.beta={kind: float, low: 1, high: 2}"])
+    assert added.search.space["method.beta"].high == 2
+    with pytest.raises(ConfigError, match=r"^search\.space\.method\.margin: a float parameter needs low < high"):
+        load_config(quickstart, ["search.space.method.margin.low=9"])
+
+
 def test_overrides_do_not_mutate_the_raw_dict() -> None:
     raw = {"method": {"name": "kd", "temperature": 3}}
     apply_overrides(raw, ["method.temperature=9"])

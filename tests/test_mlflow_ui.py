@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,19 @@ def browser_available() -> None:
         pytest.skip(message)
 
 
+@dataclass
+class Searched:
+    uri: str
+    name: str  # the search's (its parent run's) name
+    parent_id: str
+    trial_names: list[str]
+    winner_id: str  # the run kdray marked as the best trial
+    experiment_id: str
+
+
 @pytest.fixture
-def searched(local_ray: None, workdir: Path) -> tuple[str, str, list[str], str]:
-    """A two-trial search on digits; returns (tracking uri, parent run name, trial run names, experiment id)."""
+def searched(local_ray: None, workdir: Path) -> Searched:
+    """A two-trial search on digits, as a user reviews it afterwards."""
     space = {"method.temperature": {"kind": "logfloat", "low": 1, "high": 8}}
     cfg = load_config(
         write_experiment(workdir, {"space": space}),
@@ -56,8 +67,10 @@ def searched(local_ray: None, workdir: Path) -> tuple[str, str, list[str], str]:
     # kdray marks its experiments as model training, so MLflow's UI opens them on their runs.
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     trials = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
-    assert len(trials) == 2
-    return cfg.tracking.uri, outcome.name, [t.info.run_name for t in trials], experiment.experiment_id
+    assert len(trials) == 2 and outcome.report.best is not None
+    names = [trial.info.run_name for trial in trials]
+    winner = outcome.report.best.run_id
+    return Searched(cfg.tracking.uri, outcome.name, outcome.parent_run_id, names, winner, experiment.experiment_id)
 
 
 def free_port() -> int:
@@ -67,9 +80,9 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def ui_server(searched: tuple[str, str, list[str], str], workdir: Path) -> Iterator[str]:
+def ui_server(searched: Searched, workdir: Path) -> Iterator[str]:
     """`kdray ui` as a user starts it, in its own process; yields the URL it prints."""
-    uri = searched[0]
+    uri = searched.uri
     port = free_port()
     log = (workdir / "ui.log").open("w")
     server = subprocess.Popen(
@@ -122,14 +135,12 @@ def chromium(browser_available: None) -> Iterator[object]:
     driver.quit()
 
 
-def test_search_is_reviewable_in_the_mlflow_ui(
-    searched: tuple[str, str, list[str], str], ui_server: str, chromium: object
-) -> None:
+def test_search_is_reviewable_in_the_mlflow_ui(searched: Searched, ui_server: str, chromium: object) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as seen
     from selenium.webdriver.support.ui import WebDriverWait
 
-    _, search_name, trial_names, experiment_id = searched
+    search_name, trial_names, experiment_id = searched.name, searched.trial_names, searched.experiment_id
     driver = chromium
     wait = WebDriverWait(driver, WAIT_S)
     ARTIFACTS.mkdir(exist_ok=True)
@@ -146,6 +157,11 @@ def test_search_is_reviewable_in_the_mlflow_ui(
     wait.until(lambda d: set(trial_names) <= set(listed(d)))
     driver.save_screenshot(str(ARTIFACTS / "mlflow-ui-search-runs.png"))
 
+    # The winner is marked in the runs table: one trial's name carries the mark, and it links to the winner's run.
+    marked = [cell for name, cell in listed(driver).items() if name.startswith("★ best: ")]
+    assert len(marked) == 1
+    assert f"/runs/{searched.winner_id}" in marked[0].find_element(By.TAG_NAME, "a").get_attribute("href")
+
     # A trial's metric charts render: Plotly draws each metric's line as an SVG path.
     trial_link = driver.find_element(By.LINK_TEXT, trial_names[0])
     trial_link.click()
@@ -157,3 +173,15 @@ def test_search_is_reviewable_in_the_mlflow_ui(
     legend = re.compile(rf"{re.escape(trial_names[0])} \((cache|guide|loss|val)/[a-z_]+\)")
     wait.until(lambda d: legend.search(d.find_element(By.TAG_NAME, "body").text))
     driver.save_screenshot(str(ARTIFACTS / "mlflow-ui-trial-metrics.png"))
+
+    # The search run's page lists its trials with the winner marked and linked, and says which trial won.
+    driver.get(f"{ui_server}/#/experiments/{experiment_id}/runs/{searched.parent_id}")
+    winner_links = f"a[href*='/runs/{searched.winner_id}']"
+    wait.until(
+        lambda d: any(link.text.startswith("★ best: ") for link in d.find_elements(By.CSS_SELECTOR, winner_links))
+    )
+    wait.until(lambda d: "Best trial:" in d.find_element(By.TAG_NAME, "body").text)
+    driver.save_screenshot(str(ARTIFACTS / "mlflow-ui-search-run.png"))
+    # and the winner's own page carries the tag
+    driver.get(driver.find_element(By.CSS_SELECTOR, winner_links).get_attribute("href"))
+    wait.until(lambda d: "kdray.winner" in d.find_element(By.TAG_NAME, "body").text)

@@ -17,11 +17,11 @@ def report(rows: list[TrialRow], references: dict[str, float]) -> SearchReport:
 
 def test_the_best_ran_the_whole_budget_and_the_report_says_when_it_loses() -> None:
     # the early-stopped trial's 0.99 was measured after 1 epoch: it is not the best at the references' budget
-    rows = [row("stopped", 0.99, 1, "KILLED"), row("full", 0.90, 3)]
+    rows = [row("stopped", 0.99, 1, "STOPPED"), row("full", 0.90, 3)]
     built = report(rows, {"none": 0.95, "kd": 0.80})
     assert built.best is not None and built.best.name == "full"
     text = render_markdown(built, load_config(None))
-    assert "**Best**: full (kd) val/acc = 0.9000" in text
+    assert "**Best**: full, val/acc = 0.9000 after 3 epochs" in text
     assert (
         "**The best trial does not beat the student trained alone** (val/acc 0.9000 vs 0.9500, 3 epochs each)." in text
     )
@@ -29,5 +29,10 @@ def test_the_best_ran_the_whole_budget_and_the_report_says_when_it_loses() -> No
 
 
 def test_no_trial_that_ran_its_budget_means_no_best() -> None:
-    built = report([row("stopped", 0.99, 1, "KILLED")], {"none": 0.5})
+    built = report([row("stopped", 0.99, 1, "STOPPED")], {"none": 0.5})
     assert built.best is None and "does not beat" not in render_markdown(built, load_config(None))
+
+
+def test_a_tie_is_called_a_tie() -> None:
+    text = render_markdown(report([row("full", 0.95, 3)], {"none": 0.95}), load_config(None))
+    assert "**The best trial only ties the student trained alone** (val/acc 0.9500 vs 0.9500, 3 epochs each)." in text

@@ -97,15 +97,21 @@ def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(
         assert ("method.margin" in trial.data.params) == (method == "triplet")
         for key, value in sampled.items():
             assert trial.data.params[key] == str(value)
+        # named by method and sampled values (the winner's name carries the mark), then the id the live table shows
+        name = trial.info.run_name.removeprefix("★ best: ")
+        short_id = trial.data.tags["kdray.trial_id"].rsplit("_", 1)[-1]
+        assert name.startswith(f"{method} temperature=") and name.endswith(f"({short_id})")
     # the defaults of every method are evaluated first
     first = sorted(trials, key=lambda run: run.info.start_time)[:3]
     defaults = {json.loads(run.data.tags["kdray.sampled"])["method.name"]: run for run in first}
     assert set(defaults) == {"kd", "triplet", "stkd"}
     assert json.loads(defaults["kd"].data.tags["kdray.sampled"])["method.temperature"] == 4.0
     assert json.loads(defaults["triplet"].data.tags["kdray.sampled"])["method.margin"] == 5.0
-    # ASHA stopped at least one trial, and says so in its run
-    stopped = [run for run in trials if client.get_run(run.info.run_id).info.status == "KILLED"]
+    # ASHA stopped at least one trial, and says so in its run, which is not shown as failed (FINISHED, not KILLED)
+    stopped = [run for run in trials if "kdray.stopped" in run.data.tags]
     assert stopped and all("stopped by ASHA" in run.data.tags["kdray.stopped"] for run in stopped)
+    assert {client.get_run(run.info.run_id).info.status for run in trials} == {"FINISHED"}
+    assert all("Stopped early" in run.data.tags["mlflow.note.content"] for run in stopped)
     for run in stopped:
         epochs = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
         assert epochs == list(range(1, max(epochs) + 1)) and max(epochs) < 4
@@ -113,11 +119,12 @@ def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(
     teachers = [run for run in runs["teacher"] if run.data.tags["kdray.reused"] == "false"]
     assert len(teachers) == 1 and teachers[0].data.tags["mlflow.parentRunId"] in {t.info.run_id for t in trials}
     assert ModelStore(cfg.store.path).find(teachers[0].data.tags["kdray.model_key"]) is not None
-    # the references (student alone, default KD) are nested under the search
-    assert {run.data.tags["method"] for run in runs["reference"]} == {"none", "kd"}
+    # the references (student alone, default KD) are nested under the search, named as what they are
+    references = {run.data.tags["method"]: run.info.run_name for run in runs["reference"]}
+    assert references == {"none": "reference: student alone", "kd": "reference: default KD"}
     assert outcome.report.counts["trials"] == 6
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/optimization_history.png", "plots/metric_vs_params.png"} <= artifacts
+    assert {"plots/optimization_history.png", "plots/methods.png", "plots/metric_vs_params.png"} <= artifacts
     summary = client.download_artifacts(parent.info.run_id, "summary.md", str(workdir))
     text = Path(summary).read_text()
     assert "student alone, same budget" in text and "default KD, same budget" in text and "stopped by ASHA" in text
@@ -136,9 +143,13 @@ def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(
     # the winner is marked on its run and linked from the search run's description
     best = outcome.report.best
     assert best is not None and client.get_run(best.run_id).data.tags["kdray.winner"] == "true"
+    marked = [run for run in trials if client.get_run(run.info.run_id).info.run_name.startswith("★ best: ")]
+    assert [run.info.run_id for run in marked] == [best.run_id]
     parent_tags = client.get_run(parent.info.run_id).data.tags
     assert f"/runs/{best.run_id})" in parent_tags["mlflow.note.content"]
     assert parent_tags["best.method.name"] == best.method
+    # the search run holds its best value under the metric's own name: the runs table ranks it among experiments
+    assert client.get_run(parent.info.run_id).data.metrics["val/acc"] == best.value
 
 
 def readme_block(section: str, language: str) -> str:
@@ -259,6 +270,8 @@ def test_killed_search_driver_resumes_and_completes_without_duplicate_runs(workd
         [sys.executable, "-m", "kdray", "tune", "--resume", "killed"], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    # piped output reads as plain text: the live table continues, no escape codes (Ray colours its URL)
+    assert "search killed: 4/4 trials ended" in done.stdout and "\x1b[" not in done.stdout + done.stderr
     after = runs_by_role(uri, "killed")
     assert len(after["search"]) == 1 and after["search"][0].info.status == "FINISHED"
     trial_ids = [run.data.tags["kdray.trial_id"] for run in after["trial"]]

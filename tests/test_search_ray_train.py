@@ -64,9 +64,11 @@ def test_trials_on_ray_train_free_their_workers_when_asha_stops_them(local_ray: 
         signal.signal(signal.SIGALRM, previous)
     client = MlflowClient(cfg.tracking.uri)
     trials = runs_by_role(cfg.tracking.uri, "on-train")["trial"]
-    statuses = sorted(client.get_run(run.info.run_id).info.status for run in trials)
+    statuses = {client.get_run(run.info.run_id).info.status for run in trials}
     errors = [run.data.tags.get("kdray.error") for run in trials if run.data.tags.get("kdray.error")]
-    assert len(trials) == 3 and "KILLED" in statuses and "FINISHED" in statuses, (statuses, errors)
+    stopped = [run for run in trials if "stopped by ASHA" in run.data.tags.get("kdray.stopped", "")]
+    # ASHA's stop reaches a Ray Train trial as an error from its TorchTrainer: still a stop, not a failure
+    assert len(trials) == 3 and statuses == {"FINISHED"} and 0 < len(stopped) < 3, (statuses, errors)
     # every trial trained on a Ray Train worker group of one
     for run in trials:
         assert run.data.params["world_size"] == "1"

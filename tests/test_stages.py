@@ -10,13 +10,18 @@ import torch.nn.functional as F
 from mlflow import MlflowClient
 from pydantic import Field
 
+from kdray.build import model_info
 from kdray.config import AssistantsConfig, ConfigError, MethodParams, ModelConfig, load_config
-from kdray.data import Batch
+from kdray.data import Batch, load_dataset
+from kdray.distributed import local_context
 from kdray.ladders import pick_assistants
 from kdray.methods import METHODS, Method, StepInfo
 from kdray.methods.losses import soft_kl
 from kdray.run import run_experiment
+from kdray.stage_runner import StageRunner
 from kdray.stages import StagePlanner, plan_stages
+from kdray.store import ModelStore
+from kdray.tracking import Tracker, flatten
 
 
 @pytest.mark.parametrize(
@@ -166,3 +171,33 @@ def test_a_chain_without_assistants_plans_the_very_stage_kd_plans() -> None:
         assert [p.key for p in plans] == [p.key for p in kd] and plans[-1].method.name == "kd"
     deeper = _plans("method.name=takd", "method.temperature=5", "method.alpha=0.7", "assistants.depth=1")
     assert deeper[-1].method.name == "takd" and deeper[-1].key != kd[-1].key
+
+
+def test_a_chain_at_depth_0_trains_kds_student_in_a_run_that_holds_its_own_config(workdir: Path) -> None:
+    """A search trial's student stage runs in the trial's run, whose params are the trial's config (takd):
+    the stage planned as kd keeps those params and records its own form in ``kdray.stage.*`` tags."""
+    cfg = load_config(
+        None,
+        [
+            "method.name=takd",
+            "assistants.depth=0",
+            "teacher.name=plane4",
+            "teacher.epochs=1",
+            "student.name=plane2",
+            "train.epochs=1",
+            "train.batch_size=64",
+            "tracking.experiment=trial-like",
+        ],
+    )
+    dataset = load_dataset(cfg.data)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    runner = StageRunner(cfg, dataset, ModelStore(cfg.store.path), tracker, local_context(False))
+    teacher, student = plan_stages(cfg, dataset.fingerprint(), owner="t", info=model_info(dataset))
+    runner.train_missing(teacher, lambda: tracker.start_run("teacher", {}))
+    trial = tracker.start_run("takd (t)", {"kdray.role": "trial"})
+    tracker.log_params(trial, flatten(cfg.dump()))
+    outcome = runner.run(student, trial)
+    run = MlflowClient(cfg.tracking.uri).get_run(trial)
+    assert run.info.status == "FINISHED" and not outcome.reused
+    assert run.data.params["method.name"] == "takd" and run.data.tags["kdray.stage.method.name"] == "kd"
+    assert run.data.params["guides"] == teacher.key  # what the trial's config did not hold is a param

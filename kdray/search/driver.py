@@ -28,7 +28,7 @@ from kdray.launch import connect_ray
 from kdray.preflight import check_decode_cpus, check_models
 from kdray.run import mark_failed, run_experiment, run_tags
 from kdray.search.progress import SearchProgress
-from kdray.search.report import SearchReport, build_report, publish, study_of
+from kdray.search.report import REFERENCE_NAMES, SearchReport, build_report, publish, study_of
 from kdray.search.space import check_space, default_points, sample
 from kdray.search.trial import TRIAL_ID_TAG, run_trial
 from kdray.tracking import Tracker, flatten
@@ -76,8 +76,10 @@ def make_scheduler(cfg: ExperimentConfig) -> Any:
 class TrialRunCloser(Callback):
     """A Tune callback on the driver: closes the trial runs a trial could not close itself.
 
-    A trial stopped by ASHA is ended from outside, so its run is still RUNNING: it becomes KILLED with
-    ``kdray.stopped``. A trial that errored after its retries becomes FAILED with the error's last line.
+    A trial stopped by ASHA is ended from outside, so its run is still RUNNING: it ends FINISHED (MLflow's
+    UI draws KILLED and FAILED runs with a red cross, and a scheduler's stop is no failure) with the reason
+    in ``kdray.stopped`` and in the run's description. A trial that errored after its retries becomes
+    FAILED with the error's last line.
     """
 
     def __init__(self, uri: str, experiment: str, parent_run_id: str) -> None:
@@ -96,9 +98,7 @@ class TrialRunCloser(Callback):
         run_id = self._running(trial.trial_id)
         if run_id is not None:
             epoch = (trial.last_result or {}).get("epoch", 0)
-            tracker = Tracker(self.uri, self.experiment)
-            tracker.set_tags(run_id, {"kdray.stopped": f"stopped by ASHA after epoch {epoch}"})
-            tracker.end_run(run_id, "KILLED")
+            end_stopped(Tracker(self.uri, self.experiment), run_id, f"stopped by ASHA after epoch {epoch}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._running(trial.trial_id)
@@ -110,6 +110,13 @@ class TrialRunCloser(Callback):
             tracker = Tracker(self.uri, self.experiment)
             tracker.set_tags(run_id, {"kdray.error": reason[:5000]})
             tracker.end_run(run_id, "FAILED")
+
+
+def end_stopped(tracker: Tracker, run_id: str, why: str) -> None:
+    """End a trial run the search stopped: FINISHED, with why in ``kdray.stopped`` and on its page."""
+    note = f"Stopped early ({why}): not a failure; a trial stopped early stores no student."
+    tracker.set_tags(run_id, {"kdray.stopped": why, "mlflow.note.content": note})
+    tracker.end_run(run_id, "FINISHED")
 
 
 def _trainable(cfg: ExperimentConfig, setup: dict[str, Any]) -> Any:
@@ -156,9 +163,6 @@ def save_study(report: SearchReport, cfg: ExperimentConfig, name: str) -> None:
         study_of(report, cfg, storage, name)
 
 
-REFERENCE_NAMES = {"none": "student alone (none)", "kd": "default KD (kd)"}
-
-
 def progress(cfg: ExperimentConfig, name: str) -> SearchProgress:
     """The live status table on stdout, in place of what Ray Tune and Optuna print for their own users: the new
     output engine (switched off: the legacy one at verbose=0 prints nothing), the note that the experiment
@@ -203,6 +207,7 @@ def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
         connect_ray(log_to_driver=False)
         setup = {"base": cfg.dump(), "parent_run_id": parent, "search_name": name}
         search = cfg.search
+        watch = progress(cfg, name)  # first: it quiets Optuna, which announces the searcher's study
         searcher = OptunaSearch(
             space=partial(sample, space={k: v.model_dump() for k, v in search.space.items()}, method=cfg.method.name),
             metric=search.metric,
@@ -225,7 +230,7 @@ def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
                 storage_path=root,
                 failure_config=tune.FailureConfig(max_failures=search.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.scaling.keep_checkpoints),
-                callbacks=[TrialRunCloser(cfg.tracking.uri, cfg.tracking.experiment, parent), progress(cfg, name)],
+                callbacks=[TrialRunCloser(cfg.tracking.uri, cfg.tracking.experiment, parent), watch],
                 verbose=0,
             ),
         )
@@ -267,17 +272,13 @@ def _finish(cfg: ExperimentConfig, name: str, parent: str, tracker: Tracker) -> 
     """Close what is still open, train the references, write the report to the parent run."""
     for run in tracker.runs_under(parent, role="trial"):
         if run.info.status == "RUNNING":  # its trial is over (the search is): nothing will close it
-            tracker.set_tags(run.info.run_id, {"kdray.stopped": "not finished when the search ended"})
-            tracker.end_run(run.info.run_id, "KILLED")
+            end_stopped(tracker, run.info.run_id, "not finished when the search ended")
     references = {}
     for method in cfg.search.references:
-        log.info(
-            "reference: %s at its defaults, %d epochs, as a baseline",
-            REFERENCE_NAMES.get(method, method),
-            cfg.train.epochs,
-        )
+        label = f"reference: {REFERENCE_NAMES.get(method, method)}"
+        log.info("%s (%s at its defaults, %d epochs, as a baseline)", label, method, cfg.train.epochs)
         raw = {**cfg.dump(), "method": {"name": method}, "assistants": {}, "search": {}}
-        raw["tracking"] = {**raw["tracking"], "run_name": f"{name}-reference-{method}"}
+        raw["tracking"] = {**raw["tracking"], "run_name": label}
         result = run_experiment(validate_config(raw), parent_run_id=parent, role="reference")
         references[method] = result.student.metrics.get(cfg.search.metric, math.nan)
     report = build_report(tracker, parent, cfg, references)

@@ -16,6 +16,8 @@ from typing import Any
 
 from ray.tune import Callback
 
+from kdray.search.space import sampled_text
+
 
 @dataclass
 class TrialLine:
@@ -82,8 +84,8 @@ class SearchProgress(Callback):
     def _line(self, trial: Any) -> TrialLine:
         if trial.trial_id not in self.lines:
             overrides = dict(trial.config.get("overrides", {}))
-            method = str(overrides.pop("method.name", self.method))
-            sampled = " ".join(f"{key.rsplit('.', 1)[-1]}={_short(value)}" for key, value in overrides.items())
+            method = str(overrides.get("method.name", self.method))
+            sampled = sampled_text(overrides)
             self.lines[trial.trial_id] = TrialLine(trial.trial_id.rsplit("_", 1)[-1], method, sampled or "-")
         return self.lines[trial.trial_id]
 
@@ -127,10 +129,6 @@ class SearchProgress(Callback):
         )
         unseen = max(0, self.num_samples - len(self.lines)) * self.budget
         return "<= " + _clock(elapsed / done * (open_epochs + unseen))
-
-
-def _short(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _clock(seconds: float) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kdray.config import ExperimentConfig, SearchParam
+from kdray.search.plots import figures, to_png
 from kdray.search.space import optuna_name
 from kdray.tracking import Tracker, download_text, find_search_run
 
@@ -56,6 +57,17 @@ class SearchReport:
         return next((row for row in self.ranked if row.status == "FINISHED"), None)
 
 
+REFERENCE_NAMES = {"none": "student alone", "kd": "default KD"}  # the baselines a search trains (references)
+WINNER_MARK = "★ best: "  # prefixed to the winning trial's run name: the runs table shows it without extra columns
+STATUS_WORDS = {"FINISHED": "done", "STOPPED": "stopped early", "FAILED": "failed", "KILLED": "killed"}
+
+
+def trial_status(mlflow_status: str, tags: dict[str, str]) -> str:
+    """FINISHED (ran its whole budget), STOPPED (the scheduler ended it early: a FINISHED run tagged
+    ``kdray.stopped``; KILLED in stores written before kdray ended them FINISHED), FAILED, KILLED, RUNNING."""
+    return "STOPPED" if "kdray.stopped" in tags else mlflow_status
+
+
 def collect(tracking: Tracker, parent: str, metric: str) -> list[TrialRow]:
     rows = []
     for run in tracking.runs_under(parent, role="trial"):
@@ -64,8 +76,8 @@ def collect(tracking: Tracker, parent: str, metric: str) -> list[TrialRow]:
         rows.append(
             TrialRow(
                 run_id=run.info.run_id,
-                name=run.info.run_name,
-                status=run.info.status,
+                name=run.info.run_name.removeprefix(WINNER_MARK),
+                status=trial_status(run.info.status, tags),
                 method=tags.get("method", ""),
                 sampled=json.loads(tags.get("kdray.sampled", "{}")),
                 value=history[-1].value if history else math.nan,
@@ -91,15 +103,15 @@ def build_report(
     counts = {
         "trials": len(rows),
         "completed": statuses.count("FINISHED"),
-        "stopped": statuses.count("KILLED"),
-        "failed": statuses.count("FAILED"),
+        "stopped": statuses.count("STOPPED"),
+        "failed": statuses.count("FAILED") + statuses.count("KILLED"),
     }
     trial_runs = {run.info.run_id: run for run in tracking.runs_under(parent, role="trial")}
     counts["models_trained"] = sum(int(r.data.tags.get("kdray.models_trained", 0)) for r in trial_runs.values())
     counts["models_reused"] = sum(int(r.data.tags.get("kdray.models_reused", 0)) for r in trial_runs.values())
     report = SearchReport(search.metric, search.mode, rows, references, counts)
     report.markdown = render_markdown(report, cfg)
-    report.plots = _plots(report, cfg)
+    report.plots = to_png(figures(report, cfg))
     return report
 
 
@@ -108,7 +120,7 @@ def render_markdown(report: SearchReport, cfg: ExperimentConfig) -> str:
     lines = [f"# Search report: {metric} ({report.mode})", ""]
     best = report.best
     if best is not None:
-        lines += [f"**Best**: {best.name} ({best.method}) {metric} = {best.value:.4f}", ""]
+        lines += [f"**Best**: {best.name}, {metric} = {best.value:.4f} after {best.epochs} epochs", ""]
         lines += ["```yaml", *(f"{k}: {v}" for k, v in {"method.name": best.method, **best.sampled}.items()), "```", ""]
     # The first trial of each method is its default point (points_to_evaluate are evaluated first).
     defaults: dict[str, TrialRow] = {}
@@ -116,9 +128,9 @@ def render_markdown(report: SearchReport, cfg: ExperimentConfig) -> str:
         defaults.setdefault(row.method, row)
     comparison = ["| reference | " + metric + " | best − reference |", "| --- | --- | --- |"]
     for method, row in defaults.items():
-        comparison.append(_versus(f"defaults of {method} ({row.name}, {row.epochs} epochs)", row.value, best))
+        comparison.append(_versus(f"defaults of {method}: {row.name}, {row.epochs} epochs", row.value, best))
     for method, value in report.references.items():
-        label = {"none": "student alone", "kd": "default KD"}.get(method, f"{method} at its defaults")
+        label = REFERENCE_NAMES.get(method, f"{method} at its defaults")
         comparison.append(_versus(f"{label}, same budget", value, best))
     lines += comparison + [""]
     lines += _verdicts(report) + [""] if best is not None and report.references else []
@@ -130,7 +142,7 @@ def render_markdown(report: SearchReport, cfg: ExperimentConfig) -> str:
     unranked = [row for row in report.rows if row not in ranked]
     for position, row in enumerate(ranked + unranked, start=1):
         sampled = ", ".join(f"{k}={_short(v)}" for k, v in row.sampled.items() if k != "method.name")
-        status = row.status + (f" ({row.note})" if row.note else "")
+        status = STATUS_WORDS.get(row.status, row.status.lower()) + (f": {row.note}" if row.note else "")
         value = f"{row.value:.4f}" if math.isfinite(row.value) else "-"
         rank = str(position) if row in ranked else "-"
         lines.append(f"| {rank} | {row.name} | {row.method} | {sampled} | {value} | {row.epochs} | {status} |")
@@ -152,11 +164,13 @@ def _verdicts(report: SearchReport) -> list[str]:
     for method, value in report.references.items():
         if not math.isfinite(value):
             continue
-        label = {"none": "the student trained alone", "kd": "default KD"}.get(method, f"{method} at its defaults")
+        label = "the student trained alone" if method == "none" else REFERENCE_NAMES.get(method, f"{method} defaults")
         better = best.value > value if report.mode == "max" else best.value < value
         numbers = f"{report.metric} {best.value:.4f} vs {value:.4f}, {best.epochs} epochs each"
         if better:
             sentences.append(f"The best trial beats {label} by {best.value - value:+.4f} ({numbers}).")
+        elif best.value == value:
+            sentences.append(f"**The best trial only ties {label}** ({numbers}).")
         else:
             sentences.append(f"**The best trial does not beat {label}** ({numbers}).")
     return sentences
@@ -208,46 +222,6 @@ def _distribution(param: SearchParam) -> Any:
     return d.FloatDistribution(param.low, param.high, log=param.kind == "logfloat")  # type: ignore[arg-type]
 
 
-def _plots(report: SearchReport, cfg: ExperimentConfig) -> dict[str, bytes]:
-    """PNG bytes of: optimization history, parameter importances, metric vs each parameter, chain depth."""
-    import warnings
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna.visualization.matplotlib as views
-
-    study = study_of(report, cfg)
-    if len(study.trials) == 0:
-        return {}
-    wanted = {
-        "optimization_history": lambda: views.plot_optimization_history(study, target_name=report.metric),
-        "param_importances": lambda: views.plot_param_importances(study, target_name=report.metric),
-        "metric_vs_params": lambda: views.plot_slice(study, target_name=report.metric),
-    }
-    if "assistants.depth" in cfg.search.space:
-        wanted["chain_depth"] = lambda: views.plot_slice(study, params=["assistants.depth"], target_name=report.metric)
-    plots = {}
-    for name, draw in wanted.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Optuna marks its matplotlib views experimental
-                axes = draw()
-        except (ValueError, RuntimeError) as error:  # e.g. importances need two scored trials
-            log.info("plot %s skipped: %s", name, error)
-            continue
-        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
-        figure.set_size_inches(max(6.4, figure.get_size_inches()[0]), 4.8)
-        with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            path = Path(folder) / f"{name}.png"
-            figure.savefig(path, dpi=100, bbox_inches="tight")
-            plots[name] = path.read_bytes()
-        plt.close(figure)
-    return plots
-
-
 def publish(tracking: Tracker, parent: str, report: SearchReport) -> None:
     """The report on the search run: summary.md, the plots, counts and the best value as metrics."""
     tracking.log_text(parent, report.markdown, "summary.md")
@@ -261,7 +235,8 @@ def publish(tracking: Tracker, parent: str, report: SearchReport) -> None:
     }
     if report.best is not None:
         best = report.best
-        metrics[f"best/{report.metric}"] = best.value
+        # under the metric's own name too: the runs table's val/acc column then ranks searches beside experiments
+        metrics[f"best/{report.metric}"] = metrics[report.metric] = best.value
         link = f"[{best.name}](#/experiments/{tracking.experiment_id}/runs/{best.run_id})"
         values = {"method.name": best.method, **best.sampled}
         tracking.set_tags(
@@ -275,11 +250,24 @@ def publish(tracking: Tracker, parent: str, report: SearchReport) -> None:
                 "mlflow.note.content": f"Best trial: {link} ({best.method}), {report.metric} = {best.value:.4f}",
             },
         )
-        tracking.set_tags(best.run_id, {"kdray.winner": "true"})
+    mark_winner(tracking, report)
     for method, value in report.references.items():
         if math.isfinite(value):
             metrics[f"reference_{method}/{report.metric}"] = value
     tracking.log_metrics(parent, metrics, step=0)
+
+
+def mark_winner(tracking: Tracker, report: SearchReport) -> None:
+    """Tag the best trial ``kdray.winner`` and prefix its run name with WINNER_MARK; a search resumed and
+    published again moves both from an earlier winner."""
+    best = report.best
+    for row in report.rows:
+        won = best is not None and row.run_id == best.run_id
+        tracking.rename(row.run_id, WINNER_MARK + row.name if won else row.name)
+        if won:
+            tracking.set_tags(row.run_id, {"kdray.winner": "true"})
+        else:
+            tracking.delete_tag(row.run_id, "kdray.winner")
 
 
 def report_by_name(name: str, tracking_uri: str | None) -> SearchReport:

@@ -38,6 +38,22 @@ def optuna_name(key: str, method: str, method_searched: bool) -> str:
     return f"{method}:{key}" if method_searched and key.startswith("method.") else key
 
 
+def sampled_text(sampled: dict[str, Any]) -> str:
+    """A trial's sampled values as people read them: ``temperature=4.2 margin=5`` (the method apart)."""
+    return " ".join(
+        f"{key.rsplit('.', 1)[-1]}={f'{value:.3g}' if isinstance(value, float) else value}"
+        for key, value in sampled.items()
+        if key != "method.name"
+    )
+
+
+def trial_label(method: str, sampled: dict[str, Any], trial_id: str) -> str:
+    """A trial's name in MLflow and in reports: method, sampled values, and the short Tune id the live
+    progress table shows (``triplet temperature=1.3 margin=5 (c4a22fcf)``)."""
+    words = [method, sampled_text(sampled), f"({trial_id.rsplit('_', 1)[-1]})"]
+    return " ".join(word for word in words if word)
+
+
 def suggest(trial: Any, name: str, param: SearchParam) -> Any:
     if param.kind == "choice":
         return trial.suggest_categorical(name, param.values)

@@ -24,7 +24,7 @@ from kdray.data import load_dataset
 from kdray.distributed import local_context
 from kdray.engine import TrainingDiverged
 from kdray.run import mark_failed, run_tags
-from kdray.search.space import trial_config
+from kdray.search.space import trial_config, trial_label
 from kdray.stage_runner import StageRunner, TuneTrial
 from kdray.stages import StagePlan, plan_stages
 from kdray.store import ModelStore
@@ -43,7 +43,7 @@ def trial_run(tracker: Tracker, parent: str, trial_id: str, cfg: ExperimentConfi
         tracker.reopen(run_id)
         return run_id
     tags = {**run_tags(cfg), "kdray.role": "trial", TRIAL_ID_TAG: trial_id, "kdray.sampled": json.dumps(sampled)}
-    run_id = tracker.start_run(f"trial-{trial_id.rsplit('_', 1)[-1]}-{cfg.method.name}", tags, parent)
+    run_id = tracker.start_run(trial_label(cfg.method.name, sampled, trial_id), tags, parent)
     tracker.log_params(run_id, flatten(cfg.dump()))
     tracker.log_text(run_id, cfg.to_yaml(), "config.yaml")
     return run_id
@@ -68,9 +68,9 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         ray.tune.report({cfg.search.metric: worst, "epoch": cfg.train.epochs, "kdray_diverged": 1})
     except BaseException as error:
         # The guide runs this trial opened are closed here. The trial's own run is left to the driver's
-        # TrialRunCloser, which knows why the trial ended: FAILED after its last retry, or KILLED when the
-        # scheduler stopped it -- a stop reaches a Ray Train trial as an error from its TorchTrainer
-        # (or as SystemExit in-process), which must not be recorded as a failure.
+        # TrialRunCloser, which knows why the trial ended: FAILED after its last retry, or FINISHED and tagged
+        # stopped when the scheduler stopped it -- a stop reaches a Ray Train trial as an error from its
+        # TorchTrainer (or as SystemExit in-process), which must not be recorded as a failure.
         mark_failed(tracker, open_runs[1:], error)
         raise
 
