@@ -10,10 +10,18 @@ import sys
 from pathlib import Path
 
 import kdray
-from kdray.config import ConfigError, ExperimentConfig, default_storage_path, default_tracking_uri, load_config
+from kdray.config import (
+    ConfigError,
+    ExperimentConfig,
+    default_storage_path,
+    default_store_path,
+    default_tracking_uri,
+    load_config,
+)
 from kdray.data import DATASETS, DataError
 
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -78,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)"
     )
     export.add_argument("--store", default=None, help="model store, for a store key (default: .kdray/store)")
+    store = commands.add_parser("store", help="check the model store: every entry's weights against their hash")
+    store.add_argument("action", choices=["verify"], help="verify: check every entry")
+    store.add_argument("--store", default=None, help="the model store (default: $KDRAY_STORE_PATH, else .kdray/store)")
+    store.add_argument("--repair", action="store_true", help="move damaged entries into .quarantine/ (never deletes)")
     validate = commands.add_parser("validate", help="print the fully resolved config, or the first error")
     _config_args(validate)
     commands.add_parser("methods", help="list distillation methods with their hyperparameters")
@@ -141,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         return _print(listings[args.command]())
     try:
         return _run(args)
+    except KeyboardInterrupt:
+        print(
+            "kdray: interrupted; the runs it had open are marked KILLED (the same `kdray train` command continues "
+            "them, `kdray tune --resume NAME` a search)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     except (ConfigError, DataError) as error:
         kind = "config" if isinstance(error, ConfigError) else "data"
         print(f"kdray: {kind} error: {error}", file=sys.stderr)
@@ -164,7 +183,14 @@ def _print(text: str) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """The commands that can fail on bad input (``ConfigError`` / ``DataError``, reported by ``main``)."""
-    tools = {"report": _report, "ui": _ui, "bench": _bench, "export": _export, "evaluate": _evaluate}
+    tools = {
+        "report": _report,
+        "ui": _ui,
+        "bench": _bench,
+        "export": _export,
+        "evaluate": _evaluate,
+        "store": _verify_store,
+    }
     if args.command in tools:
         return tools[args.command](args)
     if args.command == "tune" and args.resume:
@@ -182,6 +208,29 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "tune":
         return _tune(cfg, Path(args.file).stem, None)
     return _train(cfg)
+
+
+def _verify_store(args: argparse.Namespace) -> int:
+    """``kdray store verify``: one line per entry; exit 1 if an entry is damaged and was left in place."""
+    from kdray.store import ModelStore, entry_problem
+
+    root = Path(args.store or default_store_path()).absolute()
+    if not root.is_dir():
+        raise ConfigError(f"--store {root}: no model store there (give --store, or set KDRAY_STORE_PATH)")
+    store = ModelStore(root)
+    damaged = 0
+    keys = store.keys()
+    for key in keys:
+        problem = entry_problem(root / key)
+        if problem is None:
+            print(f"ok       {key}")
+            continue
+        damaged += 1
+        aside = store.quarantine(key) if args.repair else None
+        print(f"{'moved' if aside else 'damaged':<8} {key}  {problem}" + (f" -> {aside}" if aside else ""))
+    verdict = ", moved to .quarantine/" if args.repair else ", left in place (--repair moves them aside)"
+    print(f"{len(keys)} entries in {root}: {len(keys) - damaged} intact, {damaged} damaged{verdict if damaged else ''}")
+    return 1 if damaged and not args.repair else 0
 
 
 def _train(cfg: ExperimentConfig) -> int:
@@ -217,7 +266,8 @@ def _tune(cfg: ExperimentConfig | None, default_name: str | None, resume: str | 
 def _ui(args: argparse.Namespace) -> int:
     from kdray.ui import serve
 
-    return serve(args.tracking_uri, args.host, args.port)
+    serve(args.tracking_uri, args.host, args.port)  # returns only to refuse the store, by raising
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

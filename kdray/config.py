@@ -132,6 +132,11 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def default_store_path() -> str:
+    """The model store unless set: $KDRAY_STORE_PATH, else .kdray/store."""
+    return os.environ.get("KDRAY_STORE_PATH") or ".kdray/store"
+
+
 def default_storage_path() -> str:
     """Ray run storage unless set: $KDRAY_STORAGE_PATH (a cluster sets it), else .kdray/ray."""
     return os.environ.get("KDRAY_STORAGE_PATH") or ".kdray/ray"
@@ -407,6 +412,24 @@ class ScalingConfig(Section):
     )
 
 
+NAME_LIMIT = 100
+
+
+def plain_name(name: str) -> str:
+    """A name kdray may turn into a folder (a search's) or show as a run or experiment: 1-100 printable
+    characters, no path separator and no '..', so no folder derived from it can leave its root."""
+    if not name.strip():
+        raise ValueError("an empty name; give one")
+    if len(name) > NAME_LIMIT:
+        raise ValueError(f"{len(name)} characters long; keep it to {NAME_LIMIT}")
+    if "/" in name or "\\" in name or ".." in name or not name.isprintable():
+        raise ValueError(f"{name!r} is not a plain name: no '/', '\\', '..' or control characters")
+    return name
+
+
+PlainName = Annotated[str, AfterValidator(plain_name)]
+
+
 def absolute_uri(uri: str) -> str:
     """A sqlite URI with an absolute path: valid from any working directory (Ray workers have their own)."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -420,13 +443,13 @@ class TrackingConfig(Section):
         validate_default=True,
         description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db as sqlite).",
     )
-    experiment: str = Field("kdray", min_length=1, description="MLflow experiment name.")
-    run_name: str | None = Field(None, description="Name of the parent run (default: method-student).")
+    experiment: PlainName = Field("kdray", description="MLflow experiment name.")
+    run_name: PlainName | None = Field(None, description="Name of the parent run (default: method-student).")
 
 
 class StoreConfig(Section):
     path: AbsolutePath = Field(
-        default_factory=lambda: os.environ.get("KDRAY_STORE_PATH") or ".kdray/store",
+        default_factory=default_store_path,
         validate_default=True,
         description="Model store: trained models by content hash (default: $KDRAY_STORE_PATH, else .kdray/store); "
         "a file system every node reaches, with working file locks, on several nodes.",
@@ -485,7 +508,7 @@ class SamplerConfig(Section):
 
 
 class SearchConfig(Section):
-    name: str | None = Field(None, description="Search name (Tune folder, MLflow run); null = <file>-<time>.")
+    name: PlainName | None = Field(None, description="Search name (Tune folder, MLflow run); null = <file>-<time>.")
     metric: str = Field("val/acc", description="Metric of the final student the search optimises (a val/* metric).")
     mode: Literal["max", "min"] = Field("max", description="Maximise or minimise the metric.")
     num_samples: int = Field(8, ge=1, description="Number of trials.")
@@ -680,7 +703,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not file.is_file():
             raise ConfigError(f"{path}: no such experiment file")
         try:
-            raw = yaml.safe_load(file.read_text()) or {}
+            raw = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+                "save the file as UTF-8"
+            ) from None
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
         if not isinstance(raw, dict):

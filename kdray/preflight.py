@@ -1,4 +1,8 @@
-"""Checks that need the data, run once the data is loaded and before anything trains or any run is opened.
+"""Checks run before anything trains or any run is opened: can kdray write where it will write, and (once
+the data is loaded) do the planned models fit it.
+
+Writing is tested by writing (a temporary file in each folder), not by looking at permissions: a
+read-only mount, a quota or an ACL answers only then.
 
 The config alone cannot say whether a user's model builds for these images, whether a torchvision model
 can be split into the stages a method reads, or whether given weights fit their architecture and the
@@ -8,7 +12,10 @@ weights, so each of those problems is one line naming the field, not a traceback
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 from kdray.build import model_info
 from kdray.config import ConfigError, ExperimentConfig
@@ -16,6 +23,35 @@ from kdray.data import Dataset
 from kdray.methods import METHODS
 from kdray.models import build_model
 from kdray.stages import StagePlan, plan_stages
+
+
+def check_writable(cfg: ExperimentConfig) -> None:
+    """The model store, the local Ray storage and a sqlite MLflow store must take a write, before Ray or MLflow
+    start (an unwritable sqlite file otherwise retries for minutes, a read-only store fails after training)."""
+    _writable(Path(cfg.store.path), "store.path")
+    if "://" not in cfg.scaling.storage_path:
+        _writable(Path(cfg.scaling.storage_path), "scaling.storage_path")
+    if cfg.tracking.uri.startswith("sqlite:///"):
+        database = Path(cfg.tracking.uri.removeprefix("sqlite:///"))
+        if database.parent.is_dir():  # a missing folder is Tracker's one-line error
+            _writable(database.parent, "tracking.uri")
+        if database.exists() and not os.access(database, os.W_OK):
+            raise ConfigError(f"tracking.uri: the sqlite store {database} is read-only; make it writable or move it")
+
+
+def _writable(folder: Path, field: str) -> None:
+    """Write a file in ``folder``, or in its nearest existing parent when it is not there yet (a refusal
+    leaves nothing behind, not even the folders)."""
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".kdray-write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"{field}: cannot write in {folder} ({error.strerror or error}); choose a folder kdray can write to"
+        ) from None
 
 
 def check_models(cfg: ExperimentConfig, dataset: Dataset) -> list[StagePlan]:

@@ -13,12 +13,14 @@ import logging
 import subprocess
 from dataclasses import dataclass, field
 
+import filelock
+
 import kdray
 from kdray.build import model_info
 from kdray.config import ExperimentConfig
 from kdray.data import Dataset, load_dataset
 from kdray.distributed import local_context
-from kdray.preflight import check_decode_cpus, check_models
+from kdray.preflight import check_decode_cpus, check_models, check_writable
 from kdray.stage_runner import StageOutcome, StageRunner
 from kdray.stages import plan_stages
 from kdray.store import ModelStore, model_key
@@ -83,6 +85,7 @@ def run_experiment(
     """
     # In-process runs train here; Ray runs pick each worker's device on the worker.
     ctx = local_context(cfg.scaling.use_gpu, cfg.scaling.threads) if cfg.scaling.num_workers == 0 else None
+    check_writable(cfg)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     dataset = load_dataset(cfg.data)
     check_models(cfg, dataset)
@@ -90,24 +93,14 @@ def run_experiment(
     store = ModelStore(cfg.store.path)
     tags = {**run_tags(cfg), "kdray.config_hash": model_key(cfg.dump())}
     name = run_name(cfg)
-    lookup = {"kdray.role": role, "kdray.config_hash": tags["kdray.config_hash"]}
-    if parent_run_id is not None:  # a search's reference: continue only a run of this search
-        lookup["mlflow.parentRunId"] = parent_run_id
-    unfinished = tracker.find_unfinished(name, lookup)
-    if unfinished is not None:
-        parent = unfinished.info.run_id
-        log.info("continuing the unfinished run '%s' (%s)", name, parent)
-        tracker.reopen(parent)
-        earlier = tracker.children(parent)
-    else:
-        parent = tracker.start_run(name, {**tags, "kdray.role": role}, parent_run_id)
-        earlier = {}
+    parent, continuing, lease = claim_run(tracker, store, name, {**tags, "kdray.role": role}, parent_run_id)
+    earlier = tracker.children(parent) if continuing else {}
     plans = plan_stages(cfg, dataset.fingerprint(), owner=parent, info=model_info(dataset))
     runner = StageRunner(cfg, dataset, store, tracker, ctx)
     result = ExperimentResult(parent)
     open_runs = [parent]
     try:
-        if unfinished is None:
+        if not continuing:
             tracker.log_params(parent, flatten(cfg.dump()))
             tracker.log_text(parent, cfg.to_yaml(), "config.yaml")
         for plan in plans:
@@ -116,7 +109,7 @@ def run_experiment(
             if previous is not None and previous.info.status == "FINISHED" and stored is not None:
                 result.stages.append(StageOutcome(plan, stored, previous.info.run_id, True, stored.meta["metrics"]))
                 continue
-            if previous is not None:
+            if previous is not None and previous.info.status != "FINISHED":  # interrupted: continue its run
                 child = previous.info.run_id
                 tracker.reopen(child)
             else:
@@ -132,7 +125,40 @@ def run_experiment(
     except BaseException as error:
         mark_failed(tracker, open_runs, error)
         raise
+    finally:
+        lease.release()
     return result
+
+
+def claim_run(
+    tracker: Tracker, store: ModelStore, name: str, tags: dict[str, str], parent_run_id: str | None
+) -> tuple[str, bool, filelock.BaseFileLock]:
+    """The experiment's parent run, and whether it continues an unfinished one, with the run's lease held.
+
+    The newest unfinished run of this name and config is continued, unless another live process holds its
+    lease (a lock file in the model store, released by the OS when that process dies): then this process
+    opens its own run. Finding and leasing happen under one lock per config, so two processes started
+    together never both take the same run."""
+    lookup = {"kdray.role": tags["kdray.role"], "kdray.config_hash": tags["kdray.config_hash"]}
+    if parent_run_id is not None:  # a search's reference: continue only a run of this search
+        lookup["mlflow.parentRunId"] = parent_run_id
+    with store.lock(f"claim-{tags['kdray.config_hash']}"):
+        unfinished = tracker.find_unfinished(name, lookup)
+        if unfinished is not None:
+            run_id = unfinished.info.run_id
+            lease = store.lock(f"run-{run_id}")
+            try:
+                lease.acquire(timeout=0)
+            except filelock.Timeout:
+                log.info("run '%s' (%s) is in progress in another process: opening a new run", name, run_id)
+            else:
+                log.info("continuing the unfinished run '%s' (%s)", name, run_id)
+                tracker.reopen(run_id)
+                return run_id, True, lease
+        parent = tracker.start_run(name, tags, parent_run_id)
+        lease = store.lock(f"run-{parent}")
+        lease.acquire()
+        return parent, False, lease
 
 
 def run_name(cfg: ExperimentConfig) -> str:

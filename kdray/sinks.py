@@ -18,9 +18,12 @@ process (a scheduler stopping the trial) always comes after the model is safe.
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,22 @@ from kdray.distributed import WorkerContext
 from kdray.engine import FitResult
 from kdray.tracking import MetricLogger
 
+log = logging.getLogger(__name__)
+
 StoreResult = Callable[[FitResult], None]
+# What torch.load raises on a truncated, emptied or overwritten checkpoint file
+UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError)
+
+
+def read_state(path: str | Path, device: torch.device) -> dict[str, Any] | None:
+    """A training state saved by ``keep``, or None (with a warning naming the file) when it cannot be read:
+    the stage then starts from its first epoch, with the same seed, rather than failing on every rerun."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except UNREADABLE as error:
+        log.warning("checkpoint %s is unreadable (%s: %s); training this stage from its first epoch", path,
+                    type(error).__name__, str(error).splitlines()[0] if str(error) else "")  # fmt: skip
+        return None
 
 
 class StageSink:
@@ -92,7 +110,10 @@ class LocalSink(StageSink):
     def load(self) -> dict[str, Any] | None:
         if not self.file.exists():
             return None
-        return torch.load(self.file, map_location=self.device, weights_only=True)
+        state = read_state(self.file, self.device)
+        if state is None:  # kept for a post-mortem, out of the way of the next checkpoint
+            os.replace(self.file, self.file.with_name(f"state.unreadable-{time.strftime('%Y%m%d-%H%M%S')}.pt"))
+        return state
 
     def keep(self, epoch: int, metrics: dict[str, float], state: Callable[[], dict[str, Any]] | None) -> None:
         if state is None:
@@ -142,7 +163,7 @@ class RayTrainSink(StageSink):
             path = os.path.join(folder, self.file)
             if not os.path.exists(path):
                 return None
-            return torch.load(path, map_location=self.device, weights_only=True)
+            return read_state(path, self.device)
 
     def keep(self, epoch: int, metrics: dict[str, float], state: Callable[[], dict[str, Any]] | None) -> None:
         ray = self.api()

@@ -6,15 +6,23 @@ needs the same model (a teacher shared by many students, an assistant shared by 
 it instead of training it again. Entries are written to a staging folder and renamed into place, so
 a crash or a concurrent writer never leaves a half-written model; weights load with
 ``weights_only=True``, which never unpickles code.
+
+What is read back is what was written: ``meta.json`` records the SHA-256 of ``model.pt``, and every
+lookup checks it (once per file version and process). An entry that fails the check (bytes changed
+in place, a truncated or missing file, unreadable metadata) is moved aside into ``.quarantine/`` --
+never deleted -- with a one-line warning naming the key and the file, and the lookup reports it
+missing, so the stage that needs it trains it again under the entry's lock.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +32,8 @@ import torch
 
 from kdray.models import ModelInfo, StagedNet, build_model
 from kdray.models.deploy import restandardized
+
+log = logging.getLogger(__name__)
 
 # Part of every key: raised whenever the same identity would train another model. 2: methods draw their
 # random numbers from the step's own generator instead of torch's global one.
@@ -47,8 +57,52 @@ class StoredModel:
         return self.path / "model.pt"
 
 
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}  # (path, size, mtime, inode) -> SHA-256, per process
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, computed once per version of the file in this process."""
+    status = path.stat()
+    version = (str(path), status.st_size, status.st_mtime_ns, status.st_ino)
+    if version not in _DIGESTS:
+        with path.open("rb") as handle:
+            _DIGESTS[version] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return _DIGESTS[version]
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` and flush it to disk, so a rename that follows never publishes unwritten bytes."""
+    with path.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def entry_problem(entry: Path) -> str | None:
+    """Why the entry folder cannot be trusted (a sentence naming the file), or None if it checks out."""
+    meta_file, weights = entry / "meta.json", entry / "model.pt"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except FileNotFoundError:
+        return f"{meta_file} is missing"
+    except (OSError, ValueError) as error:
+        return f"{meta_file} is unreadable ({error})"
+    if not weights.is_file():
+        return f"{weights} is missing"
+    recorded = meta.get("weights_sha256")
+    if recorded is None:
+        return f"{meta_file} records no content hash (written by an older kdray, or edited)"
+    found = file_digest(weights)
+    if found != recorded:
+        return f"{weights} differs from what was stored (SHA-256 {found[:12]}…, recorded {recorded[:12]}…)"
+    return None
+
+
+_LOCKS: dict[str, filelock.FileLock] = {}
+
+
 class ModelStore:
-    """A folder of ``<key>/{model.pt, config.yaml, meta.json}`` entries."""
+    """A folder of ``<key>/{model.pt, config.yaml, meta.json}`` entries, checked on every lookup."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -56,32 +110,71 @@ class ModelStore:
     def lock(self, key: str) -> filelock.FileLock:
         """An inter-process lock for producing entry ``key``: concurrent search trials that need the same
         teacher or assistant take it, and all but the first find the entry when they get it. (File locks
-        need a file system that honours them; on a cluster, a shared POSIX file system such as NFSv4.)"""
+        need a file system that honours them; on a cluster, a shared POSIX file system such as NFSv4.)
+        One lock object per file in a process, so it is re-entrant: a lookup under the lock may take it
+        again to quarantine a damaged entry."""
         folder = self.root / ".locks"
         folder.mkdir(parents=True, exist_ok=True)
-        return filelock.FileLock(folder / f"{key}.lock")
+        path = str((folder / f"{key}.lock").resolve())
+        if path not in _LOCKS:
+            _LOCKS[path] = filelock.FileLock(path)
+        return _LOCKS[path]
+
+    def keys(self) -> list[str]:
+        """Every entry's key (folders whose name is not hidden), sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def find(self, key: str) -> StoredModel | None:
+        """The entry ``key`` if it is there and intact; a damaged entry is quarantined and reported missing."""
+        if not key or key.startswith(".") or "/" in key:  # not a key: never the store itself or its own folders
+            return None
         entry = self.root / key
-        if not (entry / "meta.json").is_file():
+        if not entry.is_dir():
+            return None
+        if entry_problem(entry) is not None:
+            self.quarantine(key)
             return None
         return StoredModel(key, entry, json.loads((entry / "meta.json").read_text()))
+
+    def quarantine(self, key: str) -> Path | None:
+        """Move a damaged entry aside into ``.quarantine/`` (under its lock, after checking it again: another
+        process may have replaced it meanwhile); where it went, or None if it checked out after all."""
+        entry = self.root / key
+        with self.lock(key):
+            problem = entry_problem(entry) if entry.is_dir() else None
+            if problem is None:
+                return None
+            aside = self.root / ".quarantine" / f"{key}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(entry, aside)
+            (aside / "QUARANTINED.txt").write_text(problem + "\n")
+        log.warning("model store: %s; entry %s moved to %s, its stage will be trained again", problem, key, aside)
+        return aside
 
     def save(
         self, key: str, state_dict: dict[str, torch.Tensor], config_yaml: str, meta: dict[str, Any]
     ) -> StoredModel:
-        """Write an entry atomically; if another writer got there first, keep theirs."""
+        """Write an entry atomically (files flushed to disk, the metadata with the weights' hash last, then one
+        rename); if another writer got there first with an intact entry, keep theirs."""
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{key}-"))
         try:
-            torch.save({name: tensor.detach().cpu() for name, tensor in state_dict.items()}, staging / "model.pt")
-            (staging / "config.yaml").write_text(config_yaml)
-            (staging / "meta.json").write_text(json.dumps({"key": key, **meta}, indent=2, sort_keys=True))
-            os.replace(staging, self.root / key)
-        except OSError:
+            weights = staging / "model.pt"
+            torch.save({name: tensor.detach().cpu() for name, tensor in state_dict.items()}, weights)
+            with weights.open("rb+") as handle:
+                os.fsync(handle.fileno())
+            _write_synced(staging / "config.yaml", config_yaml.encode())
+            record = {"key": key, **meta, "weights_sha256": file_digest(weights)}
+            _write_synced(staging / "meta.json", json.dumps(record, indent=2, sort_keys=True).encode())
+            try:
+                os.replace(staging, self.root / key)
+            except OSError:  # an entry is there: theirs if intact, else it is quarantined now and ours goes in
+                if self.find(key) is None:
+                    os.replace(staging, self.root / key)
+        finally:
             shutil.rmtree(staging, ignore_errors=True)
-            if self.find(key) is None:
-                raise
         stored = self.find(key)
         assert stored is not None
         return stored

@@ -8,7 +8,7 @@ warns before exposing the server beyond this machine.
 
 from __future__ import annotations
 
-import subprocess
+import os
 import sys
 from pathlib import Path
 
@@ -62,8 +62,9 @@ def server_command(uri: str, host: str, port: int) -> list[str]:
     ]
 
 
-def serve(tracking_uri: str | None, host: str, port: int) -> int:
-    """Run the server in the foreground until Ctrl-C; returns its exit status."""
+def serve(tracking_uri: str | None, host: str, port: int) -> None:
+    """Become the server (``exec``: kdray's own process, torch and all, does not stay behind to wait for it);
+    it runs in the foreground until Ctrl-C."""
     uri = resolve_store(tracking_uri)
     if host not in LOOPBACK:
         print(
@@ -73,7 +74,8 @@ def serve(tracking_uri: str | None, host: str, port: int) -> int:
         )
     shown = f"[{host}]" if ":" in host else host
     print(f"MLflow UI for {uri}\n  open http://{shown}:{port}  (Ctrl-C stops the server)", flush=True)
-    try:
-        return subprocess.call(server_command(uri, host, port))
-    except KeyboardInterrupt:  # the server got the same Ctrl-C and stops by itself
-        return 130
+    # MLflow 3 also starts job consumers (GenAI evaluation jobs; several processes, ~2 GB) unless told not to:
+    # showing runs needs the one server process.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    command = server_command(uri, host, port)
+    os.execve(command[0], command, env)

@@ -120,3 +120,33 @@ def add_bytes(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(payload)
     tar.addfile(info, io.BytesIO(payload))
+
+
+def process_tree(root: int, naming: str = "") -> set[int]:
+    """``root``, its descendants, and (with ``naming``) every process whose command line contains it, with
+    theirs: what a command left running, read from Linux's /proc."""
+    children: dict[int, list[int]] = {}
+    found = {root}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                if naming and naming in Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace"):
+                    found.add(int(entry))
+            except (OSError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for a parent that does not reap it does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

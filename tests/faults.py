@@ -45,3 +45,18 @@ def kill_last_worker_after(epoch: int, marker: Path) -> Callable[[dict[str, Any]
 def install_worker_fault(monkeypatch: pytest.MonkeyPatch, epoch: int, marker: Path) -> None:
     """Make the next Ray Train stages of this test lose their last worker once, after ``epoch``."""
     monkeypatch.setattr(kdray.launch, "stage_worker", kill_last_worker_after(epoch, marker))
+
+
+def zero_in_place(path: Path, start_fraction: float = 0.5) -> None:
+    """Overwrite the second part of a file with zeros, keeping its size (silent damage: bit rot, a bad copy)."""
+    size = path.stat().st_size
+    start = int(size * start_fraction)
+    with path.open("r+b") as handle:
+        handle.seek(start)
+        handle.write(bytes(size - start))
+
+
+def truncate(path: Path, keep_fraction: float = 0.5) -> None:
+    """Cut a file short (a copy or a write interrupted part-way)."""
+    with path.open("r+b") as handle:
+        handle.truncate(int(path.stat().st_size * keep_fraction))

@@ -54,7 +54,8 @@ def test_search_and_trial_measurements_count_teacher_work(local_ray: None, bare_
     assert 0 < on["teacher_forward_images"] < off["teacher_forward_images"]
     assert search["wall_ratio_on_over_off"] == pytest.approx(on["wall_s"] / off["wall_s"], abs=2e-3)
     assert trials["in_process"]["per_trial_s"] > trials["in_process"]["training_s"] > 0
-    assert [p.name for p in bare_workdir.iterdir()] == ["cache"], "the bench leaves nothing but the data cache here"
+    # nothing but caches ($XDG_CACHE_HOME: matplotlib's font list when a report draws plots) is left here
+    assert {p.name for p in bare_workdir.iterdir()} <= {"cache"}, "the bench leaves its runs and stores here"
 
 
 def test_bad_options_fail_in_one_line_before_any_work(bare_workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:

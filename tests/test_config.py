@@ -94,6 +94,11 @@ def test_method_without_name_means_kd(tmp_path: Path) -> None:
         (["trian.epochs=3"], "trian: unknown key; allowed: data, teacher, student, method"),
         (["search.space={foo.bar: {kind: float, low: 0, high: 1}}"], "search.space: 'foo.bar' is not a config field"),
         (["epochs"], "override 'epochs': write section.field=value"),
+        (["search.name=../../../../X"], "search.name: '../../../../X' is not a plain name: no '/', '\\', '..'"),
+        (["search.name=/etc/kdray"], "search.name: '/etc/kdray' is not a plain name"),
+        (["search.name=" + "x" * 101], "search.name: 101 characters long; keep it to 100"),
+        (["tracking.experiment=a/b"], "tracking.experiment: 'a/b' is not a plain name"),
+        (["tracking.run_name=' '"], "tracking.run_name: an empty name; give one"),
         (["scaling.sync_batchnorm=true"], "scaling.sync_batchnorm: needs data-parallel GPU workers"),
         (
             ["scaling.parallelism=branches", "scaling.num_workers=2"],
@@ -111,6 +116,15 @@ def test_bad_input_is_one_line_naming_the_field(overrides: list[str], expected: 
     message = str(caught.value)
     assert message.startswith(expected), message
     assert "\n" not in message
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("tracking:\n  experiment: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(
+        ConfigError, match=r"latin\.yaml: not UTF-8 text \(byte 0xe9 at offset 27\); save the file as UTF-8"
+    ):
+        load_config(latin)
 
 
 def test_bad_files(tmp_path: Path) -> None:

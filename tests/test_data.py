@@ -10,6 +10,7 @@ from kdray.config import load_config
 from kdray.data import DataError, Split, load_dataset, stratified_split
 from kdray.data.imagefolder import load_image_folder
 from tests.conftest import SHARED_CIFAR, add_bytes, make_image_folder, tar_folder, write_png
+from tests.faults import truncate
 
 
 def test_digits_splits_are_disjoint_stratified_and_uint8(workdir: Path) -> None:
@@ -114,6 +115,14 @@ def test_image_folder_tar_gz_equals_folder(workdir: Path) -> None:
     from_tar = load_image_folder(archive, workdir / "cache")
     assert torch.equal(from_dir.train.images, from_tar.train.images)
     assert torch.equal(from_dir.val.labels, from_tar.val.labels) and len(from_tar.val) == 6
+
+
+def test_truncated_archive_is_one_line_naming_it(workdir: Path) -> None:
+    make_image_folder(workdir / "folder", {"train": 6})
+    archive = tar_folder(workdir / "folder", workdir / "data.tar.gz")
+    truncate(archive, 0.6)  # a copy interrupted part-way
+    with pytest.raises(DataError, match=r"data\.tar\.gz: the archive is damaged or ends early after \d+ files"):
+        load_image_folder(archive, workdir / "cache")
 
 
 def test_tiny_imagenet_layout(workdir: Path) -> None:

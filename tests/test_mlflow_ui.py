@@ -24,6 +24,7 @@ from test_search import SMALL, write_experiment
 
 from kdray.config import load_config
 from kdray.search.driver import run_search
+from tests.conftest import process_tree
 
 pytestmark = pytest.mark.slow  # end to end: a search, an MLflow server and a browser
 
@@ -105,6 +106,10 @@ def ui_server(searched: Searched, workdir: Path) -> Iterator[str]:
             assert time.monotonic() < deadline, "kdray ui did not answer /health in time"
             time.sleep(1)
         assert f"open {url}" in (workdir / "ui.log").read_text()
+        # one MLflow server (its launcher and one uvicorn worker), no job consumers, and kdray itself gone (exec)
+        serving = process_tree(server.pid)
+        assert len(serving) <= 2, [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in serving]
+        assert b"kdray" not in Path(f"/proc/{server.pid}/cmdline").read_bytes()
         yield url
     finally:
         os.killpg(server.pid, 15)

@@ -1,5 +1,6 @@
 """End to end: `kdray train` against a real sqlite MLflow store, read back through MlflowClient."""
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from kdray.config import ConfigError, load_config
 from kdray.engine import TrainingDiverged
 from kdray.run import run_experiment
 from kdray.store import ModelStore
+from tests.faults import zero_in_place
 
 QUICK = [
     "teacher.name=plane4",
@@ -130,10 +132,11 @@ def test_every_method_trains_end_to_end_and_logs_its_terms(workdir: Path, overri
     assert ModelStore(cfg.store.path).find(result.student.plan.key) is not None
 
 
-def test_two_concurrent_runs_train_their_shared_teacher_once(bare_workdir: Path) -> None:
-    """Two `kdray train` processes started together in an empty folder need the same teacher: they create the
-    MLflow store once between them, and the store lock on the teacher's key lets one train it while the other
-    waits, then reuses it."""
+def test_three_concurrent_runs_train_their_shared_models_once(bare_workdir: Path) -> None:
+    """Three `kdray train` processes started together in an empty folder, two of them the very same command:
+    they create the MLflow store once between them; the store lock on each model's key lets one process train
+    it while the others wait and reuse it; the identical command never joins the other's live run (its
+    lease is held), so every process has its own parent run and no run gets another's epochs."""
     workdir = bare_workdir
     file = workdir / "shared.yaml"
     file.write_text("teacher: {name: plane4, epochs: 2}\nstudent: {name: plane2}\ntrain: {epochs: 1, batch_size: 64}\n")
@@ -144,18 +147,46 @@ def test_two_concurrent_runs_train_their_shared_teacher_once(bare_workdir: Path)
             stderr=subprocess.PIPE,
             text=True,
         )
-        for t in (2, 3)
+        for t in (2, 3, 3)
     ]
     for process in processes:
         _, errors = process.communicate(timeout=600)
         assert process.returncode == 0, errors[-3000:]
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     runs = _runs(f"sqlite:///{workdir}/mlflow.db", "kdray")
+    assert sorted(run.info.run_name for run in runs if "kdray.config_hash" in run.data.tags and
+                  run.data.tags["kdray.role"] == "experiment") == ["run2", "run3", "run3"]  # fmt: skip
+    assert {run.info.status for run in runs} == {"FINISHED"}
     teachers = [run for run in runs if run.info.run_name == "teacher"]
-    assert sorted(run.data.tags["kdray.reused"] for run in teachers) == ["false", "true"]
+    assert sorted(run.data.tags["kdray.reused"] for run in teachers) == ["false", "true", "true"]
     trained = next(run for run in teachers if run.data.tags["kdray.reused"] == "false")
-    reused = next(run for run in teachers if run.data.tags["kdray.reused"] == "true")
-    assert reused.data.tags["kdray.source_run_id"] == trained.info.run_id
-    assert [
-        m.step
-        for m in MlflowClient(f"sqlite:///{workdir}/mlflow.db").get_metric_history(trained.info.run_id, "val/acc")
-    ] == [1, 2]  # trained once, two epochs, not two interleaved trainings
+    assert all(run.data.tags["kdray.source_run_id"] == trained.info.run_id for run in teachers if run != trained)
+    students = [run for run in runs if run.info.run_name == "student"]
+    assert sorted(run.data.tags["kdray.reused"] for run in students) == ["false", "false", "true"]  # run3 once
+    for run in runs:  # no run holds two trainings' epochs
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
+        assert len(steps) == len(set(steps)), (run.info.run_name, steps)
+    assert [m.step for m in client.get_metric_history(trained.info.run_id, "val/acc")] == [1, 2]
+
+
+def test_a_teacher_damaged_in_the_store_is_retrained_not_taught_from(
+    workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The issue's repro: a stored teacher's bytes zeroed in place (same size). The next student must not
+    learn from it: the entry is quarantined and the teacher trained again, to the same weights (same seed)."""
+    first = run_experiment(load_config(None, QUICK))
+    teacher = first.stages[0].stored
+    original = torch.load(teacher.weights, weights_only=True)
+    zero_in_place(teacher.weights)
+    with caplog.at_level(logging.WARNING, logger="kdray.store"):
+        again = run_experiment(load_config(None, [*QUICK, "method.temperature=3.3"]))
+    assert any(f"entry {teacher.key} moved to" in record.getMessage() for record in caplog.records)
+    retrained = again.stages[0]
+    assert not retrained.reused and retrained.plan.key == teacher.key
+    reloaded = torch.load(retrained.stored.weights, weights_only=True)
+    assert all(torch.equal(original[name], reloaded[name]) for name in original)  # seeded: the same teacher again
+    assert len(list((workdir / ".kdray" / "store" / ".quarantine").iterdir())) == 1
+    # MLflow shows a new teacher run that trained, and the summary's numbers are the retrained teacher's
+    uri = load_config(None, QUICK).tracking.uri
+    assert MlflowClient(uri).get_run(retrained.run_id).data.tags["kdray.reused"] == "false"
+    assert retrained.metrics == first.stages[0].metrics

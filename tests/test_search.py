@@ -5,6 +5,7 @@ Everything is read back from MLflow with MlflowClient, as a user reviewing the s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from kdray.config import ConfigError, load_config
 from kdray.data import load_dataset
 from kdray.search.driver import run_search
 from kdray.store import ModelStore
+from tests.conftest import alive, process_tree
 
 SMALL = [
     "teacher.name=plane4",
@@ -281,3 +283,69 @@ def test_killed_search_driver_resumes_and_completes_without_duplicate_runs(workd
     for run in after["trial"]:
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/acc"))
         assert steps == [1, 2], (run.info.run_name, steps)  # resumed trials: no repeats, no gaps
+    # nothing is left RUNNING, and the teacher is counted trained once: a trial run again after the restore
+    # reports what it found and keeps its tags
+    assert not [run.info.run_name for runs in after.values() for run in runs if run.info.status == "RUNNING"]
+    assert sum(int(run.data.tags["kdray.models_trained"]) for run in after["trial"]) == 1
+
+
+@pytest.mark.slow
+def test_a_search_killed_while_a_trial_trains_its_teacher_resumes_the_teacher(workdir: Path) -> None:
+    """The teacher's checkpoint lives in the search's storage (absolute, decided on the driver), so after a
+    kill -9 of the driver, `kdray tune --resume` continues the teacher from its last epoch in a new run; the
+    run the dead trial left RUNNING is closed KILLED with the reason."""
+    file = write_experiment(workdir, {"space": {"method.temperature": {"kind": "float", "low": 1, "high": 8}}})
+    overrides = [
+        *SMALL,
+        "teacher.epochs=40",
+        "train.epochs=1",
+        "train.batch_size=16",  # 0.3 s per teacher epoch: the kill lands mid-teacher, the teacher outlives it
+        "search.num_samples=1",
+        "search.scheduler.name=none",
+        "search.name=mid-teacher",
+        "tracking.experiment=mid-teacher",
+    ]
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = MlflowClient(uri)
+
+    def teacher_epochs() -> int:
+        if client.get_experiment_by_name("mid-teacher") is None:
+            return 0
+        teachers = runs_by_role(uri, "mid-teacher").get("teacher", [])
+        return max((m.step for r in teachers for m in client.get_metric_history(r.info.run_id, "val/acc")), default=0)
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kdray", "tune", str(file), *overrides],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 300
+    started: set[int] = set()
+    try:
+        while teacher_epochs() < 3:
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.3)
+        started = process_tree(process.pid) - {process.pid}  # Ray's processes, Tune's trial, its workers
+        process.kill()  # the driver alone, as `kill -9 PID` does
+        process.wait()
+        # Ray's dashboard and runtime-env agents see their raylet die within seconds, then spend about a minute
+        # failing to report it to the dead GCS before they exit
+        deadline = time.monotonic() + 240
+        while (left := {pid for pid in started if alive(pid)}) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert len(started) > 5 and not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever is left, for the tests that follow
+    done = subprocess.run(
+        [sys.executable, "-m", "kdray", "tune", "--resume", "mid-teacher"], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    teachers = sorted(runs_by_role(uri, "mid-teacher")["teacher"], key=lambda run: run.info.start_time)
+    assert len(teachers) == 2, [run.info.status for run in teachers]
+    killed, resumed = (client.get_run(run.info.run_id) for run in teachers)
+    assert killed.info.status == "KILLED" and "interrupted" in killed.data.tags["kdray.error"]
+    assert resumed.info.status == "FINISHED" and int(resumed.data.tags["kdray.resumed_from_epoch"]) >= 3
+    assert not any(run.info.status == "RUNNING" for runs in runs_by_role(uri, "mid-teacher").values() for run in runs)

@@ -21,6 +21,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,21 +99,7 @@ def folder_signature(root: Path, image_size: int | None, crop: float, version: i
 def _entries(root: Path) -> Iterator[_Entry | tuple[str, str, tuple[str, ...]]]:
     """Yield image entries, and ``("dir", split, rest)`` for every folder (to find empty classes)."""
     if root.is_file():
-        try:
-            archive = tarfile.open(root, "r:*")  # noqa: SIM115 (closed by the with below)
-        except (tarfile.TarError, OSError) as error:
-            raise DataError(f"{root}: not a readable folder or tar archive ({error})") from None
-        with archive:
-            for member in archive:
-                located = _locate(PurePosixPath(member.name).parts)
-                if located is None:
-                    continue
-                split, rest = located
-                if member.isdir():
-                    yield ("dir", split, rest)
-                elif member.isfile():
-                    payload = archive.extractfile(member).read()  # type: ignore[union-attr]
-                    yield _Entry(f"{root}:{member.name}", split, rest, lambda payload=payload: payload)
+        yield from _archive_entries(root)
         return
     for directory, folders, files in os.walk(root):
         folders.sort()
@@ -124,6 +111,33 @@ def _entries(root: Path) -> Iterator[_Entry | tuple[str, str, tuple[str, ...]]]:
         for name in sorted(files):
             path = Path(directory) / name
             yield _Entry(str(path), split, (*rest, name), path.read_bytes)
+
+
+def _archive_entries(root: Path) -> Iterator[_Entry | tuple[str, str, tuple[str, ...]]]:
+    """``_entries`` of a tar archive, read to its end: a damaged or truncated one is a one-line DataError."""
+    try:
+        archive = tarfile.open(root, "r:*")  # noqa: SIM115 (closed by the with below)
+    except (tarfile.TarError, OSError) as error:
+        raise DataError(f"{root}: not a readable folder or tar archive ({error})") from None
+    read = 0
+    with archive:
+        try:
+            for member in archive:
+                located = _locate(PurePosixPath(member.name).parts)
+                if located is None:
+                    continue
+                split, rest = located
+                if member.isdir():
+                    yield ("dir", split, rest)
+                elif member.isfile():
+                    payload = archive.extractfile(member).read()  # type: ignore[union-attr]
+                    read += 1
+                    yield _Entry(f"{root}:{member.name}", split, rest, lambda payload=payload: payload)
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as error:  # a truncated or damaged archive
+            raise DataError(
+                f"{root}: the archive is damaged or ends early after {read} files "
+                f"({type(error).__name__}: {error}); copy or download it again"
+            ) from None
 
 
 def _locate(parts: tuple[str, ...]) -> tuple[str, tuple[str, ...]] | None:

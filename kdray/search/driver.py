@@ -22,15 +22,16 @@ from typing import Any
 
 from ray.tune import Callback
 
-from kdray.config import ConfigError, ExperimentConfig, SamplerConfig, absolute_path, validate_config
+from kdray.config import ConfigError, ExperimentConfig, SamplerConfig, absolute_path, plain_name, validate_config
 from kdray.data import load_dataset
 from kdray.launch import connect_ray
-from kdray.preflight import check_decode_cpus, check_models
+from kdray.preflight import check_decode_cpus, check_models, check_writable
 from kdray.run import mark_failed, run_experiment, run_tags
 from kdray.search.progress import SearchProgress
 from kdray.search.report import REFERENCE_NAMES, SearchReport, build_report, publish, study_of
 from kdray.search.space import check_space, default_points, sample
 from kdray.search.trial import TRIAL_ID_TAG, run_trial
+from kdray.store import ModelStore
 from kdray.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,12 @@ def progress(cfg: ExperimentConfig, name: str) -> SearchProgress:
 def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
     """Start a new search; every check runs before Ray or MLflow is touched."""
     check_space(cfg)
+    check_writable(cfg)
     name = cfg.search.name or f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        plain_name(name)  # it names a folder under scaling.storage_path
+    except ValueError as error:
+        raise ConfigError(f"search.name: {error}") from None
     root = cfg.scaling.storage_path
     folder = Path(root) / name
     if "://" not in root and folder.exists():
@@ -245,6 +251,10 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
     """Continue a search whose driver died: Tune's trials and the searcher's state come back from the
     search folder, the same MLflow runs continue."""
     root = absolute_path(storage_path)
+    try:
+        plain_name(name)  # never a path: the search's folder is read (and Tune's pickles loaded) from it
+    except ValueError as error:
+        raise ConfigError(f"--resume: {error}") from None
     state_file = Path(root) / name / STATE_FILE
     if not state_file.exists():
         raise ConfigError(f"--resume {name}: no search of that name under {root} (set --storage to its storage_path)")
@@ -253,6 +263,7 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
     parent = state["parent_run_id"]
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     tracker.reopen(parent)
+    close_orphans(tracker, parent, ModelStore(cfg.store.path))
     try:
         from ray import tune
 
@@ -266,6 +277,26 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
     except BaseException as error:
         mark_failed(tracker, [parent], error)
         raise
+
+
+def close_orphans(tracker: Tracker, parent: str, store: ModelStore) -> None:
+    """Guide runs (teachers, assistants) that trials were training when the driver died stay RUNNING: nothing
+    will write to them again. One whose model reached the store (a trial outlives its driver by a moment)
+    ends FINISHED; the others end KILLED, and the resumed trial trains the model in a new run, from its
+    checkpoint."""
+    for trial in tracker.runs_under(parent, role="trial"):
+        for run in tracker.runs_under(trial.info.run_id):
+            if run.info.status != "RUNNING":
+                continue
+            key = run.data.tags.get("kdray.model_key")
+            if key and store.find(key) is not None:
+                closed = "on resume: its model was stored before the driver stopped"
+                tracker.set_tags(run.info.run_id, {"kdray.closed": closed})
+                tracker.end_run(run.info.run_id)
+            else:
+                why = "interrupted: the search's driver stopped; `kdray tune --resume` trains this model in a new run"
+                tracker.set_tags(run.info.run_id, {"kdray.error": why})
+                tracker.end_run(run.info.run_id, "KILLED")
 
 
 def _finish(cfg: ExperimentConfig, name: str, parent: str, tracker: Tracker) -> SearchOutcome:

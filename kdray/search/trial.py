@@ -35,6 +35,15 @@ log = logging.getLogger(__name__)
 TRIAL_ID_TAG = "kdray.trial_id"
 
 
+def finished_run(tracker: Tracker, parent: str, trial_id: str) -> Any | None:
+    """The trial's run if it already ran its whole budget: a search restored from a state saved before the trial
+    ended runs it again, and it must then report what it found instead of training (and retagging) again."""
+    existing = tracker.runs({TRIAL_ID_TAG: trial_id, "mlflow.parentRunId": parent})
+    if existing and existing[0].info.status == "FINISHED" and "kdray.stopped" not in existing[0].data.tags:
+        return existing[0]
+    return None
+
+
 def trial_run(tracker: Tracker, parent: str, trial_id: str, cfg: ExperimentConfig, sampled: dict[str, Any]) -> str:
     """The trial's MLflow run (a child of the search run): found by trial id, else created."""
     existing = tracker.runs({TRIAL_ID_TAG: trial_id, "mlflow.parentRunId": parent})
@@ -57,6 +66,10 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     cfg = trial_config(setup["base"], config["overrides"])
     trial_id = ray.tune.get_context().get_trial_id()
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    done = finished_run(tracker, setup["parent_run_id"], trial_id)
+    if done is not None:
+        ray.tune.report({**done.data.metrics, "epoch": cfg.train.epochs})
+        return
     run_id = trial_run(tracker, setup["parent_run_id"], trial_id, cfg, config["overrides"])
     open_runs = [run_id]
     try:
@@ -102,7 +115,8 @@ def _train(
         if outcome is not None:
             open_runs.pop()
         counts["reused" if outcome is None else "trained"] += 1
-    tracker.set_tags(run_id, {f"kdray.models_{k}": str(v) for k, v in counts.items()})
+    if "kdray.models_trained" not in tracker.tags(run_id):  # a resumed trial's guides were counted before
+        tracker.set_tags(run_id, {f"kdray.models_{k}": str(v) for k, v in counts.items()})
     student = plans[-1]
     tracker.set_tags(run_id, {"kdray.model_key": student.key})
     outcome = runner.run(student, run_id, TuneTrial(trial_name))
