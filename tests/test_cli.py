@@ -46,7 +46,10 @@ def test_validate_prints_the_resolved_config(capsys: pytest.CaptureFixture[str])
     code, out, err = kdray(capsys, "validate", QUICKSTART, "method.temperature=7")
     assert code == 0, err
     resolved = yaml.safe_load(out)
-    assert resolved["method"] == {"name": "kd", "temperature": 7.0, "alpha": 0.9}
+    assert resolved["method"] == {
+        **{"name": "kd", "temperature": 7.0, "alpha": 0.9},
+        **{"logit_standardization": False, "kl_reduction": "batchmean"},  # every default, written out
+    }
     assert resolved["tracking"]["uri"].startswith("sqlite:////")  # resolved to an absolute path
     assert Path(resolved["store"]["path"]).is_absolute() and Path(resolved["scaling"]["storage_path"]).is_absolute()
 
@@ -82,7 +85,8 @@ def test_listings(capsys: pytest.CaptureFixture[str]) -> None:
     assert "method.temperature = 4.0" in methods and methods.startswith("none:")
     listed = {line.split(":")[0] for line in methods.splitlines() if not line.startswith(" ")}
     assert listed == {
-        *("none", "kd", "triplet", "feature_mixup", "stkd", "takd", "dgkd", "pacemaker", "online_branch", "dml")
+        *("none", "kd", "dkd", "dist", "triplet", "feature_mixup", "stkd", "takd", "dgkd", "pacemaker"),
+        *("online_branch", "dml"),
     }
     assert "method.margin = 5.0" in methods and "method.drop_num = 1" in methods
     _, models, _ = kdray(capsys, "models")

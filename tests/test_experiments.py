@@ -56,6 +56,7 @@ def test_the_paper_settings_are_all_there() -> None:
         "kd_cifar100_resnet32x4_resnet8x4",
         "kd_cifar100_wrn40_2_wrn16_2",
         "kd_imagenet_resnet34_resnet18",
+        "logit_baselines_cifar100",
     }
     assert expected <= names, sorted(expected - names)
 

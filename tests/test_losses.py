@@ -75,3 +75,133 @@ def test_kd_refuses_to_run_without_teacher() -> None:
     batch = Batch(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)), torch.arange(4))
     with pytest.raises(ValueError, match="needs a teacher"):
         method(batch, StepInfo(0, 0, 1, 1))
+
+
+# --- modern logit baselines: DKD, DIST, logit standardisation ---------------------------------------------
+
+
+def _softmax(row: list[float], T: float) -> list[float]:
+    exps = [math.exp(v / T) for v in row]
+    return [e / sum(exps) for e in exps]
+
+
+def _hand_dkd(
+    student: list[list[float]], teacher: list[list[float]], labels: list[int], T: float
+) -> tuple[float, float]:
+    """TCKD and NCKD from their definitions (Zhao et al. 2022, eq. 1-4), sample by sample."""
+    tckd = nckd = 0.0
+    for s_row, t_row, y in zip(student, teacher, labels, strict=True):
+        p, q = _softmax(t_row, T), _softmax(s_row, T)
+        binary_p, binary_q = [p[y], 1 - p[y]], [q[y], 1 - q[y]]
+        tckd += sum(a * math.log(a / b) for a, b in zip(binary_p, binary_q, strict=True))
+        for c in range(len(p)):
+            if c != y:
+                hat_p, hat_q = p[c] / (1 - p[y]), q[c] / (1 - q[y])
+                nckd += hat_p * math.log(hat_p / hat_q)
+    n = len(student)
+    return T * T * tckd / n, T * T * nckd / n
+
+
+def _hand_pearson_distance(a: list[list[float]], b: list[list[float]]) -> float:
+    total = 0.0
+    for x, y in zip(a, b, strict=True):
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        cov = sum((u - mx) * (v - my) for u, v in zip(x, y, strict=True))
+        total += cov / math.sqrt(sum((u - mx) ** 2 for u in x) * sum((v - my) ** 2 for v in y))
+    return 1 - total / len(a)
+
+
+def _method(name: str, **params: object) -> tuple[object, torch.Tensor, torch.Tensor, Batch]:
+    torch.manual_seed(0)
+    info = ModelInfo(num_classes=10, in_channels=1, image_size=8)
+    student, teacher = build_model("plane2", info), build_model("plane4", info)
+    method = METHODS[name](student, [teacher], METHODS[name].Params(**params)).train()
+    images, labels = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    return method, student(images).detach(), teacher.eval()(images).detach(), Batch(images, labels, torch.arange(6))
+
+
+def test_dkd_terms_match_their_definitions_and_ramp_up() -> None:
+    method, s, t, batch = _method("dkd", temperature=2.0, alpha=0.5, beta=3.0, ce_weight=0.7, warmup_epochs=4)
+    tckd, nckd = _hand_dkd(s.tolist(), t.tolist(), batch.labels.tolist(), 2.0)
+    early = method(batch, StepInfo(0, 0, 1, 10))  # epoch 1 of a 4-epoch warm-up
+    assert early["tckd"].item() == pytest.approx(0.25 * 0.5 * tckd, rel=1e-5)
+    assert early["nckd"].item() == pytest.approx(0.25 * 3.0 * nckd, rel=1e-5)
+    assert early["ce"].item() == pytest.approx(0.7 * F.cross_entropy(s, batch.labels).item(), rel=1e-5)
+    late = method(batch, StepInfo(5, 5, 1, 10))
+    assert late["nckd"].item() == pytest.approx(3.0 * nckd, rel=1e-5)
+
+
+def test_kd_is_tckd_plus_the_non_target_mass_times_nckd() -> None:
+    """The paper's decomposition (eq. 4), a second route: for one sample KD = TCKD + (1 − p_t,y)·NCKD."""
+    from kdray.methods.losses import decoupled_kl
+
+    torch.manual_seed(1)
+    s, t, y = torch.randn(1, 7), torch.randn(1, 7) * 3, torch.tensor([2])
+    tckd, nckd = decoupled_kl(s, t, y, 3.0)
+    non_target = 1 - torch.softmax(t / 3.0, dim=1)[0, 2]
+    assert soft_kl(s, t, 3.0).item() == pytest.approx((tckd + non_target * nckd).item(), rel=1e-5)
+
+
+def test_dist_terms_match_pearson_by_hand() -> None:
+    method, s, t, batch = _method("dist", temperature=3.0, beta=1.5, gamma=0.5, ce_weight=1.0)
+    terms = method(batch, StepInfo(0, 0, 1, 1))
+    ps = [_softmax(row, 3.0) for row in s.tolist()]
+    pt = [_softmax(row, 3.0) for row in t.tolist()]
+    inter = 9.0 * _hand_pearson_distance(ps, pt)
+    intra = 9.0 * _hand_pearson_distance(
+        [list(c) for c in zip(*ps, strict=True)], [list(c) for c in zip(*pt, strict=True)]
+    )
+    assert terms["inter"].item() == pytest.approx(1.5 * inter, rel=1e-4)
+    assert terms["intra"].item() == pytest.approx(0.5 * intra, rel=1e-4)
+    assert terms["ce"].item() == pytest.approx(F.cross_entropy(s, batch.labels).item(), rel=1e-5)
+
+
+def test_dist_is_zero_for_a_student_that_matches_relations_not_values() -> None:
+    """DIST asks for the teacher's relations: predictions that are an affine map of the teacher's (per sample
+    and per class alike) cost nothing, although their KL to the teacher does not vanish."""
+    from kdray.methods.losses import pearson_distance
+
+    teacher = torch.softmax(torch.randn(5, 4), dim=1)
+    student = 0.5 * teacher + 0.05  # ρ = 1 across classes and across samples
+    assert pearson_distance(student, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    assert pearson_distance(student.T, teacher.T).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["kd", "dkd", "dist"])
+def test_logit_standardization_ignores_the_teachers_logit_scale_and_shift(name: str) -> None:
+    """With LS the distillation terms see z-scored logits: a teacher whose logits are 3·t + 5 teaches the
+    same, though its raw logits differ; the cross-entropy is untouched."""
+    torch.manual_seed(0)
+    info = ModelInfo(num_classes=10, in_channels=1, image_size=8)
+    student, teacher = build_model("plane2", info), build_model("plane4", info)
+    images, labels = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    batch, step = Batch(images, labels, torch.arange(6)), StepInfo(30, 30, 1, 40)
+    params = METHODS[name].Params(logit_standardization=True)
+    plain = METHODS[name](student, [teacher], params).train()(batch, step)
+    last = [module for module in teacher.modules() if isinstance(module, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(3.0)
+        last.bias.mul_(3.0).add_(5.0)
+    scaled = METHODS[name](student, [teacher], params).train()(batch, step)
+    for term in plain:
+        assert scaled[term].item() == pytest.approx(plain[term].item(), rel=1e-4), term
+    raw = METHODS[name](student, [teacher], METHODS[name].Params()).train()(batch, step)
+    assert any(raw[term].item() != pytest.approx(scaled[term].item(), rel=1e-3) for term in raw if term != "ce")
+
+
+def test_standardized_logits_have_zero_mean_and_unit_unbiased_std() -> None:
+    from kdray.methods.losses import standardized
+
+    z = standardized(torch.tensor([[1.0, 2.0, 4.0, 9.0]]))[0].tolist()
+    mean = sum([1.0, 2.0, 4.0, 9.0]) / 4
+    std = math.sqrt(sum((v - mean) ** 2 for v in [1.0, 2.0, 4.0, 9.0]) / 3)
+    assert z == pytest.approx([(v - mean) / std for v in [1.0, 2.0, 4.0, 9.0]], rel=1e-5)
+
+
+def test_mean_kl_reduction_is_what_nn_kldivloss_computes() -> None:
+    """TAKD's and DGKD's code: ``nn.KLDivLoss()(log σ_T(s), σ_T(t))·T²``, which divides by the classes too."""
+    torch.manual_seed(2)
+    s, t = torch.randn(5, 7), torch.randn(5, 7)
+    theirs = torch.nn.KLDivLoss()(F.log_softmax(s / 3, dim=1), F.softmax(t / 3, dim=1)).item() * 9
+    assert soft_kl(s, t, 3.0, "mean").item() == pytest.approx(theirs, rel=1e-5)
+    assert soft_kl(s, t, 3.0).item() == pytest.approx(7 * theirs, rel=1e-5)

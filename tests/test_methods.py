@@ -238,12 +238,29 @@ def test_onthefly_models_use_one_by_three_kernels() -> None:
 def test_classifier_diversity_by_hand_and_with_gradient() -> None:
     w1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
     w2 = torch.tensor([[1.0, 1.0], [0.0, 2.0]], requires_grad=True)
-    w3 = torch.tensor([[0.0, 0.0], [3.0, 0.0]], requires_grad=True)
+    w3 = torch.tensor([[0.0, 1.0], [3.0, 0.0]], requires_grad=True)
     by_hand = sum(float((a.t() @ b).pow(2).sum().detach()) for a, b in ((w1, w2), (w1, w3), (w2, w3)))
-    loss = classifier_diversity([w1, w2, w3])
-    assert loss.item() == pytest.approx(by_hand)
-    loss.backward()
+    gram = classifier_diversity([w1, w2, w3], "gram")
+    assert gram.item() == pytest.approx(by_hand)
+    # cosine form by hand: class vectors (1,0),(0,1) | (1,1)/√2,(0,1) | (0,1),(1,0); squared cosines per pair
+    pair_12 = (0.5 + 0.0 + 0.5 + 1.0) / 4
+    pair_13 = (0.0 + 1.0 + 1.0 + 0.0) / 4
+    pair_23 = (0.5 + 0.5 + 1.0 + 0.0) / 4
+    cosine = classifier_diversity([w1, w2, w3])
+    assert cosine.item() == pytest.approx((pair_12 + pair_13 + pair_23) / 3)
+    (gram + cosine).backward()
     assert w1.grad.abs().sum() > 0 and w2.grad.abs().sum() > 0
+
+
+def test_cosine_cd_is_zero_for_orthogonal_classifiers_and_blind_to_scale() -> None:
+    """The property the docs promise: branches classifying from disjoint feature subspaces score 0, and scaling
+    a classifier (what weight decay does) changes nothing; the re-implementations' Gram form fails both."""
+    w1 = torch.tensor([[1.0, 2.0, 0.0, 0.0], [3.0, -1.0, 0.0, 0.0]])
+    w2 = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 2.0, -5.0]])
+    assert classifier_diversity([w1, w2]).item() == 0.0
+    assert classifier_diversity([w1, w2], "gram").item() > 0  # W_1ᵀW_2 is not zero here
+    w3 = torch.randn(3, 4)
+    assert classifier_diversity([w1, 10 * w3]).item() == pytest.approx(classifier_diversity([w1, w3]).item())
 
 
 def test_online_branch_shapes_and_cd_changes_the_classifiers() -> None:

@@ -110,6 +110,8 @@ def test_failure_marks_runs_failed_and_keeps_stored_teacher(workdir: Path) -> No
 @pytest.mark.parametrize(
     ("overrides", "terms"),
     [
+        (["method.name=dkd", "method.warmup_epochs=2", "method.logit_standardization=true"], {"ce", "tckd", "nckd"}),
+        (["method.name=dist"], {"ce", "inter", "intra"}),
         (["method.name=triplet", "method.mining=semihard"], {"ce", "kd", "triplet"}),
         (["method.name=feature_mixup", "method.branches=3"], {"ce", "kd"}),
         (["method.name=stkd", "method.clean_kd=0.5"], {"ce", "kd", "kd_clean"}),

@@ -169,6 +169,8 @@ def test_a_chain_without_assistants_plans_the_very_stage_kd_plans() -> None:
     for chain in ("takd", "dgkd"):
         plans = _plans(f"method.name={chain}", "method.temperature=5", "method.alpha=0.7", "assistants.depth=0")
         assert [p.key for p in plans] == [p.key for p in kd] and plans[-1].method.name == "kd"
+    as_coded = _plans("method.name=dgkd", "method.kl_reduction=mean", "assistants.depth=0")
+    assert as_coded[-1].method.name == "kd" and as_coded[-1].method.kl_reduction == "mean"  # carried over
     deeper = _plans("method.name=takd", "method.temperature=5", "method.alpha=0.7", "assistants.depth=1")
     assert deeper[-1].method.name == "takd" and deeper[-1].key != kd[-1].key
 

@@ -4,6 +4,8 @@
 from kdray.methods import (  # noqa: F401  (registration; the order is the order of `kdray methods`)
     student_only,
     kd,
+    dkd,
+    dist,
     triplet,
     feature_mixup,
     stkd,

@@ -10,8 +10,11 @@ chain's method from its guides:
   ``L = (1 − λ)·CE + λ·T²·Σ_{k∈K} KL(softmax(z_k/T) ‖ softmax(z_s/T))``, where each mini-batch
   drops ``drop_num`` of the guides uniformly at random (the teacher's term too; at least one stays).
   Dropped guides are not evaluated (the authors' code runs them anyway). ``reduce: mean`` averages the
-  kept terms instead of summing them. The authors' code uses ``KLDivLoss()`` with mean reduction
-  (1/C of the batch mean); kdray uses the batch mean, so its λ·T² scale is the paper's formula.
+  kept terms instead of summing them.
+
+Both authors' codes compute the KL with ``nn.KLDivLoss()``, whose mean reduction also divides by the
+class count C; kdray's default is the batch mean (the KL as written, Hinton's scale), so for the same
+(α or λ, T) kdray's KD term is C times theirs. ``kl_reduction: mean`` reproduces their code exactly.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pydantic import Field
 from kdray.data import Batch
 from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
 from kdray.methods.kd import KD, KDParams
-from kdray.methods.losses import soft_kl
+from kdray.methods.losses import KLReduction, soft_kl
 
 if TYPE_CHECKING:
     from kdray.stages import StagePlanner
@@ -49,7 +52,12 @@ def chain_student_params(params: MethodParams, planner: StagePlanner) -> MethodP
     guide is never dropped, and its sum of one term is that term), so the student stage is planned as ``kd``."""
     if planner.assistant_models():
         return params
-    return KDParams(temperature=params.temperature, alpha=params.alpha)  # type: ignore[attr-defined]
+    return KDParams(
+        temperature=params.temperature,  # type: ignore[attr-defined]
+        alpha=params.alpha,  # type: ignore[attr-defined]
+        kl_reduction=params.kl_reduction,  # type: ignore[attr-defined]
+        logit_standardization=getattr(params, "logit_standardization", False),  # TAKD has it, DGKD not
+    )
 
 
 class TAKDParams(KDParams):
@@ -79,6 +87,9 @@ class DGKDParams(MethodParams):
     alpha: float = Field(0.9, ge=0, le=1, description="lambda: weight of the KD sum; (1 - lambda) weighs CE.")
     drop_num: int = Field(1, ge=0, le=8, description="Guides dropped per mini-batch (at least one always stays).")
     reduce: Literal["sum", "mean"] = Field("sum", description="Sum (paper) or average the kept guides' KL terms.")
+    kl_reduction: KLReduction = Field(
+        "batchmean", description="batchmean (the formula) or mean (/ classes: the authors' code, nn.KLDivLoss())."
+    )
 
 
 @METHODS.register("dgkd")
@@ -107,6 +118,9 @@ class DGKD(Method):
     def forward(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
         params: DGKDParams = self.params  # type: ignore[assignment]
         student = self.student(batch.images)
-        kls = [soft_kl(student, self.guide(index)(batch), params.temperature) for index in self.kept_guides(step)]
+        kls = [
+            soft_kl(student, self.guide(index)(batch), params.temperature, params.kl_reduction)
+            for index in self.kept_guides(step)
+        ]
         kd = torch.stack(kls).sum() / (len(kls) if params.reduce == "mean" else 1)
         return {"ce": (1 - params.alpha) * F.cross_entropy(student, batch.labels), "kd": params.alpha * kd}

@@ -1,7 +1,9 @@
 """Vanilla knowledge distillation (Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015).
 
 ``L = (1 − α)·CE(s(x), y) + α·T²·KL(softmax(t(x)/T) ‖ softmax(s(x)/T))``. Defaults follow
-RepDistiller's CIFAR-100 recipe: T = 4, CE weight 0.1, KD weight 0.9.
+RepDistiller's CIFAR-100 recipe: T = 4, CE weight 0.1, KD weight 0.9. ``logit_standardization`` z-scores
+student and teacher logits before the temperature softmax (Sun et al., "Logit Standardization in
+Knowledge Distillation", CVPR 2024); the cross-entropy keeps the raw logits.
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ from pydantic import Field
 
 from kdray.data import Batch
 from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
-from kdray.methods.losses import soft_kl
+from kdray.methods.losses import KLReduction, comparable, soft_kl
 
 
 class KDParams(MethodParams):
     name: Literal["kd"] = "kd"
     temperature: float = Field(4.0, gt=0, le=100, description="Softmax temperature T of the soft targets.")
     alpha: float = Field(0.9, ge=0, le=1, description="Weight of the KD term; (1 - alpha) weighs the CE term.")
+    logit_standardization: bool = Field(False, description="z-score student and teacher logits first (LS).")
+    kl_reduction: KLReduction = Field(
+        "batchmean", description="batchmean (the formula) or mean (/ classes: TAKD's code, nn.KLDivLoss())."
+    )
 
 
 @METHODS.register("kd")
@@ -34,7 +40,8 @@ class KD(Method):
         params: KDParams = self.params  # type: ignore[assignment]
         student_logits = self.student(batch.images)
         teacher_logits = self.guide(0)(batch)
+        compared = comparable(student_logits, teacher_logits, params.logit_standardization)
         return {
             "ce": (1 - params.alpha) * F.cross_entropy(student_logits, batch.labels),
-            "kd": params.alpha * soft_kl(student_logits, teacher_logits, params.temperature),
+            "kd": params.alpha * soft_kl(*compared, params.temperature, params.kl_reduction),
         }
