@@ -1,53 +1,148 @@
-"""Train every method on one experiment with the same budget and print a Markdown table.
+"""Train every method × seed on one experiment at the same budget and print a Markdown table of mean ± std.
 
-    python benchmarks/compare_methods.py experiments/cifar10_cpu.yaml \
-        data.root=../shared/data/cifar10-train-jpg.tar.gz data.limit_train=20000 teacher.epochs=4 train.epochs=4
+    python benchmarks/compare_methods.py experiments/compare_cifar10_cpu.yaml --seeds 0,1,2 \
+        data.root=../shared/data/cifar10-train-jpg.tar.gz
 
-Every row is an ordinary `kdray train` run (same teacher from the model store, same data, epochs,
-optimiser and seed), so all of them are in MLflow too. Each row's overrides are listed in it.
+Every cell is an ordinary `kdray train` run (so all of them are in MLflow too) with `train.seed` set to
+the seed; the experiment file fixes `teacher.seed`, so one teacher is trained once and reused by every
+row and seed. Each row reports validation and test accuracy at the last epoch and at the epoch with the
+best validation accuracy (chosen on validation, never on test), which needs a test split evaluated every
+epoch (`data.test_fraction`, `train.test_each_epoch`). Trained models stay in the model store: run the
+same command again (after an interruption, or with more seeds) and finished cells are read back, not
+retrained. `--json FILE` keeps every cell's numbers as they come.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
-import sys
+import statistics
+import subprocess
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from kdray.config import load_config
+from kdray.config import ExperimentConfig, load_config
 from kdray.run import run_experiment
 
-VARIANTS: list[list[str]] = [
-    ["method.name=none"],
-    ["method.name=kd"],
-    ["method.name=triplet"],
-    ["method.name=feature_mixup"],
-    ["method.name=stkd"],
-    ["method.name=takd", "assistants.depth=1"],
-    ["method.name=dgkd", "assistants.depth=1"],
-    ["method.name=pacemaker", "student.onthefly=true"],
-    ["method.name=kd", "student.onthefly=true"],
-    ["method.name=none", "student.onthefly=true"],
-    ["method.name=online_branch"],
-    ["method.name=online_branch", "method.ffm=false", "method.cd_weight=0"],
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    overrides: tuple[str, ...]
+
+
+ROWS: list[Row] = [
+    Row("student alone", ("method.name=none",)),
+    Row("kd", ("method.name=kd",)),
+    Row("kd + LS", ("method.name=kd", "method.logit_standardization=true")),
+    Row("dkd", ("method.name=dkd",)),
+    Row("dkd + LS", ("method.name=dkd", "method.logit_standardization=true")),
+    Row("dist", ("method.name=dist",)),
+    Row("triplet", ("method.name=triplet",)),
+    Row("feature_mixup", ("method.name=feature_mixup",)),
+    Row("stkd", ("method.name=stkd",)),
+    Row("takd, 1 assistant", ("method.name=takd", "assistants.depth=1")),
+    Row("dgkd, 1 assistant", ("method.name=dgkd", "assistants.depth=1")),
+    Row("online_branch", ("method.name=online_branch",)),
+    Row("dml", ("method.name=dml",)),
+    Row("student alone, 1x3", ("method.name=none", "student.onthefly=true")),
+    Row("kd, 1x3", ("method.name=kd", "student.onthefly=true")),
+    Row("pacemaker, 1x3", ("method.name=pacemaker", "student.onthefly=true")),
 ]
 
+COLUMNS = ("val/acc", "test/acc", "best_epoch/val/acc", "best_epoch/test/acc", "best_epoch")
 
-def main(argv: list[str]) -> None:
+
+@dataclass
+class Cells:
+    """One row's finished cells: seed -> the student's final metrics."""
+
+    by_seed: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def mean_std(self, name: str) -> str:
+        values = [metrics[name] for metrics in self.by_seed.values() if name in metrics]
+        if not values:
+            return "–"
+        if len(values) == 1:
+            return f"{values[0]:.4f}" if name != "best_epoch" else f"{values[0]:.0f}"
+        mean, std = statistics.mean(values), statistics.stdev(values)
+        return f"{mean:.1f} ± {std:.1f}" if name == "best_epoch" else f"{mean:.4f} ± {std:.4f}"
+
+
+def table(rows: list[Row], cells: dict[str, Cells]) -> str:
+    """The Markdown table: mean ± sample std over the seeds each row finished."""
+    lines = [
+        "| method | seeds | val acc, last | test acc, last | val acc, best-val epoch | test acc, best-val epoch "
+        "| best-val epoch |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        got = cells[row.label]
+        values = " | ".join(got.mean_std(name) for name in COLUMNS)
+        lines.append(f"| {row.label} | {len(got.by_seed)} | {values} |")
+    return "\n".join(lines)
+
+
+def budget(cfg: ExperimentConfig, teacher: dict[str, float]) -> str:
+    """One paragraph naming what every cell shares: data, models, recipe, the teacher's accuracy, the commit."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, cwd=Path(__file__).parent
+    )
+    data, train = cfg.data, cfg.train
+    return (
+        f"Data {data.name} ({data.root}), {data.limit_train or 'all'} training images, validation "
+        f"{data.val_fraction:.0%} and test {data.test_fraction or 0:.0%} of train held out (stratified, split seed "
+        f"{data.split_seed}). Teacher {cfg.teacher.name}, {cfg.teacher.epochs or train.epochs} epochs, seed "
+        f"{cfg.teacher.seed}: val {teacher.get('val/acc', float('nan')):.4f}, test "
+        f"{teacher.get('test/acc', float('nan')):.4f}. Student {cfg.student.name}, {train.epochs} epochs, batch "
+        f"{train.batch_size}, {train.optimizer} lr {train.lr} {train.schedule}, weight decay {train.weight_decay}; "
+        f"every method at its defaults. Commit {commit.stdout.strip() or 'unknown'}."
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values (default 0,1,2)")
+    parser.add_argument("--only", default="", help="comma-separated row labels to run (default: all)")
+    parser.add_argument("--json", type=Path, help="write every finished cell here as it comes")
+    args = parser.parse_intermixed_args()
     logging.basicConfig(level=logging.WARNING)
-    path, overrides = argv[0], argv[1:]
-    print("| overrides | student val acc | stages trained / reused | wall s |")
-    print("| --- | --- | --- | --- |")
-    for variant in VARIANTS:
-        cfg = load_config(path, [*overrides, *variant, "tracking.experiment=kdray-compare-methods"])
-        started = time.perf_counter()
-        result = run_experiment(cfg)
-        trained = sum(not stage.reused for stage in result.stages)
-        print(
-            f"| {' '.join(variant)} | {result.student.metrics['val/acc']:.4f} | "
-            f"{trained} / {len(result.stages) - trained} | {time.perf_counter() - started:.0f} |",
-            flush=True,
-        )
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    wanted = {label.strip() for label in args.only.split(",") if label.strip()}
+    rows = [row for row in ROWS if not wanted or row.label in wanted]
+    cells = {row.label: Cells() for row in rows}
+    base = load_config(args.experiment, [*args.overrides, "train.test_each_epoch=true"])
+    if base.teacher.seed is None:
+        raise SystemExit("teacher.seed: set it (e.g. teacher.seed=0) so every seed's student learns from one teacher")
+    if base.data.test_fraction is None and base.data.name == "imagefolder":
+        print("note: no data.test_fraction: test columns stay empty unless the folder has a test split")
+    teacher: dict[str, float] = {}
+    for seed in seeds:  # seed-major: an interrupted run has whole seeds of every row
+        for row in rows:
+            cfg = load_config(
+                args.experiment,
+                [*args.overrides, *row.overrides, f"train.seed={seed}", "train.test_each_epoch=true"],
+            )
+            started = time.perf_counter()
+            result = run_experiment(cfg)
+            teacher = teacher or next((s.metrics for s in result.stages if s.plan.role == "teacher"), {})
+            metrics = dict(result.student.metrics)
+            cells[row.label].by_seed[seed] = metrics
+            test = metrics.get("test/acc", float("nan"))
+            took = time.perf_counter() - started
+            print(f"{row.label} seed {seed}: val {metrics['val/acc']:.4f} test {test:.4f} ({took:.0f} s)", flush=True)
+            if args.json:
+                dump = {label: got.by_seed for label, got in cells.items()}
+                args.json.write_text(json.dumps({"teacher": teacher, "cells": dump}, indent=1))
+    print()
+    print(budget(base, teacher))
+    print()
+    print(table(rows, cells))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -203,7 +203,14 @@ class DataConfig(Section):
     val_fraction: float = Field(
         0.1, gt=0, lt=1, description="Share of train held out (stratified) when the data has no val split."
     )
-    split_seed: int = Field(0, description="Seed of the validation split and of limit_train's subset.")
+    test_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Share of train held out (stratified, besides the validation split) as a test split when the data "
+        "has none; null = no test split.",
+    )
+    split_seed: int = Field(0, description="Seed of the validation and test splits and of limit_train's subset.")
     image_size: int | None = Field(
         None,
         ge=8,
@@ -248,6 +255,11 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _loader_fits_dataset(self) -> DataConfig:
+        if self.test_fraction is not None and self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"data.test_fraction: {self.test_fraction} with val_fraction {self.val_fraction} leaves no training "
+                "images; keep their sum below 1"
+            )
         streams = _registry("dataset")[self.name].stream is not None
         if self.loader == "stream" and not streams:
             raise ValueError(
@@ -308,6 +320,9 @@ class TeacherConfig(ModelConfig):
     name: ModelName = Field("resnet20", description="Teacher architecture (as student.name).")
     epochs: int | None = Field(None, ge=1, description="Teacher training epochs; null = train.epochs.")
     lr: float | None = Field(None, gt=0, description="Teacher peak learning rate; null = train.lr.")
+    seed: int | None = Field(
+        None, description="Teacher training seed; null = train.seed. Fix it to share one teacher among student seeds."
+    )
     weights: str | None = Field(
         None,
         description="A trained teacher, never retrained: a state-dict file (torch.save(model.state_dict())), an "
@@ -367,6 +382,11 @@ class TrainConfig(Section):
     amp: bool = Field(True, description="Mixed precision on GPU (bf16 where supported, else fp16); no-op on CPU.")
     channels_last: bool = Field(True, description="NHWC memory layout on GPU (faster convolutions); no-op on CPU.")
     compile: bool = Field(False, description="torch.compile the student and guides (slow first epoch, faster later).")
+    test_each_epoch: bool = Field(
+        False,
+        description="Evaluate the test split after every epoch too (test/* per epoch), so a report can give the test "
+        "accuracy at the best-on-validation epoch. Select on val/*, never on test/*.",
+    )
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> TrainConfig:

@@ -78,6 +78,8 @@ def fit(stage: Stage, sink: EpochSink) -> FitResult:
                 f"{plan.role}: the loss became {losses['loss/total']} in epoch {epoch + 1}; lower train.lr"
             )
         val = evaluate_split(stage, "val")
+        if plan.train.test_each_epoch and "test" in stage.splits:
+            val.update(evaluate_split(stage, "test"))
         images = stage.steps_per_epoch * plan.train.batch_size * stage.parallel.shard.world_size
         metrics = {
             **losses, **val, "lr": lr, "images_per_s": images / elapsed, **memory_use(),
@@ -210,12 +212,25 @@ def evaluate(
 
 
 def finish(stage: Stage, history: list[dict[str, float]]) -> FitResult:
-    """The finished stage: last validation metrics, test metrics, and the deployable weights on the CPU."""
-    final = {name: value for name, value in history[-1].items() if name.startswith("val/")}
-    if "test" in stage.splits:
+    """The finished stage: last validation and test metrics, the best-on-validation epoch's (``best_epoch``),
+    and the deployable weights on the CPU."""
+    final = {name: value for name, value in history[-1].items() if name.startswith(("val/", "test/"))}
+    if "test" in stage.splits and "test/acc" not in final:
         final.update(evaluate_split(stage, "test"))
+    final.update(best_epoch(history))
     weights = stage.method.deployable().state_dict()
     return FitResult({name: tensor.detach().cpu() for name, tensor in weights.items()}, history, final)
+
+
+def best_epoch(history: list[dict[str, float]]) -> dict[str, float]:
+    """``best_epoch`` (1-based, the first of equals) by validation accuracy, and that epoch's ``val/*`` and
+    ``test/*`` (the latter only when the test split was evaluated every epoch) under ``best_epoch/``.
+
+    The stored model is the last epoch's; these say what stopping at the best validation epoch would have
+    given, chosen without looking at the test split."""
+    best = max(range(len(history)), key=lambda epoch: (history[epoch]["val/acc"], -epoch))
+    chosen = {f"best_epoch/{k}": value for k, value in history[best].items() if k.startswith(("val/", "test/"))}
+    return {"best_epoch": float(best + 1), **chosen}
 
 
 def training_state(stage: Stage, history: list[dict[str, float]]) -> dict[str, Any]:

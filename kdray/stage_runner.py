@@ -75,9 +75,10 @@ def store_stage(
         meta["weights"] = plan.weights
     stored = store.save(plan.key, result.state_dict, cfg.to_yaml(), meta)
     tracker.set_tags(run_id, {"kdray.reused": "false"})
-    # val/* of the last epoch is in the per-epoch history; only test/* is new.
-    tests = {name: value for name, value in result.final.items() if name.startswith("test/")}
-    tracker.log_metrics(run_id, tests, step=plan.train.epochs)
+    # val/* is logged already, and so is test/* when evaluated every epoch; best_epoch* is new.
+    logged = result.history[-1] if result.history else {}
+    new = {name: value for name, value in result.final.items() if not name.startswith("val/") and name not in logged}
+    tracker.log_metrics(run_id, new, step=plan.train.epochs)
     tracker.log_artifact(run_id, stored.weights)
     tracker.log_artifact(run_id, stored.path / "config.yaml")
     model = store.load(plan.key, model_info(dataset))

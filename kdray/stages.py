@@ -49,8 +49,8 @@ def stage_identity(
 ) -> dict[str, Any]:
     """Everything that determines a trained model's weights, and nothing that does not."""
     recipe = train.model_dump(mode="json")
-    for speed_only in ("eval_batch_size", "channels_last", "compile"):  # same math, other kernels
-        recipe.pop(speed_only)
+    for not_in_weights in ("eval_batch_size", "channels_last", "compile", "test_each_epoch"):  # same math
+        recipe.pop(not_in_weights)
     identity = {
         # Data parallelism: the global batch, and so the result, depends on the number of workers.
         # Branch parallelism computes what one process computes.
@@ -97,14 +97,18 @@ class StagePlanner:
         return plan.key
 
     def teacher(self) -> str:
-        """The experiment's teacher: given (``teacher.weights``), or trained alone with its own epochs and lr
-        where the file sets them."""
+        """The experiment's teacher: given (``teacher.weights``), or trained alone with its own epochs, lr and
+        seed where the file sets them."""
         cfg = self.cfg
         model = ModelConfig.model_validate(cfg.teacher.model_dump(include=set(ModelConfig.model_fields)))
         if given_weights(cfg, "teacher", model) is not None:
             return self._given("teacher", model)
         recipe = cfg.train.model_copy(
-            update={"epochs": cfg.teacher.epochs or cfg.train.epochs, "lr": cfg.teacher.lr or cfg.train.lr}
+            update={
+                "epochs": cfg.teacher.epochs or cfg.train.epochs,
+                "lr": cfg.teacher.lr or cfg.train.lr,
+                "seed": cfg.train.seed if cfg.teacher.seed is None else cfg.teacher.seed,
+            }
         )
         return self.add("teacher", model, METHODS["none"].Params(), [], recipe)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdray.config import load_config
+from kdray.config import ConfigError, load_config
 from kdray.data import DataError, Split, load_dataset, stratified_split
 from kdray.data.imagefolder import load_image_folder
 from tests.conftest import SHARED_CIFAR, add_bytes, make_image_folder, tar_folder, write_png
@@ -82,6 +82,29 @@ def test_cifar_label_out_of_range_names_the_files(workdir: Path) -> None:
         DataError, match=r"cifar-10-batches-py .*data_batch_3.*: label 12 is out of range for 10 classes"
     ):
         load_dataset(cfg.data)
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_test_fraction_carves_a_test_split_for_a_folder_of_training_images_only(workdir: Path, loader: str) -> None:
+    make_image_folder(workdir / "folder", {"train": 20}, size=8)
+    overrides = ["data.name=imagefolder", f"data.root={workdir / 'folder'}", f"data.loader={loader}"]
+    split = ["data.val_fraction=0.1", "data.test_fraction=0.2"]
+    data = load_dataset(load_config(None, [*overrides, *split]).data)
+    # 20 per class: 2 validation (10% of 20), 4 test (20% of 20), 14 train -- in every class
+    for part, per_class in ((data.val, 2), (data.test, 4), (data.train, 14)):
+        assert torch.bincount(part.labels, minlength=3).tolist() == [per_class] * 3
+    digests = [{bytes(row) for row in part.digests()} for part in (data.train, data.val, data.test)]
+    assert sum(map(len, digests)) == 60 and len(set.union(*digests)) == 60  # disjoint, all kept
+    without = load_dataset(load_config(None, [*overrides, "data.val_fraction=0.1"]).data)
+    assert {bytes(row) for row in without.val.digests()} == digests[1]  # the validation split is unchanged
+    assert without.test is None and without.fingerprint() != data.fingerprint()
+
+
+def test_test_fraction_is_refused_where_it_cannot_hold(workdir: Path) -> None:
+    with pytest.raises(DataError, match="digits has its own test split; remove data.test_fraction"):
+        load_dataset(load_config(None, ["data.test_fraction=0.1"]).data)
+    with pytest.raises(ConfigError, match="data.test_fraction: 0.5 with val_fraction 0.5 leaves no training images"):
+        load_config(None, ["data.val_fraction=0.5", "data.test_fraction=0.5"])
 
 
 def test_image_folder_reads_pixels_labels_and_splits(workdir: Path) -> None:

@@ -6,7 +6,7 @@ import torch
 from kdray.build import lr_factor
 from kdray.config import load_config
 from kdray.data import load_dataset
-from kdray.engine import TrainingDiverged
+from kdray.engine import TrainingDiverged, best_epoch
 from kdray.stages import plan_stages
 from tests.conftest import fit_stage
 
@@ -38,6 +38,34 @@ def test_training_learns_digits_and_logs_every_epoch(workdir: Path) -> None:
     assert all({"loss/ce", "loss/total", "val/acc", "val/loss", "lr", "images_per_s"} <= set(m) for m in sink.history)
     assert sink.history[-1]["val/acc"] > sink.history[0]["val/acc"]
     assert result.final["val/acc"] > 0.6 and result.final["test/acc"] > 0.6  # chance is 0.1
+
+
+def test_best_epoch_is_chosen_on_validation_and_reports_that_epochs_test() -> None:
+    history = [
+        {"val/acc": 0.5, "test/acc": 0.9, "loss/total": 1.0},
+        {"val/acc": 0.7, "test/acc": 0.6, "loss/total": 0.8},
+        {"val/acc": 0.7, "test/acc": 0.8, "loss/total": 0.7},  # ties epoch 2: the first of equals is kept
+        {"val/acc": 0.6, "test/acc": 0.7, "loss/total": 0.6},
+    ]
+    assert best_epoch(history) == {"best_epoch": 2.0, "best_epoch/val/acc": 0.7, "best_epoch/test/acc": 0.6}
+
+
+def test_test_each_epoch_logs_test_per_epoch_and_keeps_the_stored_models_key(workdir: Path) -> None:
+    cfg = load_config(None, [*QUICK, "train.epochs=3", "train.test_each_epoch=true"])
+    data = load_dataset(cfg.data)
+    (plan,) = plan_stages(cfg, data.fingerprint())
+    (plain,) = plan_stages(load_config(None, [*QUICK, "train.epochs=3"]), data.fingerprint())
+    assert plan.key == plain.key  # the same weights: evaluating more does not make another model
+    result, sink = fit_stage(cfg, plan, data)
+    assert all("test/acc" in metrics for metrics in sink.history)
+    assert result.final["test/acc"] == sink.history[-1]["test/acc"]
+    best = max(range(3), key=lambda epoch: (sink.history[epoch]["val/acc"], -epoch))
+    assert result.final["best_epoch"] == best + 1
+    assert result.final["best_epoch/test/acc"] == sink.history[best]["test/acc"]
+    plain_result, plain_sink = fit_stage(load_config(None, [*QUICK, "train.epochs=3"]), plain, data)
+    assert all("test/acc" not in metrics for metrics in plain_sink.history)
+    assert plain_result.final["test/acc"] == result.final["test/acc"]  # same training, same last-epoch test
+    assert "best_epoch/test/acc" not in plain_result.final
 
 
 def test_diverging_loss_stops_with_a_clear_error(workdir: Path) -> None:

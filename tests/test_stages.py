@@ -80,6 +80,15 @@ def test_assistants_are_shared_between_experiments_with_the_same_recipe() -> Non
     assert other_temperature[0].key == to_plane2[0].key and other_temperature[1].key != to_plane2[1].key
 
 
+def test_teacher_seed_gives_students_of_every_seed_one_teacher() -> None:
+    seeds = [_plans("method.name=kd", "teacher.seed=0", f"train.seed={seed}") for seed in (0, 1)]
+    assert seeds[0][0].key == seeds[1][0].key and seeds[0][0].train.seed == 0 == seeds[1][0].train.seed
+    assert seeds[0][1].key != seeds[1][1].key  # the students differ
+    unfixed = [_plans("method.name=kd", f"train.seed={seed}") for seed in (0, 1)]
+    assert unfixed[0][0].key != unfixed[1][0].key  # by default the teacher follows train.seed
+    assert unfixed[0][0].key == seeds[0][0].key
+
+
 def test_without_store_reuse_every_owner_gets_its_own_models() -> None:
     shared = load_config(None, ["method.name=kd"])
     private = load_config(None, ["method.name=kd", "store.reuse=false"])

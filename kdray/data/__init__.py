@@ -48,7 +48,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     """Load ``cfg.name`` and shape it the same way for every source.
 
     A validation split is carved from train (stratified, seeded) when the data ships none, so
-    model selection and searches never look at the test split. Normalisation statistics are the
+    model selection and searches never look at the test split; ``data.test_fraction`` carves a test
+    split too, for data that ships only a training set. Normalisation statistics are the
     training split's own.
     """
     spec = DATASETS[cfg.name]
@@ -60,13 +61,20 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         raw = spec.load(root, cfg)
     if cfg.image_size is not None and isinstance(raw.train, Split):  # in-memory sources resize here
         raw = resized(raw, cfg.image_size, cfg.name)
-    train, val = raw.train, raw.val
-    if val is None:
+    train, val, test = raw.train, raw.val, raw.test
+    carved = val is None
+    if carved:
         train, val = stratified_split(train, cfg.val_fraction, cfg.split_seed)
+    if cfg.test_fraction is not None:
+        if test is not None:
+            raise DataError(f"data.test_fraction: {cfg.name} has its own test split; remove data.test_fraction")
+        # A share of the original train: of what the validation split left, when it was carved from train too.
+        share = cfg.test_fraction / (1 - cfg.val_fraction) if carved else cfg.test_fraction
+        train, test = stratified_split(train, share, cfg.split_seed + 1)
     if cfg.limit_train is not None:
         train = stratified_subset(train, cfg.limit_train, cfg.split_seed)
     mean, std = channel_stats(train)
-    return Dataset(cfg.name, raw.classes, train, val, raw.test, mean, std, raw.skipped)
+    return Dataset(cfg.name, raw.classes, train, val, test, mean, std, raw.skipped)
 
 
 def choose_loader(cfg: DataConfig, spec: DatasetSpec, root: Path | None) -> str:
