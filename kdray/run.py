@@ -94,12 +94,12 @@ def run_experiment(
     tags = {**run_tags(cfg), "kdray.config_hash": model_key(cfg.dump())}
     name = run_name(cfg)
     parent, continuing, lease = claim_run(tracker, store, name, {**tags, "kdray.role": role}, parent_run_id)
-    earlier = tracker.children(parent) if continuing else {}
-    plans = plan_stages(cfg, dataset.fingerprint(), owner=parent, info=model_info(dataset))
-    runner = StageRunner(cfg, dataset, store, tracker, ctx)
     result = ExperimentResult(parent)
     open_runs = [parent]
-    try:
+    try:  # from here on, whatever fails closes the parent run and releases its lease
+        earlier = tracker.children(parent) if continuing else {}
+        plans = plan_stages(cfg, dataset.fingerprint(), owner=parent, info=model_info(dataset))
+        runner = StageRunner(cfg, dataset, store, tracker, ctx)
         if not continuing:
             tracker.log_params(parent, flatten(cfg.dump()))
             tracker.log_text(parent, cfg.to_yaml(), "config.yaml")

@@ -107,6 +107,27 @@ def test_failure_marks_runs_failed_and_keeps_stored_teacher(workdir: Path) -> No
     assert ModelStore(cfg.store.path).find(runs["student"].data.tags["kdray.model_key"]) is None
 
 
+def test_a_failure_while_planning_closes_the_claimed_run_and_frees_its_lease(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection after the run is claimed: the parent run must not stay RUNNING nor its lease held, or
+    every later run of this config in this process would open a new run beside a dead one."""
+    cfg = load_config(None, QUICK)
+
+    def broken_planner(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("injected planning failure")
+
+    monkeypatch.setattr("kdray.run.plan_stages", broken_planner)
+    with pytest.raises(RuntimeError, match="injected planning failure"):
+        run_experiment(cfg)
+    (parent,) = _runs(cfg.tracking.uri)
+    assert parent.info.status == "FAILED" and "injected" in parent.data.tags["kdray.error"]
+    assert not ModelStore(cfg.store.path).lock(f"run-{parent.info.run_id}").is_locked
+    monkeypatch.undo()
+    again = run_experiment(cfg)  # continues the failed run, as after any failure
+    assert again.parent_run_id == parent.info.run_id
+
+
 @pytest.mark.parametrize(
     ("overrides", "terms"),
     [

@@ -290,13 +290,16 @@ def test_killed_search_driver_resumes_and_completes_without_duplicate_runs(workd
 
 
 @pytest.mark.slow
-def test_a_search_killed_while_a_trial_trains_its_teacher_resumes_the_teacher(workdir: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 1], ids=["in-process", "ray-train"])
+def test_a_search_killed_while_a_trial_trains_its_teacher_resumes_the_teacher(workdir: Path, workers: int) -> None:
     """The teacher's checkpoint lives in the search's storage (absolute, decided on the driver), so after a
     kill -9 of the driver, `kdray tune --resume` continues the teacher from its last epoch in a new run; the
-    run the dead trial left RUNNING is closed KILLED with the reason."""
+    run the dead trial left RUNNING is closed KILLED with the reason. The same holds when the trial trains on
+    a Ray Train worker group (``scaling.num_workers=1``), whose checkpoints Ray Train writes."""
     file = write_experiment(workdir, {"space": {"method.temperature": {"kind": "float", "low": 1, "high": 8}}})
     overrides = [
         *SMALL,
+        f"scaling.num_workers={workers}",
         "teacher.epochs=40",
         "train.epochs=1",
         "train.batch_size=16",  # 0.3 s per teacher epoch: the kill lands mid-teacher, the teacher outlives it
