@@ -82,7 +82,7 @@ def fit(stage: Stage, sink: EpochSink) -> FitResult:
             val.update(evaluate_split(stage, "test"))
         images = stage.steps_per_epoch * plan.train.batch_size * stage.parallel.shard.world_size
         metrics = {
-            **losses, **val, "lr": lr, "images_per_s": images / elapsed, **memory_use(),
+            **losses, **val, "lr": lr, "images_per_s": images / elapsed, "epoch_s": elapsed, **memory_use(),
             **guide_metrics(stage.method.guides),
         }  # fmt: skip
         history.append(metrics)

@@ -52,6 +52,9 @@ def test_search_and_trial_measurements_count_teacher_work(local_ray: None, bare_
     on, off = search["store_and_cache_on"], search["store_and_cache_off"]
     assert on["teachers_trained"] == 1 and off["teachers_trained"] == 2  # one per trial without the store
     assert 0 < on["teacher_forward_images"] < off["teacher_forward_images"]
+    # shared guides first with the store on; with it off every trial trains its own teacher
+    assert on["shared_guides_s"] > 0 and off["shared_guides_s"] == 0
+    assert 0 < on["utilisation"] <= 1 and 0 < off["utilisation"] <= 1 and on["slots"] == off["slots"] >= 1
     assert search["wall_ratio_on_over_off"] == pytest.approx(on["wall_s"] / off["wall_s"], abs=2e-3)
     assert trials["in_process"]["per_trial_s"] > trials["in_process"]["training_s"] > 0
     # nothing but caches ($XDG_CACHE_HOME: matplotlib's font list when a report draws plots) is left here

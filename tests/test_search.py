@@ -117,10 +117,18 @@ def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(
     for run in stopped:
         epochs = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
         assert epochs == list(range(1, max(epochs) + 1)) and max(epochs) < 4
-    # the teacher was trained once, by whichever trial came first; all others waited and reused it
-    teachers = [run for run in runs["teacher"] if run.data.tags["kdray.reused"] == "false"]
-    assert len(teachers) == 1 and teachers[0].data.tags["mlflow.parentRunId"] in {t.info.run_id for t in trials}
-    assert ModelStore(cfg.store.path).find(teachers[0].data.tags["kdray.model_key"]) is not None
+    # shared guides first: the teacher every trial needs was trained once, under the search run, with both
+    # slots' CPUs, before any trial started; every trial reused it
+    assert "shared guides first: training teacher plane4 with 2 CPUs before the trials start" in shown
+    (teacher,) = [run for run in runs["teacher"] if run.data.tags["kdray.reused"] == "false"]
+    assert teacher.data.tags["mlflow.parentRunId"] == parent.info.run_id and teacher.data.tags["kdray.shared_guide"]
+    assert teacher.info.end_time <= min(trial.info.start_time for trial in trials)
+    assert {(t.data.tags["kdray.models_trained"], t.data.tags["kdray.models_reused"]) for t in trials} == {("0", "1")}
+    assert ModelStore(cfg.store.path).find(teacher.data.tags["kdray.model_key"]) is not None
+    # how much of the trial slots' time went into training, on the search run
+    search_metrics = client.get_run(parent.info.run_id).data.metrics
+    assert 0 < search_metrics["search/utilisation"] <= 1 and search_metrics["search/slots"] == 2
+    assert search_metrics["search/shared_guides_s"] > 0
     # the references (student alone, default KD) are nested under the search, named as what they are
     references = {run.data.tags["method"]: run.info.run_name for run in runs["reference"]}
     assert references == {"none": "reference: student alone", "kd": "reference: default KD"}
@@ -130,6 +138,8 @@ def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(
     summary = client.download_artifacts(parent.info.run_id, "summary.md", str(workdir))
     text = Path(summary).read_text()
     assert "student alone, same budget" in text and "default KD, same budget" in text and "stopped by ASHA" in text
+    assert "1 trained before the trials (shared by all), 0 trained by trials, 6 reused" in text
+    assert "Time: trials spent " in text and "shared guides trained first in " in text
     # the best finished student is registered and loads as a plain classifier: [0, 1] images in, the logged
     # test accuracy out, and the README's snippet runs as written
     assert outcome.registered == "models:/kdray-quickstart-student/1"
@@ -283,19 +293,20 @@ def test_killed_search_driver_resumes_and_completes_without_duplicate_runs(workd
     for run in after["trial"]:
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/acc"))
         assert steps == [1, 2], (run.info.run_name, steps)  # resumed trials: no repeats, no gaps
-    # nothing is left RUNNING, and the teacher is counted trained once: a trial run again after the restore
-    # reports what it found and keeps its tags
+    # nothing is left RUNNING, the teacher was trained once, ahead of the trials, and no trial counts it trained:
+    # a trial run again after the restore reports what it found and keeps its tags
     assert not [run.info.run_name for runs in after.values() for run in runs if run.info.status == "RUNNING"]
-    assert sum(int(run.data.tags["kdray.models_trained"]) for run in after["trial"]) == 1
+    assert len(after["teacher"]) == 1 and after["teacher"][0].data.tags["kdray.shared_guide"] == "true"
+    assert sum(int(run.data.tags["kdray.models_trained"]) for run in after["trial"]) == 0
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1], ids=["in-process", "ray-train"])
 def test_a_search_killed_while_a_trial_trains_its_teacher_resumes_the_teacher(workdir: Path, workers: int) -> None:
-    """The teacher's checkpoint lives in the search's storage (absolute, decided on the driver), so after a
-    kill -9 of the driver, `kdray tune --resume` continues the teacher from its last epoch in a new run; the
-    run the dead trial left RUNNING is closed KILLED with the reason. The same holds when the trial trains on
-    a Ray Train worker group (``scaling.num_workers=1``), whose checkpoints Ray Train writes."""
+    """The shared teacher, trained before the trials, keeps its checkpoint in the search's storage (absolute,
+    decided on the driver), so after a kill -9 of the driver, `kdray tune --resume` continues the teacher from
+    its last epoch in a new run; the run the dead driver left RUNNING is closed KILLED with the reason. The same
+    holds when trials train on Ray Train worker groups (``scaling.num_workers=1``), and so the teacher too."""
     file = write_experiment(workdir, {"space": {"method.temperature": {"kind": "float", "low": 1, "high": 8}}})
     overrides = [
         *SMALL,

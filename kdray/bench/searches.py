@@ -68,8 +68,21 @@ def guide_work(tracking: Tracker) -> dict[str, int]:
     return {"teacher_forward_images": forward, "teachers_trained": teachers}
 
 
+def utilisation(tracking: Tracker) -> dict[str, float]:
+    """The search run's own account of its time (``search/utilisation``: trial training seconds over the
+    trial slots' seconds), and the seconds its shared guides took before the trials."""
+    (search,) = tracking.runs({"kdray.role": "search"})
+    metrics = search.data.metrics
+    return {
+        "utilisation": round(metrics["search/utilisation"], 3),
+        "slots": int(metrics["search/slots"]),
+        "shared_guides_s": round(metrics["search/shared_guides_s"], 1),
+    }
+
+
 def measure_search(options: BenchOptions) -> dict:
-    """The same search twice: model store and guide cache on (kdray's defaults), then off."""
+    """The same search twice: model store and guide cache on (kdray's defaults), then off; wall time, teacher
+    work and the search's utilisation (shared guides first, then the trials) for each."""
     results = {}
     connect_ray(log_to_driver=False)
     for label, switches in (("on", ()), ("off", ("store.reuse=false", "guide_cache.enabled=false"))):
@@ -84,7 +97,7 @@ def measure_search(options: BenchOptions) -> dict:
                 *switches,
             )
             seconds, tracking = timed_search(cfg, folder)
-            results[label] = {"wall_s": round(seconds, 1), **guide_work(tracking)}
+            results[label] = {"wall_s": round(seconds, 1), **guide_work(tracking), **utilisation(tracking)}
     on, off = results["on"], results["off"]
     return {
         "store_and_cache_on": on,

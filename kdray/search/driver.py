@@ -29,6 +29,7 @@ from kdray.preflight import check_decode_cpus, check_models, check_writable
 from kdray.run import mark_failed, run_experiment, run_tags
 from kdray.search.progress import SearchProgress
 from kdray.search.report import REFERENCE_NAMES, SearchReport, build_report, publish, study_of
+from kdray.search.shared import train_shared_guides
 from kdray.search.space import check_space, default_points, sample
 from kdray.search.trial import TRIAL_ID_TAG, run_trial
 from kdray.store import ModelStore
@@ -240,11 +241,53 @@ def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
                 verbose=0,
             ),
         )
+        shared_s = train_shared_guides(cfg, dataset, tracker, parent)
+        started = time.perf_counter()
         tuner.fit()
+        log_utilisation(tracker, parent, cfg, time.perf_counter() - started, shared_s)
         return _finish(cfg, name, parent, tracker)
     except BaseException as error:
         mark_failed(tracker, [parent], error)
         raise
+
+
+def concurrent_slots(cfg: ExperimentConfig) -> int:
+    """How many trials the cluster runs at once: ``max_concurrent_trials`` within what its CPUs (and GPUs)
+    hold, counting a Ray Train trial by its workers."""
+    import ray
+
+    search, scaling = cfg.search, cfg.scaling
+    if scaling.num_workers >= 1:
+        per_worker = {"CPU": 1.0, **scaling.resources_per_worker}
+        per_trial = {name: amount * scaling.num_workers for name, amount in per_worker.items()}
+    else:
+        per_trial = {"CPU": 1.0, **search.resources_per_trial}
+    cluster = ray.cluster_resources()
+    fits = [cluster.get(name, 0) // amount for name, amount in per_trial.items() if name in ("CPU", "GPU") and amount]
+    return int(max(1, min([search.max_concurrent_trials, search.num_samples, *fits])))
+
+
+def log_utilisation(tracker: Tracker, parent: str, cfg: ExperimentConfig, wall_s: float, shared_s: float) -> None:
+    """``search/utilisation`` on the search run: the seconds trials spent in their training epochs over the
+    seconds the trial slots were there (the trials' phase, from Tune's start to its end, times the slots).
+    What is not training is per-trial overhead (process start, imports, data, evaluation) and idle slots.
+    The shared guides trained before the trials are timed apart (``search/shared_guides_s``)."""
+    trained = sum(
+        point.value
+        for run in tracker.runs_under(parent, role="trial")
+        for point in tracker.metric_history(run.info.run_id, "epoch_s")
+    )
+    slots = concurrent_slots(cfg)
+    metrics = {
+        "search/utilisation": trained / (wall_s * slots),
+        "search/trials_wall_s": wall_s,
+        "search/trials_train_s": trained,
+        "search/slots": float(slots),
+        "search/shared_guides_s": shared_s,
+    }
+    tracker.log_metrics(parent, metrics, step=0)
+    log.info("search utilisation %.2f: %.0f s of training in %.0f s x %d slots", trained / (wall_s * slots), trained,
+             wall_s, slots)  # fmt: skip
 
 
 def resume_search(name: str, storage_path: str) -> SearchOutcome:
@@ -272,6 +315,7 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
         tuner = tune.Tuner.restore(
             str(Path(root) / name), trainable=_trainable(cfg, setup), resume_unfinished=True, resume_errored=True
         )
+        train_shared_guides(cfg, load_dataset(cfg.data), tracker, parent)  # the rest of any interrupted there
         tuner.fit()
         return _finish(cfg, name, parent, tracker)
     except BaseException as error:
@@ -280,23 +324,24 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
 
 
 def close_orphans(tracker: Tracker, parent: str, store: ModelStore) -> None:
-    """Guide runs (teachers, assistants) that trials were training when the driver died stay RUNNING: nothing
-    will write to them again. One whose model reached the store (a trial outlives its driver by a moment)
-    ends FINISHED; the others end KILLED, and the resumed trial trains the model in a new run, from its
-    checkpoint."""
-    for trial in tracker.runs_under(parent, role="trial"):
-        for run in tracker.runs_under(trial.info.run_id):
-            if run.info.status != "RUNNING":
-                continue
-            key = run.data.tags.get("kdray.model_key")
-            if key and store.find(key) is not None:
-                closed = "on resume: its model was stored before the driver stopped"
-                tracker.set_tags(run.info.run_id, {"kdray.closed": closed})
-                tracker.end_run(run.info.run_id)
-            else:
-                why = "interrupted: the search's driver stopped; `kdray tune --resume` trains this model in a new run"
-                tracker.set_tags(run.info.run_id, {"kdray.error": why})
-                tracker.end_run(run.info.run_id, "KILLED")
+    """Guide runs (teachers, assistants) that the shared-guides task or trials were training when the driver
+    died stay RUNNING: nothing will write to them again. One whose model reached the store (a process outlives
+    its driver by a moment) ends FINISHED; the others end KILLED, and the resumed search trains the model in a
+    new run, from its checkpoint."""
+    trials = tracker.runs_under(parent, role="trial")
+    shared = [run for run in tracker.runs_under(parent) if run.data.tags.get("kdray.shared_guide") == "true"]
+    for run in [*shared, *(guide for trial in trials for guide in tracker.runs_under(trial.info.run_id))]:
+        if run.info.status != "RUNNING":
+            continue
+        key = run.data.tags.get("kdray.model_key")
+        if key and store.find(key) is not None:
+            closed = "on resume: its model was stored before the driver stopped"
+            tracker.set_tags(run.info.run_id, {"kdray.closed": closed})
+            tracker.end_run(run.info.run_id)
+        else:
+            why = "interrupted: the search's driver stopped; `kdray tune --resume` trains this model in a new run"
+            tracker.set_tags(run.info.run_id, {"kdray.error": why})
+            tracker.end_run(run.info.run_id, "KILLED")
 
 
 def _finish(cfg: ExperimentConfig, name: str, parent: str, tracker: Tracker) -> SearchOutcome:

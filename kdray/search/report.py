@@ -42,6 +42,7 @@ class SearchReport:
     rows: list[TrialRow]
     references: dict[str, float]
     counts: dict[str, int]
+    timing: dict[str, float] = field(default_factory=dict)  # the search run's search/* metrics (utilisation)
     markdown: str = ""
     plots: dict[str, bytes] = field(default_factory=dict)
 
@@ -109,7 +110,10 @@ def build_report(
     trial_runs = {run.info.run_id: run for run in tracking.runs_under(parent, role="trial")}
     counts["models_trained"] = sum(int(r.data.tags.get("kdray.models_trained", 0)) for r in trial_runs.values())
     counts["models_reused"] = sum(int(r.data.tags.get("kdray.models_reused", 0)) for r in trial_runs.values())
-    report = SearchReport(search.metric, search.mode, rows, references, counts)
+    shared = [run for run in tracking.runs_under(parent) if run.data.tags.get("kdray.shared_guide") == "true"]
+    counts["models_trained_first"] = sum(run.data.tags.get("kdray.reused") == "false" for run in shared)
+    timing = {k: v for k, v in tracking.latest_metrics(parent).items() if k.startswith("search/")}
+    report = SearchReport(search.metric, search.mode, rows, references, counts, timing)
     report.markdown = render_markdown(report, cfg)
     report.plots = to_png(figures(report, cfg))
     return report
@@ -151,8 +155,22 @@ def render_markdown(report: SearchReport, cfg: ExperimentConfig) -> str:
         "",
         f"Trials: {counts['trials']} ({counts['completed']} completed, {counts['stopped']} stopped early, "
         f"{counts['failed']} failed). Guide models (teachers, assistants, pacemakers): "
-        f"{counts['models_trained']} trained, {counts['models_reused']} reused from the model store.",
+        f"{counts['models_trained_first']} trained before the trials (shared by all), {counts['models_trained']} "
+        f"trained by trials, {counts['models_reused']} reused from the model store.",
     ]
+    timing = report.timing
+    if "search/utilisation" in timing:
+        lines += [
+            "",
+            f"Time: trials spent {timing['search/utilisation']:.0%} of their slots' time training "
+            f"({timing['search/trials_train_s']:.0f} s of training epochs in {timing['search/trials_wall_s']:.0f} s "
+            f"× {timing['search/slots']:.0f} slots; the rest is per-trial start-up, data, evaluation and idle slots)"
+            + (
+                f"; shared guides trained first in {timing['search/shared_guides_s']:.0f} s."
+                if timing.get("search/shared_guides_s")
+                else "."
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 

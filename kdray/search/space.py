@@ -124,17 +124,26 @@ def check_space(cfg: ExperimentConfig) -> None:
             "(train.epochs or search.scheduler.max_t); lower it"
         )
     base = cfg.dump()
+    for overrides in corners(cfg):
+        try:
+            trial_config(base, overrides)
+        except ConfigError as error:
+            method, (key, value) = overrides["method.name"], list(overrides.items())[-1]
+            raise ConfigError(f"search.space.{key}: {value!r} is invalid for method {method} ({error})") from None
+
+
+def corners(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """The trials at the edges of the space, as overrides: every candidate method at its defaults, then with
+    each of its parameters at each end of its range (or each choice), the others at the experiment's values.
+
+    A value that enters a config's validity or a model's identity shows at one of these: ``check_space``
+    validates them, and shared guides (``kdray.search.shared``) are the ones all of them plan alike."""
+    found: list[dict[str, Any]] = []
     for method in candidate_methods(cfg):
+        found.append({"method.name": method})
         for key, param in cfg.search.space.items():
             if key == "method.name" or not applies(key, param, method):
                 continue
             ends = param.values if param.kind == "choice" else [param.low, param.high]
-            for value in ends or []:
-                if param.kind == "int":
-                    value = int(value)
-                try:
-                    trial_config(base, {"method.name": method, key: value})
-                except ConfigError as error:
-                    raise ConfigError(
-                        f"search.space.{key}: {value!r} is invalid for method {method} ({error})"
-                    ) from None
+            found += [{"method.name": method, key: int(v) if param.kind == "int" else v} for v in ends or []]
+    return found
