@@ -538,6 +538,11 @@ class SearchConfig(Section):
         description="Ray resources of an in-process trial, e.g. {CPU: 2, GPU: 0.25} (fractional GPUs allowed).",
     )
     max_failures: int = Field(1, ge=0, description="Retries of a trial that crashes (a diverged loss is not retried).")
+    guides_first: bool = Field(
+        True,
+        description="Train the guides every trial needs (the teacher) before the trials, with all trial slots' "
+        "resources; false: the first trial that needs one trains it while the others wait.",
+    )
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     references: list[Annotated[str, _known("method")]] = Field(

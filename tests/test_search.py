@@ -18,6 +18,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import ray
 from mlflow import MlflowClient
 
 from kdray.config import ConfigError, load_config
@@ -119,7 +120,7 @@ def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(
         assert epochs == list(range(1, max(epochs) + 1)) and max(epochs) < 4
     # shared guides first: the teacher every trial needs was trained once, under the search run, with both
     # slots' CPUs, before any trial started; every trial reused it
-    assert "shared guides first: training teacher plane4 with 2 CPUs before the trials start" in shown
+    assert "shared guides first: training teacher plane4 with 2 CPUs in this process before the trials start" in shown
     (teacher,) = [run for run in runs["teacher"] if run.data.tags["kdray.reused"] == "false"]
     assert teacher.data.tags["mlflow.parentRunId"] == parent.info.run_id and teacher.data.tags["kdray.shared_guide"]
     assert teacher.info.end_time <= min(trial.info.start_time for trial in trials)
@@ -172,8 +173,13 @@ def readme_block(section: str, language: str) -> str:
 
 
 @pytest.mark.slow
-def test_chain_depths_share_their_assistants(local_ray: None, workdir: Path) -> None:
-    """Depths 0, 1, 2 of a TAKD chain plane8 > ... > plane2: each distinct assistant is trained once."""
+def test_chain_depths_share_their_assistants(
+    local_ray: None, workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Depths 0, 1, 2 of a TAKD chain plane8 > ... > plane2: each distinct assistant is trained once. The search
+    joins the session's Ray instance by address, as on a cluster: its shared teacher is then trained by a Ray
+    task holding both slots' CPUs, not in the driver."""
+    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     cfg = load_config(
         write_experiment(workdir, {"space": {"assistants.depth": {"kind": "choice", "values": [0, 1, 2]}}}),
         [
@@ -195,9 +201,13 @@ def test_chain_depths_share_their_assistants(local_ray: None, workdir: Path) -> 
     assistant_runs = [run for role, group in runs.items() if role.startswith("assistant") for run in group]
     trained = Counter(run.data.tags["kdray.model_key"] for run in assistant_runs)
     assert trained and set(trained.values()) == {1}  # every assistant trained exactly once
-    assert [run.data.tags["kdray.reused"] for run in runs["teacher"]] == ["false"]
+    (search,) = runs["search"]
+    assert "training teacher plane8 with 2 CPUs in a Ray task before the trials start" in capsys.readouterr().out
+    (teacher,) = runs["teacher"]
+    assert teacher.data.tags["kdray.reused"] == "false" and teacher.data.tags["kdray.shared_guide"] == "true"
+    assert teacher.data.tags["mlflow.parentRunId"] == search.info.run_id
     reused = sum(int(run.data.tags["kdray.models_reused"]) for run in runs["trial"])
-    assert reused >= 4  # at least the teacher, for every trial but the one that trained it
+    assert reused >= 5  # the teacher, for every trial
     # Trials run in their own folders, yet fill one guide-output cache, in the store: one table per guide.
     tables = list(workdir.glob("**/guide-outputs/*/meta.json"))
     assert {table.parent.parent for table in tables} == {(Path(cfg.store.path) / "guide-outputs").resolve()}

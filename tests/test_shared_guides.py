@@ -42,8 +42,9 @@ def test_an_assistant_is_shared_when_nothing_searched_changes_it(workdir: Path) 
         ({"train.lr": {"kind": "logfloat", "low": 0.01, "high": 0.1}}, ()),  # the teacher trains at train.lr
         ({"teacher.epochs": {"kind": "int", "low": 1, "high": 3}}, ()),
         ({"method.temperature": {"kind": "float", "low": 1, "high": 8}}, ("store.reuse=false",)),  # own models
+        ({"method.temperature": {"kind": "float", "low": 1, "high": 8}}, ("search.guides_first=false",)),
     ],
-    ids=["train.lr", "teacher.epochs", "no store reuse"],
+    ids=["train.lr", "teacher.epochs", "no store reuse", "switched off"],
 )
 def test_nothing_is_trained_ahead_when_a_searched_value_changes_it(
     workdir: Path, space: dict, overrides: tuple[str, ...]

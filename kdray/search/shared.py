@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -32,8 +33,8 @@ log = logging.getLogger(__name__)
 
 def shared_guides(cfg: ExperimentConfig, dataset: Dataset) -> list[StagePlan]:
     """The guide stages every trial of the search plans alike, in training order (none when ``store.reuse``
-    is off: then every trial keeps its own models)."""
-    if not cfg.store.reuse:
+    is off: then every trial keeps its own models; none when ``search.guides_first`` is off)."""
+    if not cfg.store.reuse or not cfg.search.guides_first:
         return []
     base, info, fingerprint = cfg.dump(), model_info(dataset), dataset.fingerprint()
     first: list[StagePlan] = []
@@ -61,9 +62,11 @@ def slot_resources(cfg: ExperimentConfig) -> tuple[float, float]:
 def train_shared_guides(cfg: ExperimentConfig, dataset: Dataset, tracker: Tracker, parent: str) -> float:
     """Train the shared guides the store lacks, each in its own run under the search run; the seconds it took.
 
-    Trials that train in their Tune actor (``scaling.num_workers: 0``) get the guides from one Ray task
-    holding every slot's CPUs (or one GPU); trials on Ray Train worker groups get them from a worker group of
-    the trials' own shape, which a data-parallel model's identity requires (its world size is part of it)."""
+    Trials that train in their Tune actor (``scaling.num_workers: 0``) get the guides trained with every
+    slot's CPUs: in this process on kdray's own local Ray instance (no task to start), else in one Ray task
+    holding those CPUs (or one GPU) wherever the cluster has them. Trials on Ray Train worker groups get them
+    from a worker group of the trials' own shape, which a data-parallel model's identity requires (its world
+    size is part of it)."""
     import ray
 
     store = ModelStore(cfg.store.path)
@@ -77,11 +80,15 @@ def train_shared_guides(cfg: ExperimentConfig, dataset: Dataset, tracker: Tracke
         train_guides(cfg, missing, parent, None)
     else:
         cpus, gpus = slot_resources(cfg)
-        where = f"{cpus:g} CPUs" + (" and 1 GPU" if gpus else "")
+        here = gpus == 0 and not os.environ.get("RAY_ADDRESS")  # kdray's own local instance: this machine's CPUs
+        where = f"{cpus:g} CPUs" + (" and 1 GPU" if gpus else "") + (" in this process" if here else " in a Ray task")
         print(f"shared guides first: training {names} with {where} before the trials start", flush=True)
         ahead = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"threads": int(cpus)})})
-        task = ray.remote(_train_guides_task).options(num_cpus=cpus, num_gpus=gpus)
-        ray.get(task.remote(ahead.dump(), missing, parent))
+        if here:
+            train_guides(ahead, missing, parent, local_context(False, int(cpus)), dataset)
+        else:  # where the cluster has room (a GPU node, another machine)
+            task = ray.remote(_train_guides_task).options(num_cpus=cpus, num_gpus=gpus)
+            ray.get(task.remote(ahead.dump(), missing, parent))
     seconds = time.perf_counter() - started
     print(f"shared guides first: done in {seconds:.0f} s", flush=True)
     return seconds
@@ -92,11 +99,13 @@ def _train_guides_task(raw: dict[str, Any], plans: list[StagePlan], parent: str)
     train_guides(cfg, plans, parent, local_context(cfg.scaling.use_gpu, cfg.scaling.threads))
 
 
-def train_guides(cfg: ExperimentConfig, plans: list[StagePlan], parent: str, ctx: Any) -> None:
+def train_guides(
+    cfg: ExperimentConfig, plans: list[StagePlan], parent: str, ctx: Any, dataset: Dataset | None = None
+) -> None:
     """Each of ``plans`` the store lacks, under its store lock (a trial of another search may be training
     it), resumed from its checkpoint after an interruption, in a new run under ``parent``."""
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
-    runner = StageRunner(cfg, load_dataset(cfg.data), ModelStore(cfg.store.path), tracker, ctx)
+    runner = StageRunner(cfg, dataset or load_dataset(cfg.data), ModelStore(cfg.store.path), tracker, ctx)
     tags = {**run_tags(cfg), "kdray.shared_guide": "true"}
     open_runs: list[str] = []
     for plan in plans:
