@@ -11,7 +11,8 @@ def row(name: str, value: float, epochs: int, status: str = "FINISHED") -> Trial
 
 
 def report(rows: list[TrialRow], references: dict[str, float]) -> SearchReport:
-    counts = {"trials": len(rows), "completed": 0, "stopped": 0, "failed": 0, "models_trained": 1, "models_reused": 0}
+    counts = {"trials": len(rows), "completed": 0, "stopped": 0, "failed": 0, "models_trained": 0, "models_reused": 1}
+    counts["models_trained_first"] = 1
     return SearchReport("val/acc", "max", rows, references, counts)
 
 
