@@ -67,7 +67,8 @@ def searched(local_ray: None, workdir: Path) -> Searched:
     experiment = client.get_experiment_by_name("ui")
     # kdray marks its experiments as model training, so MLflow's UI opens them on their runs.
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    trials = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    under = f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}' and tags.`kdray.role` = 'trial'"
+    trials = client.search_runs([experiment.experiment_id], under)  # beside them: the shared teacher's run
     assert len(trials) == 2 and outcome.report.best is not None
     names = [trial.info.run_name for trial in trials]
     winner = outcome.report.best.run_id

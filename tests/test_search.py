@@ -218,11 +218,13 @@ def test_chain_depths_share_their_assistants(
 @pytest.mark.slow
 def test_crashing_trial_is_retried_then_recorded_failed_with_its_reason(local_ray: None, workdir: Path) -> None:
     """A batch larger than the training set passes validation but fails in training: the trial is
-    retried (search.max_failures=1), then its run and the teacher run it opened end FAILED with the reason."""
+    retried (search.max_failures=1), then its run and the teacher run it opened end FAILED with the reason.
+    (The teacher is left to the trial: trained first, it would fail the search, as the next test shows.)"""
     cfg = load_config(
         write_experiment(workdir, {"space": {"method.temperature": {"kind": "float", "low": 1, "high": 8}}}),
         [
             *SMALL,
+            "search.guides_first=false",
             "train.batch_size=4096",
             "search.num_samples=1",
             "search.max_failures=1",
@@ -241,6 +243,23 @@ def test_crashing_trial_is_retried_then_recorded_failed_with_its_reason(local_ra
     assert {client.get_run(run.info.run_id).info.status for run in teachers} == {"FAILED"}
     (parent,) = runs["search"]
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_a_shared_guide_that_fails_ends_the_search_before_any_trial(local_ray: None, workdir: Path) -> None:
+    """Every trial needs the shared teacher: if it cannot be trained, no trial starts, and the search run and
+    the teacher's run end FAILED with the reason."""
+    cfg = load_config(
+        write_experiment(workdir, {"space": {"method.temperature": {"kind": "float", "low": 1, "high": 8}}}),
+        [*SMALL, "train.batch_size=4096", "search.num_samples=2", "search.name=guide-fails", "tracking.experiment=gf"],
+    )
+    with pytest.raises(ValueError, match="train.batch_size=4096 exceeds"):
+        run_search(cfg, "unused")
+    client = MlflowClient(cfg.tracking.uri)
+    runs = runs_by_role(cfg.tracking.uri, "gf")
+    assert set(runs) == {"search", "teacher"}  # no trial was started
+    for (run,) in (runs["search"], runs["teacher"]):
+        assert client.get_run(run.info.run_id).info.status == "FAILED"
+        assert "train.batch_size=4096 exceeds" in run.data.tags["kdray.error"]
 
 
 def test_bad_search_space_is_refused_before_anything_starts(bare_workdir: Path) -> None:
