@@ -331,7 +331,7 @@ def test_killed_search_driver_resumes_and_completes_without_duplicate_runs(workd
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1], ids=["in-process", "ray-train"])
-def test_a_search_killed_while_a_trial_trains_its_teacher_resumes_the_teacher(workdir: Path, workers: int) -> None:
+def test_a_search_killed_while_its_shared_teacher_trains_resumes_the_teacher(workdir: Path, workers: int) -> None:
     """The shared teacher, trained before the trials, keeps its checkpoint in the search's storage (absolute,
     decided on the driver), so after a kill -9 of the driver, `kdray tune --resume` continues the teacher from
     its last epoch in a new run; the run the dead driver left RUNNING is closed KILLED with the reason. The same
@@ -373,12 +373,13 @@ def test_a_search_killed_while_a_trial_trains_its_teacher_resumes_the_teacher(wo
         started = process_tree(process.pid) - {process.pid}  # Ray's processes, Tune's trial, its workers
         process.kill()  # the driver alone, as `kill -9 PID` does
         process.wait()
-        # Ray's dashboard and runtime-env agents see their raylet die within seconds, then spend about a minute
-        # failing to report it to the dead GCS before they exit
-        deadline = time.monotonic() + 240
-        while (left := {pid for pid in started if alive(pid)}) and time.monotonic() < deadline:
-            time.sleep(1)
-        assert len(started) > 5 and not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left]
+        if workers == 0:  # what a killed driver leaves behind is checked once; the Ray Train variant checks resume
+            # Ray's dashboard and runtime-env agents see their raylet die within seconds, then spend about a
+            # minute failing to report it to the dead GCS before they exit
+            deadline = time.monotonic() + 240
+            while (left := {pid for pid in started if alive(pid)}) and time.monotonic() < deadline:
+                time.sleep(1)
+            assert len(started) > 5 and not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left]
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # whatever is left, for the tests that follow
