@@ -85,11 +85,15 @@ def table(rows: list[Row], cells: dict[str, Cells]) -> str:
     return "\n".join(lines)
 
 
-def budget(cfg: ExperimentConfig, teacher: dict[str, float]) -> str:
-    """One paragraph naming what every cell shares: data, models, recipe, the teacher's accuracy, the commit."""
-    commit = subprocess.run(
+def head_commit() -> str:
+    found = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, cwd=Path(__file__).parent
     )
+    return found.stdout.strip() or "unknown"
+
+
+def budget(cfg: ExperimentConfig, teacher: dict[str, float], commit: str) -> str:
+    """One paragraph naming what every cell shares: data, models, recipe, the teacher's accuracy, the commit."""
     data, train = cfg.data, cfg.train
     return (
         f"Data {data.name} ({data.root}), {data.limit_train or 'all'} training images, validation "
@@ -98,7 +102,7 @@ def budget(cfg: ExperimentConfig, teacher: dict[str, float]) -> str:
         f"{cfg.teacher.seed}: val {teacher.get('val/acc', float('nan')):.4f}, test "
         f"{teacher.get('test/acc', float('nan')):.4f}. Student {cfg.student.name}, {train.epochs} epochs, batch "
         f"{train.batch_size}, {train.optimizer} lr {train.lr} {train.schedule}, weight decay {train.weight_decay}; "
-        f"every method at its defaults. Commit {commit.stdout.strip() or 'unknown'}."
+        f"every method at its defaults. Commit {commit}."
     )
 
 
@@ -109,6 +113,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values (default 0,1,2)")
     parser.add_argument("--only", default="", help="comma-separated row labels to run (default: all)")
     parser.add_argument("--json", type=Path, help="write every finished cell here as it comes")
+    parser.add_argument("--table-only", action="store_true", help="print the table of the --json file; train nothing")
     args = parser.parse_intermixed_args()
     logging.basicConfig(level=logging.WARNING)
     seeds = [int(seed) for seed in args.seeds.split(",")]
@@ -116,11 +121,22 @@ def main() -> None:
     rows = [row for row in ROWS if not wanted or row.label in wanted]
     cells = {row.label: Cells() for row in rows}
     base = load_config(args.experiment, [*args.overrides, "train.test_each_epoch=true"])
+    if args.table_only:  # an interrupted or running table, as far as it got
+        if args.json is None or not args.json.exists():
+            raise SystemExit("--table-only: needs --json FILE written by an earlier run")
+        kept = json.loads(args.json.read_text())
+        for label, by_seed in kept["cells"].items():
+            if label in cells:
+                cells[label].by_seed = {int(seed): metrics for seed, metrics in by_seed.items() if int(seed) in seeds}
+        print(budget(base, kept["teacher"], kept.get("commit", "unknown")), "\n")
+        print(table(rows, cells))
+        return
     if base.teacher.seed is None:
         raise SystemExit("teacher.seed: set it (e.g. teacher.seed=0) so every seed's student learns from one teacher")
     if base.data.test_fraction is None and base.data.name == "imagefolder":
         print("note: no data.test_fraction: test columns stay empty unless the folder has a test split")
     teacher: dict[str, float] = {}
+    commit = head_commit()
     for seed in seeds:  # seed-major: an interrupted run has whole seeds of every row
         for row in rows:
             cfg = load_config(
@@ -137,9 +153,9 @@ def main() -> None:
             print(f"{row.label} seed {seed}: val {metrics['val/acc']:.4f} test {test:.4f} ({took:.0f} s)", flush=True)
             if args.json:
                 dump = {label: got.by_seed for label, got in cells.items()}
-                args.json.write_text(json.dumps({"teacher": teacher, "cells": dump}, indent=1))
+                args.json.write_text(json.dumps({"teacher": teacher, "cells": dump, "commit": commit}, indent=1))
     print()
-    print(budget(base, teacher))
+    print(budget(base, teacher, commit))
     print()
     print(table(rows, cells))
 

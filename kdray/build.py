@@ -100,6 +100,19 @@ def autocast(ctx: WorkerContext, enabled: bool) -> tuple[contextlib.AbstractCont
     return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
 
+def in_layout(images: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    """``images`` with exactly the dense strides of ``layout``, copied only if they have others.
+
+    ``Tensor.contiguous`` keeps strides that are already contiguous in the layout, and a one-channel batch
+    gathered from the dataset (digits, MNIST) is contiguous in both NCHW and NHWC while carrying NHWC's
+    strides: its convolutions then run channels_last, the weight gradients of 1x1 and one-input-channel
+    convolutions come back with strides other than their parameters', and DDP copies them into its buckets
+    every step ("Grad strides do not match bucket view strides")."""
+    if images.stride() == torch.empty(images.shape, device="meta", memory_format=layout).stride():
+        return images
+    return images.clone(memory_format=layout)
+
+
 def memory_format(ctx: WorkerContext, train: TrainConfig) -> torch.memory_format:
     """channels_last (NHWC) on GPUs, where convolutions run faster in it; contiguous NCHW on CPU."""
     return torch.channels_last if train.channels_last and ctx.device.type == "cuda" else torch.contiguous_format

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where step and cache run")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     bench.add_argument("--steps", type=int, default=8, help="steps per timed epoch in step and cache (default 8)")
-    bench.add_argument("--rounds", type=int, default=3, help="alternations of kdray and the plain loop (default 3)")
+    bench.add_argument("--rounds", type=int, default=10, help="alternations of kdray and the plain loop (default 10)")
     bench.add_argument("--search-trials", type=int, default=8, help="trials of the search measurement (default 8)")
     bench.add_argument(
         "-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config of the searches"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdray.build import Stage
+from kdray.build import Stage, in_layout
 from kdray.config import AugmentConfig
 from kdray.data import BatchSource, eval_batches, train_batches
 from kdray.data.augment import ResizedCrops
@@ -141,7 +141,7 @@ def train_epoch(stage: Stage, epoch: int) -> dict[str, float]:
         at = epoch * steps + index
         step = StepInfo(epoch, at, steps, train.epochs * steps, np.random.default_rng([train.seed, run.shard.rank, at]))
         with stage.precision:
-            terms = run.stepper(replace(batch, images=batch.images.contiguous(memory_format=stage.layout)), step)
+            terms = run.stepper(replace(batch, images=in_layout(batch.images, stage.layout)), step)
         loss = sum(terms.values())
         stage.optimizer.zero_grad(set_to_none=True)
         stage.scaler.scale(loss * run.loss_scale).backward()

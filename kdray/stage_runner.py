@@ -79,15 +79,22 @@ def store_stage(
     logged = result.history[-1] if result.history else {}
     new = {name: value for name, value in result.final.items() if not name.startswith("val/") and name not in logged}
     tracker.log_metrics(run_id, new, step=plan.train.epochs)
+    log_stored_model(tracker, run_id, store, stored, dataset)
+    tracker.end_run(run_id)
+
+
+def log_stored_model(tracker: Tracker, run_id: str, store: ModelStore, stored: StoredModel, dataset: Dataset) -> None:
+    """A stored model's weights and config as artifacts of run ``run_id``, and the model as an MLflow model that
+    takes [0, 1] images (tag ``kdray.model_id``), standardising with the input statistics it was stored with."""
     tracker.log_artifact(run_id, stored.weights)
     tracker.log_artifact(run_id, stored.path / "config.yaml")
-    model = store.load(plan.key, model_info(dataset))
+    stats = stored.meta.get("input_stats") or {"mean": dataset.mean, "std": dataset.std}
+    model = store.load(stored.key, model_info(dataset))
     shape = (dataset.in_channels, dataset.image_size, dataset.image_size)
-    deployed = Classifier(model, mean, std, classes=dataset.classes, image_shape=shape)
+    deployed = Classifier(model, tuple(stats["mean"]), tuple(stats["std"]), classes=dataset.classes, image_shape=shape)
     model_id = tracker.log_model(run_id, deployed, shape)
     if model_id:
         tracker.set_tags(run_id, {"kdray.model_id": model_id})
-    tracker.end_run(run_id)
 
 
 class FileCheckpoints:
@@ -172,6 +179,27 @@ class StageRunner:
                 return None
             return self.train(plan, open_run(), FileCheckpoints())
 
+    def train_guides(
+        self, plans: list[StagePlan], parent: str, tags: dict[str, str], open_runs: list[str]
+    ) -> dict[str, int]:
+        """Each guide of ``plans`` the store lacks, trained in a new run under ``parent`` (``tags`` plus its role
+        and key); how many were trained and how many the store already held. The run in training is kept in
+        ``open_runs`` until it ends, so a caller whose training raised can close it as failed."""
+        counts = {"trained": 0, "reused": 0}
+        for plan in plans:
+
+            def open_run(plan: StagePlan = plan) -> str:
+                role = {"kdray.role": plan.role, "kdray.model_key": plan.key}
+                run_id = self.tracker.start_run(plan.role, {**tags, **role}, parent)
+                open_runs.append(run_id)
+                return run_id
+
+            outcome = self.train_missing(plan, open_run)
+            if outcome is not None:
+                open_runs.remove(outcome.run_id)
+            counts["reused" if outcome is None else "trained"] += 1
+        return counts
+
     def _log_params(self, run_id: str, plan: StagePlan) -> None:
         """The stage's params on its run. A search trial's student stage runs in the trial's run, which holds
         the trial's config: where the stage is planned in a plainer equivalent form (takd at depth 0 trains
@@ -188,6 +216,14 @@ class StageRunner:
         self._log_params(run_id, plan)
         source = str(stored.meta.get("mlflow_run_id", ""))
         self.tracker.set_tags(run_id, {"kdray.reused": "true", "kdray.source_run_id": source})
+        if not self.tracker.has_run(source):  # trained under another tracking store: loadable from this one too
+            here = [
+                run for run in self.tracker.runs({"kdray.model_key": plan.key}) if "kdray.model_id" in run.data.tags
+            ]
+            if here:  # an earlier reuse here logged it already
+                self.tracker.set_tags(run_id, {"kdray.model_id": here[0].data.tags["kdray.model_id"]})
+            else:
+                log_stored_model(self.tracker, run_id, self.store, stored, self.dataset)
         logged = self.tracker.latest_metrics(run_id)  # a restored trial's run may hold them already
         missing = {k: v for k, v in stored.meta["metrics"].items() if k not in logged}
         self.tracker.log_metrics(run_id, missing, step=plan.train.epochs)

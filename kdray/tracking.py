@@ -116,6 +116,21 @@ class Tracker:
         runs = self.runs_under(parent_id)
         return {run.data.tags["kdray.model_key"]: run for run in runs if "kdray.model_key" in run.data.tags}
 
+    def has_run(self, run_id: str) -> bool:
+        """Whether this tracking store holds run ``run_id`` (a model store can outlive, or be shared across,
+        tracking stores: a stored model's source run may be elsewhere)."""
+        from mlflow.exceptions import MlflowException
+
+        if not run_id:
+            return False
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
+
     def tags(self, run_id: str) -> dict[str, str]:
         """A run's tags (none for an empty id)."""
         return dict(self.client.get_run(run_id).data.tags) if run_id else {}
@@ -244,6 +259,9 @@ class NullTracker(Tracker):
 
     def params(self, run_id: str) -> dict[str, str]:
         return {}
+
+    def has_run(self, run_id: str) -> bool:
+        return True  # nothing is recorded here, so no stored model's run is missing from it
 
     def latest_metrics(self, run_id: str) -> dict[str, float]:
         return {}

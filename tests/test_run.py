@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -63,6 +64,30 @@ def test_parent_and_stage_runs_with_metrics_and_teacher_reuse(workdir: Path) -> 
     assert reused_run.data.tags["kdray.reused"] == "true"
     assert reused_run.data.tags["kdray.source_run_id"] == children["teacher"].info.run_id
     assert student_again.plan.key != first.stages[1].plan.key
+
+
+def test_a_model_stored_under_another_tracking_store_is_logged_again_where_it_is_reused(workdir: Path) -> None:
+    """The model store outlives (or is shared across) tracking stores: a student reused from it in a new MLflow
+    store must load from that store, as kdray's own students do, not point at a run the store lacks."""
+    first = run_experiment(load_config(None, [*QUICK, "tracking.uri=sqlite:///first.db"]))
+    uri = f"sqlite:///{workdir}/second.db"
+    again = run_experiment(load_config(None, [*QUICK, f"tracking.uri={uri}"]))
+    assert all(stage.reused for stage in again.stages)
+    client = MlflowClient(uri)
+    run = client.get_run(again.student.run_id)
+    assert run.data.tags["kdray.source_run_id"] == first.student.run_id  # in first.db, not here
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"model.pt", "config.yaml"}
+    images = torch.rand(5, 1, 8, 8)
+    outputs = []
+    for where, run_id in ((f"sqlite:///{workdir}/first.db", first.student.run_id), (uri, run.info.run_id)):
+        mlflow.set_tracking_uri(where)
+        model_id = MlflowClient(where).get_run(run_id).data.tags["kdray.model_id"]
+        outputs.append(mlflow.pytorch.load_model(f"models:/{model_id}")(images))
+    assert torch.equal(*outputs)  # the same student, the same input standardisation
+    # reused again here: the model this store holds is named, not logged twice
+    third = run_experiment(load_config(None, [*QUICK, f"tracking.uri={uri}"]))
+    assert client.get_run(third.student.run_id).data.tags["kdray.model_id"] == run.data.tags["kdray.model_id"]
+    assert client.list_artifacts(third.student.run_id) == []
 
 
 def test_student_alone_has_no_teacher_stage(workdir: Path) -> None:

@@ -118,6 +118,15 @@ def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(
     for run in stopped:
         epochs = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
         assert epochs == list(range(1, max(epochs) + 1)) and max(epochs) < 4
+    # trial processes are reused (search.reuse_actors): a later trial ran in the process of a stopped one
+    processes = Counter(run.data.tags["kdray.process"] for run in trials)
+    assert len(processes) < len(trials), processes
+    assert any(
+        other.data.tags["kdray.process"] == run.data.tags["kdray.process"]
+        and other.info.start_time > run.info.start_time
+        for run in stopped
+        for other in trials
+    ), [(run.info.run_name, run.data.tags["kdray.process"]) for run in trials]
     # shared guides first: the teacher every trial needs was trained once, under the search run, with both
     # slots' CPUs, before any trial started; every trial reused it
     assert "shared guides first: training teacher plane4 with 2 CPUs in this process before the trials start" in shown
@@ -278,7 +287,7 @@ def test_killed_search_driver_resumes_and_completes_without_duplicate_runs(workd
     overrides = [
         *SMALL,
         "train.epochs=2",
-        "search.num_samples=4",
+        "search.num_samples=6",  # trial processes are reused: trials follow each other fast
         "search.name=killed",
         "search.scheduler.name=none",
         "tracking.experiment=killed",
@@ -305,18 +314,18 @@ def test_killed_search_driver_resumes_and_completes_without_duplicate_runs(workd
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     before = runs_by_role(uri, "killed")
-    assert len(before["trial"]) < 4
+    assert len(before["trial"]) < 6
 
     done = subprocess.run(
         [sys.executable, "-m", "kdray", "tune", "--resume", "killed"], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
     # piped output reads as plain text: the live table continues, no escape codes (Ray colours its URL)
-    assert "search killed: 4/4 trials ended" in done.stdout and "\x1b[" not in done.stdout + done.stderr
+    assert "search killed: 6/6 trials ended" in done.stdout and "\x1b[" not in done.stdout + done.stderr
     after = runs_by_role(uri, "killed")
     assert len(after["search"]) == 1 and after["search"][0].info.status == "FINISHED"
     trial_ids = [run.data.tags["kdray.trial_id"] for run in after["trial"]]
-    assert len(trial_ids) == len(set(trial_ids)) == 4  # num_samples trials, one run each
+    assert len(trial_ids) == len(set(trial_ids)) == 6  # num_samples trials, one run each
     assert {run.info.status for run in after["trial"]} <= {"FINISHED"}
     client = MlflowClient(uri)
     for run in after["trial"]:

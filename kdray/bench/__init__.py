@@ -41,7 +41,7 @@ class BenchOptions:
     device: str = "cpu"
     threads: int | None = None
     steps: int = 8  # training steps per epoch in ``step`` and ``cache``
-    rounds: int = 3  # alternations of kdray and the hand-written loop in ``step``
+    rounds: int = 10  # alternations of kdray and the hand-written loop in ``step``
     image_size: int = 32
     classes: int = 10
     search_trials: int = 8

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -107,14 +106,22 @@ def measure_search(options: BenchOptions) -> dict:
     }
 
 
-TRIAL_MODES = {"in_process": 0, "ray_train_1_worker": 1}  # label: scaling.num_workers
+TRIAL_MODES = {  # label: overrides of the timed searches
+    "in_process": ("scaling.num_workers=0",),
+    "in_process_fresh_process_per_trial": ("scaling.num_workers=0", "search.reuse_actors=false"),
+    "ray_train_1_worker": ("scaling.num_workers=1",),
+}
 
 
-def measure_trials(options: BenchOptions, trials: int = 3, modes: tuple[str, ...] = tuple(TRIAL_MODES)) -> dict:
-    """Seconds one more trial adds to a sequential search, from searches of 1 and ``trials`` trials with
-    a stored teacher and one student epoch, for each of ``modes`` (in-process, 1-worker Ray Train runs);
-    minus the trial's own training and evaluation time, that is the per-trial overhead."""
+def measure_trials(
+    options: BenchOptions, counts: tuple[int, int] = (2, 6), modes: tuple[str, ...] = tuple(TRIAL_MODES)
+) -> dict:
+    """Seconds one more trial adds to a sequential search, from searches of ``counts`` trials with a stored
+    teacher and one student epoch, for each of ``modes``; minus the trial's own training epochs, that is the
+    per-trial overhead (process start or reuse, MLflow run, data, model, teacher load, evaluation). Taking
+    the difference cancels what every search pays once (Tune's start, the first trial process)."""
     connect_ray(log_to_driver=False)
+    few, many = counts
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         base = ("search.max_concurrent_trials=1", "train.epochs=1", "teacher.epochs=2")
@@ -124,9 +131,8 @@ def measure_trials(options: BenchOptions, trials: int = 3, modes: tuple[str, ...
         with contextlib.chdir(folder):
             shutil.rmtree(run_experiment(warm).student.stored.path)  # keep the teacher only
         for label in modes:
-            workers = TRIAL_MODES[label]
-            walls = {}
-            for count in (1, trials):
+            walls, training = {}, {}
+            for count in counts:
                 name = f"{label}-{count}"
                 shutil.copytree(warm.store.path, Path(folder) / f"store-{name}")
                 cfg = search_config(
@@ -134,35 +140,27 @@ def measure_trials(options: BenchOptions, trials: int = 3, modes: tuple[str, ...
                     options,
                     name,
                     *base,
+                    *TRIAL_MODES[label],
                     f"search.num_samples={count}",
-                    f"scaling.num_workers={workers}",
                     f"store.path={folder}/store-{name}",
                 )
                 walls[count], tracking = timed_search(cfg, folder)
-            per_trial = (walls[trials] - walls[1]) / (trials - 1)
-            train_s = _trial_training_seconds(tracking, cfg)
+                training[count] = _training_seconds(tracking, name)
+            per_trial = (walls[many] - walls[few]) / (many - few)
+            train_s = (training[many] - training[few]) / (many - few)
             results[label] = {
-                "per_trial_s": round(per_trial, 1),
-                "training_s": round(train_s, 1),
-                "overhead_s": round(per_trial - train_s, 1),
+                "per_trial_s": round(per_trial, 2),
+                "training_s": round(train_s, 2),
+                "overhead_s": round(per_trial - train_s, 2),
             }
-    return results
+    return {**results, "trials": list(counts)}
 
 
-def _trial_training_seconds(tracking: Tracker, cfg: ExperimentConfig) -> float:
-    """Mean time a trial of the last search spent in its training epochs (from the images/s it logged)."""
-    runs = tracking.runs({"kdray.role": "trial"}, newest_first=True)
-    rates = [
-        run.data.metrics["images_per_s"] for run in runs[: cfg.search.num_samples] if "images_per_s" in run.data.metrics
-    ]
-    if not rates:
-        return 0.0
-    images_per_epoch = _train_images(cfg)
-    return statistics.mean(cfg.train.epochs * images_per_epoch / rate for rate in rates)
-
-
-def _train_images(cfg: ExperimentConfig) -> int:
-    from kdray.data import load_dataset
-
-    dataset = load_dataset(cfg.data)
-    return len(dataset.train) // cfg.train.batch_size * cfg.train.batch_size
+def _training_seconds(tracking: Tracker, search_name: str) -> float:
+    """Seconds the trials of search ``search_name`` spent in their training epochs (their ``epoch_s``)."""
+    (search,) = tracking.runs({"kdray.role": "search", "kdray.search_name": search_name})
+    return sum(
+        point.value
+        for run in tracking.runs_under(search.info.run_id, role="trial")
+        for point in tracking.metric_history(run.info.run_id, "epoch_s")
+    )

@@ -133,6 +133,14 @@ def _trainable(cfg: ExperimentConfig, setup: dict[str, Any]) -> Any:
     return tune.with_resources(trainable, dict(cfg.search.resources_per_trial))
 
 
+def reuse_actors(cfg: ExperimentConfig) -> bool:
+    """Whether Tune starts a trial in an ended trial's process: for in-process trials, as ``search.reuse_actors``
+    says. Never for Ray Train trials: their process only waits on a worker group that is new for every trial
+    anyway, and one that ASHA stopped inside its TorchTrainer left the next trial in that process without
+    results (Ray 2.60)."""
+    return cfg.search.reuse_actors and cfg.scaling.num_workers == 0
+
+
 def optuna_url(cfg: ExperimentConfig) -> str:
     """Where the finished search is kept as an Optuna study (named like the search), so ``optuna-dashboard``
     can open it: ``optuna.db`` beside a sqlite MLflow store, else in ``scaling.storage_path`` (a local
@@ -231,6 +239,7 @@ def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
                 scheduler=make_scheduler(cfg),
                 num_samples=search.num_samples,
                 max_concurrent_trials=search.max_concurrent_trials,
+                reuse_actors=reuse_actors(cfg),
             ),
             run_config=tune.RunConfig(
                 name=name,
@@ -374,7 +383,10 @@ def register_best(tracker: Tracker, parent: str, report: SearchReport, name: str
         if row.status != "FINISHED":
             continue  # a trial stopped early stored no student
         tags = tracker.tags(row.run_id)
-        model_id = tags.get("kdray.model_id") or tracker.tags(tags.get("kdray.source_run_id", "")).get("kdray.model_id")
+        model_id = tags.get("kdray.model_id")
+        source = tags.get("kdray.source_run_id", "")
+        if not model_id and tracker.has_run(source):  # reused a model logged by an earlier run of this store
+            model_id = tracker.tags(source).get("kdray.model_id")
         if model_id:
             uri = f"models:/{name}/{tracker.register_model(model_id, name)}"
             tracker.set_tags(parent, {"kdray.registered_model": uri})

@@ -106,19 +106,9 @@ def train_guides(
     it), resumed from its checkpoint after an interruption, in a new run under ``parent``."""
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     runner = StageRunner(cfg, dataset or load_dataset(cfg.data), ModelStore(cfg.store.path), tracker, ctx)
-    tags = {**run_tags(cfg), "kdray.shared_guide": "true"}
     open_runs: list[str] = []
-    for plan in plans:
-
-        def open_run(plan: StagePlan = plan) -> str:
-            role = {"kdray.role": plan.role, "kdray.model_key": plan.key}
-            run_id = tracker.start_run(plan.role, {**tags, **role}, parent)
-            open_runs.append(run_id)
-            return run_id
-
-        try:
-            runner.train_missing(plan, open_run)
-        except BaseException as error:
-            mark_failed(tracker, open_runs, error)
-            raise
-        open_runs.clear()
+    try:
+        runner.train_guides(plans, parent, {**run_tags(cfg), "kdray.shared_guide": "true"}, open_runs)
+    except BaseException as error:
+        mark_failed(tracker, open_runs, error)
+        raise

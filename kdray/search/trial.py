@@ -9,6 +9,13 @@ whose chief's reports reach Tune through ``TuneReportCallback`` (``Tuner(trainer
 with Train V2).
 
 The trial's MLflow run is found by its Tune trial id, so a retried or restored trial continues its run.
+
+With ``search.reuse_actors`` (the default) Tune starts the next trial in the process of one that ended,
+skipping a fresh process's imports. A trial stopped by the scheduler is then ended by Tune's
+``reset_config`` raising ``SystemExit`` in its last ``report``; Tune gives that thread
+``TUNE_FUNCTION_THREAD_TIMEOUT_S`` (2 s) to finish and otherwise aborts the *next* trial. Closing a
+trial's data loaders and MLflow writes can take longer than that on a busy machine, so trials raise it
+(``REUSE_TIMEOUT_S``) unless the user set it.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 from typing import Any
 
 from kdray.build import model_info
@@ -26,13 +35,15 @@ from kdray.engine import TrainingDiverged
 from kdray.run import mark_failed, run_tags
 from kdray.search.space import trial_config, trial_label
 from kdray.stage_runner import StageRunner, TuneTrial
-from kdray.stages import StagePlan, plan_stages
+from kdray.stages import plan_stages
 from kdray.store import ModelStore
 from kdray.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
 
 TRIAL_ID_TAG = "kdray.trial_id"
+PROCESS_TAG = "kdray.process"  # host:pid that ran the trial: where its logs are, and which trials shared a process
+REUSE_TIMEOUT_S = "60"
 
 
 def finished_run(tracker: Tracker, parent: str, trial_id: str) -> Any | None:
@@ -46,12 +57,20 @@ def finished_run(tracker: Tracker, parent: str, trial_id: str) -> Any | None:
 
 def trial_run(tracker: Tracker, parent: str, trial_id: str, cfg: ExperimentConfig, sampled: dict[str, Any]) -> str:
     """The trial's MLflow run (a child of the search run): found by trial id, else created."""
+    process = {PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}"}
     existing = tracker.runs({TRIAL_ID_TAG: trial_id, "mlflow.parentRunId": parent})
     if existing:
         run_id = existing[0].info.run_id
         tracker.reopen(run_id)
+        tracker.set_tags(run_id, process)
         return run_id
-    tags = {**run_tags(cfg), "kdray.role": "trial", TRIAL_ID_TAG: trial_id, "kdray.sampled": json.dumps(sampled)}
+    tags = {
+        **run_tags(cfg),
+        "kdray.role": "trial",
+        TRIAL_ID_TAG: trial_id,
+        "kdray.sampled": json.dumps(sampled),
+        **process,
+    }
     run_id = tracker.start_run(trial_label(cfg.method.name, sampled, trial_id), tags, parent)
     tracker.log_params(run_id, flatten(cfg.dump()))
     tracker.log_text(run_id, cfg.to_yaml(), "config.yaml")
@@ -63,6 +82,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     the base config, the search run id and name."""
     import ray.tune
 
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", REUSE_TIMEOUT_S)  # read by the next reset_config
     cfg = trial_config(setup["base"], config["overrides"])
     trial_id = ray.tune.get_context().get_trial_id()
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
@@ -86,6 +106,17 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         # TorchTrainer (or as SystemExit in-process), which must not be recorded as a failure.
         mark_failed(tracker, open_runs[1:], error)
         raise
+    finally:
+        release_gpu_cache()
+
+
+def release_gpu_cache() -> None:
+    """Give the GPU memory torch's allocator keeps cached back to the device: a reused trial process would
+    otherwise hold its last trial's peak while other trials share the GPU (fractional ``resources_per_trial``)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _train(
@@ -102,19 +133,7 @@ def _train(
     dataset = load_dataset(cfg.data)
     plans = plan_stages(cfg, dataset.fingerprint(), owner=trial_id, info=model_info(dataset))
     runner = StageRunner(cfg, dataset, store, tracker, ctx)
-    tags = run_tags(cfg)
-    counts = {"trained": 0, "reused": 0}
-    for plan in plans[:-1]:
-
-        def open_run(plan: StagePlan = plan) -> str:
-            child = tracker.start_run(plan.role, {**tags, "kdray.role": plan.role, "kdray.model_key": plan.key}, run_id)
-            open_runs.append(child)
-            return child
-
-        outcome = runner.train_missing(plan, open_run)
-        if outcome is not None:
-            open_runs.pop()
-        counts["reused" if outcome is None else "trained"] += 1
+    counts = runner.train_guides(plans[:-1], run_id, run_tags(cfg), open_runs)
     if "kdray.models_trained" not in tracker.tags(run_id):  # a resumed trial's guides were counted before
         tracker.set_tags(run_id, {f"kdray.models_{k}": str(v) for k, v in counts.items()})
     student = plans[-1]
