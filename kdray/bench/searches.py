@@ -19,7 +19,7 @@ from kdray.bench import BenchOptions
 from kdray.config import ExperimentConfig, load_config
 from kdray.launch import connect_ray
 from kdray.run import run_experiment
-from kdray.search.driver import run_search
+from kdray.search.driver import run_search, trials_training_seconds
 from kdray.tracking import Tracker
 
 SPACE = {"method.temperature": {"kind": "float", "low": 1.0, "high": 8.0}}
@@ -157,10 +157,6 @@ def measure_trials(
 
 
 def _training_seconds(tracking: Tracker, search_name: str) -> float:
-    """Seconds the trials of search ``search_name`` spent in their training epochs (their ``epoch_s``)."""
+    """Seconds the trials of search ``search_name`` spent in their training epochs."""
     (search,) = tracking.runs({"kdray.role": "search", "kdray.search_name": search_name})
-    return sum(
-        point.value
-        for run in tracking.runs_under(search.info.run_id, role="trial")
-        for point in tracking.metric_history(run.info.run_id, "epoch_s")
-    )
+    return trials_training_seconds(tracking, search.info.run_id)

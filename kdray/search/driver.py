@@ -276,16 +276,21 @@ def concurrent_slots(cfg: ExperimentConfig) -> int:
     return int(max(1, min([search.max_concurrent_trials, search.num_samples, *fits])))
 
 
+def trials_training_seconds(tracker: Tracker, parent: str) -> float:
+    """Seconds the trials under search run ``parent`` spent in their training epochs (their ``epoch_s``)."""
+    return sum(
+        point.value
+        for run in tracker.runs_under(parent, role="trial")
+        for point in tracker.metric_history(run.info.run_id, "epoch_s")
+    )
+
+
 def log_utilisation(tracker: Tracker, parent: str, cfg: ExperimentConfig, wall_s: float, shared_s: float) -> None:
     """``search/utilisation`` on the search run: the seconds trials spent in their training epochs over the
     seconds the trial slots were there (the trials' phase, from Tune's start to its end, times the slots).
     What is not training is per-trial overhead (process start, imports, data, evaluation) and idle slots.
     The shared guides trained before the trials are timed apart (``search/shared_guides_s``)."""
-    trained = sum(
-        point.value
-        for run in tracker.runs_under(parent, role="trial")
-        for point in tracker.metric_history(run.info.run_id, "epoch_s")
-    )
+    trained = trials_training_seconds(tracker, parent)
     slots = concurrent_slots(cfg)
     metrics = {
         "search/utilisation": trained / (wall_s * slots),
