@@ -37,6 +37,16 @@ ROWS: list[Row] = [
     Row("student alone", ("method.name=none",)),
     Row("kd", ("method.name=kd",)),
     Row("kd + LS", ("method.name=kd", "method.logit_standardization=true")),
+    Row(
+        "kd + LS, authors' recipe",  # sunshangquan/logit-standardization-KD: --base-temp 2 --kd-weight 9
+        (
+            "method.name=kd",
+            "method.logit_standardization=true",
+            "method.temperature=2",
+            "method.ce_weight=0.1",
+            "method.kd_weight=9",
+        ),
+    ),
     Row("dkd", ("method.name=dkd",)),
     Row("dkd + LS", ("method.name=dkd", "method.logit_standardization=true")),
     Row("dist", ("method.name=dist",)),

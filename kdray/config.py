@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -109,6 +109,15 @@ class MethodParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
+
+    # Fields added after models were stored, each with the default that computes what the method computed
+    # before it existed: left out of a stage's identity at that default, so stored models keep their keys.
+    added_later: ClassVar[dict[str, Any]] = {}
+
+    def identity(self) -> dict[str, Any]:
+        """What of these parameters determines the trained weights (part of a stage's store key)."""
+        dumped = self.model_dump(mode="json")
+        return {k: v for k, v in dumped.items() if k not in self.added_later or v != self.added_later[k]}
 
 
 def method_params(value: Any) -> MethodParams:

@@ -59,7 +59,7 @@ def stage_identity(
         "code": code_version(model.name),  # a changed architecture never reuses old weights
         "data": {"fingerprint": fingerprint, "augment": cfg.data.augment.model_dump(mode="json")},
         "train": recipe,
-        "method": method.model_dump(mode="json"),
+        "method": method.identity(),
         "guides": guides,
     }
     if guides and cfg.guide_cache.enabled and cfg.guide_cache.dtype != "float32":

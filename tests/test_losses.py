@@ -57,6 +57,42 @@ def test_kd_method_terms_are_weighted_hinton_terms() -> None:
     assert terms["ce"].item() == pytest.approx(0.3 * F.cross_entropy(torch.tensor(s), labels).item(), rel=1e-5)
 
 
+def _standardized_rows(rows: list[list[float]]) -> list[list[float]]:
+    """Each row minus its mean over its unbiased standard deviation, by hand."""
+    out = []
+    for row in rows:
+        mean = sum(row) / len(row)
+        std = math.sqrt(sum((v - mean) ** 2 for v in row) / (len(row) - 1))
+        out.append([(v - mean) / std for v in row])
+    return out
+
+
+def test_kd_with_the_ls_authors_weights_is_their_kd_plus_ls_loss() -> None:
+    """CE 0.1 + KD 9 at base temperature 2 on z-scored logits (sunshangquan/logit-standardization-KD:
+    --logit-stand --base-temp 2 --kd-weight 9): weights that do not sum to 1, which alpha alone cannot give."""
+    torch.manual_seed(0)
+    info = ModelInfo(num_classes=10, in_channels=1, image_size=8)
+    student, teacher = build_model("plane2", info), build_model("plane4", info)
+    params = METHODS["kd"].Params(temperature=2.0, ce_weight=0.1, kd_weight=9.0, logit_standardization=True)
+    method = METHODS["kd"](student, [teacher], params).train()
+    images, labels = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    terms = method(Batch(images, labels, torch.arange(len(labels))), StepInfo(0, 0, 1, 1))
+    s, t = student(images).tolist(), teacher.eval()(images).tolist()
+    expected_kd = 9.0 * _hand_kl(_standardized_rows(s), _standardized_rows(t), 2.0)
+    assert terms["kd"].item() == pytest.approx(expected_kd, rel=1e-4)
+    assert terms["ce"].item() == pytest.approx(0.1 * F.cross_entropy(torch.tensor(s), labels).item(), rel=1e-5)
+
+
+def test_weights_added_later_stay_out_of_a_kd_stages_identity_at_their_defaults() -> None:
+    """Stored kd students keep their store keys: the new weights enter the identity only when set."""
+    plain = METHODS["kd"].Params()
+    assert plain.identity() == {k: v for k, v in plain.model_dump(mode="json").items() if not k.endswith("_weight")}
+    assert plain.weights() == (pytest.approx(0.1), 0.9)
+    weighted = METHODS["kd"].Params(ce_weight=0.1, kd_weight=9.0)
+    assert weighted.identity()["kd_weight"] == 9.0 and weighted.identity()["ce_weight"] == 0.1
+    assert weighted.weights() == (0.1, 9.0)
+
+
 def test_kd_gradients_reach_only_the_student() -> None:
     info = ModelInfo(num_classes=10, in_channels=1, image_size=8)
     student, teacher = build_model("plane2", info), build_model("plane2", info)
