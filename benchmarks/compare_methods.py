@@ -116,30 +116,41 @@ def budget(cfg: ExperimentConfig, teacher: dict[str, float], commit: str) -> str
     )
 
 
+def print_kept(file: Path | None, base: ExperimentConfig, rows: list[Row], seeds: list[int]) -> None:
+    """The budget and table of the cells a ``--json`` file holds (of ``rows`` and ``seeds``)."""
+    if file is None or not file.exists():
+        raise SystemExit("--table-only: needs --json FILE written by an earlier run")
+    kept = json.loads(file.read_text())
+    cells = {row.label: Cells() for row in rows}
+    for label, by_seed in kept["cells"].items():
+        if label in cells:
+            cells[label].by_seed = {int(seed): metrics for seed, metrics in by_seed.items() if int(seed) in seeds}
+    print(budget(base, kept["teacher"], kept.get("commit", "unknown")), "\n")
+    print(table(rows, cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values (default 0,1,2)")
-    parser.add_argument("--only", default="", help="comma-separated row labels to run (default: all)")
+    parser.add_argument(
+        "--only", action="append", default=[], help="a row label to run (repeat for several; default: all)"
+    )
     parser.add_argument("--json", type=Path, help="write every finished cell here as it comes")
     parser.add_argument("--table-only", action="store_true", help="print the table of the --json file; train nothing")
     args = parser.parse_intermixed_args()
     logging.basicConfig(level=logging.WARNING)
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    wanted = {label.strip() for label in args.only.split(",") if label.strip()}
+    wanted = set(args.only)  # labels hold commas ("takd, 1 assistant"): one per --only
+    unknown = wanted - {row.label for row in ROWS}
+    if unknown:
+        raise SystemExit(f"--only: unknown row {sorted(unknown)}; rows: {', '.join(row.label for row in ROWS)}")
     rows = [row for row in ROWS if not wanted or row.label in wanted]
     cells = {row.label: Cells() for row in rows}
     base = load_config(args.experiment, [*args.overrides, "train.test_each_epoch=true"])
     if args.table_only:  # an interrupted or running table, as far as it got
-        if args.json is None or not args.json.exists():
-            raise SystemExit("--table-only: needs --json FILE written by an earlier run")
-        kept = json.loads(args.json.read_text())
-        for label, by_seed in kept["cells"].items():
-            if label in cells:
-                cells[label].by_seed = {int(seed): metrics for seed, metrics in by_seed.items() if int(seed) in seeds}
-        print(budget(base, kept["teacher"], kept.get("commit", "unknown")), "\n")
-        print(table(rows, cells))
+        print_kept(args.json, base, rows, seeds)
         return
     if base.teacher.seed is None:
         raise SystemExit("teacher.seed: set it (e.g. teacher.seed=0) so every seed's student learns from one teacher")
