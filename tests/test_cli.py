@@ -47,7 +47,7 @@ def test_validate_prints_the_resolved_config(capsys: pytest.CaptureFixture[str])
     assert code == 0, err
     resolved = yaml.safe_load(out)
     assert resolved["method"] == {
-        **{"name": "kd", "temperature": 7.0, "alpha": 0.9},
+        **{"name": "kd", "temperature": 7.0, "alpha": 0.9, "ce_weight": None, "kd_weight": None},
         **{"logit_standardization": False, "kl_reduction": "batchmean"},  # every default, written out
     }
     assert resolved["tracking"]["uri"].startswith("sqlite:////")  # resolved to an absolute path
