@@ -64,6 +64,15 @@ ROWS: list[Row] = [
 
 COLUMNS = ("val/acc", "test/acc", "best_epoch/val/acc", "best_epoch/test/acc", "best_epoch")
 
+# The papers' claims the table checks, each "higher ≥ lower" on the same seed: DGKD ≥ TAKD ≥ KD (Son et al.
+# 2021), STKD > KD (Zhao et al. 2021), triplet > KD (Oki et al. 2020).
+ORDERINGS: list[tuple[str, str]] = [
+    ("dgkd, 1 assistant", "takd, 1 assistant"),
+    ("takd, 1 assistant", "kd"),
+    ("stkd", "kd"),
+    ("triplet", "kd"),
+]
+
 
 @dataclass
 class Cells:
@@ -92,6 +101,26 @@ def table(rows: list[Row], cells: dict[str, Cells]) -> str:
         got = cells[row.label]
         values = " | ".join(got.mean_std(name) for name in COLUMNS)
         lines.append(f"| {row.label} | {len(got.by_seed)} | {values} |")
+    return "\n".join(lines)
+
+
+def orderings(cells: dict[str, Cells], metric: str = "test/acc") -> str:
+    """For each claimed ordering, on how many shared seeds it holds and the mean paired difference: seeds
+    are paired (same seed, same split, same teacher), so the difference is read per seed, not from means."""
+    lines = []
+    for higher, lower in ORDERINGS:
+        if higher not in cells or lower not in cells:
+            continue
+        a, b = cells[higher].by_seed, cells[lower].by_seed
+        shared = sorted(seed for seed in a if seed in b and metric in a[seed] and metric in b[seed])
+        if not shared:
+            continue
+        gaps = [a[seed][metric] - b[seed][metric] for seed in shared]
+        held = sum(gap >= 0 for gap in gaps)
+        lines.append(
+            f"- {higher} ≥ {lower} ({metric}, last epoch): holds on {held}/{len(shared)} seeds, mean difference "
+            f"{statistics.mean(gaps):+.4f} ({', '.join(f'{gap:+.4f}' for gap in gaps)})"
+        )
     return "\n".join(lines)
 
 
@@ -126,7 +155,8 @@ def print_kept(file: Path | None, base: ExperimentConfig, rows: list[Row], seeds
         if label in cells:
             cells[label].by_seed = {int(seed): metrics for seed, metrics in by_seed.items() if int(seed) in seeds}
     print(budget(base, kept["teacher"], kept.get("commit", "unknown")), "\n")
-    print(table(rows, cells))
+    print(table(rows, cells), "\n")
+    print(orderings(cells))
 
 
 def main() -> None:
@@ -179,6 +209,8 @@ def main() -> None:
     print(budget(base, teacher, commit))
     print()
     print(table(rows, cells))
+    print()
+    print(orderings(cells))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 Layout in MLflow: one parent run per search (role ``search``), one child run per trial (role
 ``trial``, created by the trial itself and found again by its Tune trial id), guide stages trained by
 a trial nested under that trial, and the reference experiments (student alone, default KD) nested
-under the search. Tune keeps its state under ``scaling.storage_path/<search name>`` beside
-``kdray-search.json`` (the resolved config and the parent run id), so ``kdray tune --resume NAME``
-needs nothing else to continue a search whose driver was killed.
+under the search. A resumed search sets aside the runs of trials Tune's saved state lacks (role
+``unrecorded_trial``) until a trial that draws their values takes them over (``kdray.search.unrecorded``).
+Tune keeps its state under ``scaling.storage_path/<search name>`` beside ``kdray-search.json`` (the
+resolved config and the parent run id), so ``kdray tune --resume NAME`` needs nothing else to continue a
+search whose driver was killed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from kdray.search.report import REFERENCE_NAMES, SearchReport, build_report, pub
 from kdray.search.shared import train_shared_guides
 from kdray.search.space import check_space, default_points, sample
 from kdray.search.trial import TRIAL_ID_TAG, run_trial
+from kdray.search.unrecorded import restored_trial_ids, set_aside
 from kdray.store import ModelStore
 from kdray.tracking import Tracker, flatten
 
@@ -325,10 +328,11 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
         from ray import tune
 
         connect_ray(log_to_driver=False)
-        setup = {"base": cfg.dump(), "parent_run_id": parent, "search_name": name}
+        setup = {"base": cfg.dump(), "parent_run_id": parent, "search_name": name, "resumed": True}
         tuner = tune.Tuner.restore(
             str(Path(root) / name), trainable=_trainable(cfg, setup), resume_unfinished=True, resume_errored=True
         )
+        set_aside(tracker, parent, restored_trial_ids(Path(root) / name), TRIAL_ID_TAG)
         train_shared_guides(cfg, load_dataset(cfg.data), tracker, parent)  # the rest of any interrupted there
         tuner.fit()
         return _finish(cfg, name, parent, tracker)

@@ -8,7 +8,9 @@ the student trains in the trial process; with N >= 1 the trial launches a Ray Tr
 whose chief's reports reach Tune through ``TuneReportCallback`` (``Tuner(trainer)`` does not work
 with Train V2).
 
-The trial's MLflow run is found by its Tune trial id, so a retried or restored trial continues its run.
+The trial's MLflow run is found by its Tune trial id, so a retried or restored trial continues its run; a
+trial of a resumed search that drew the values of a run Tune lost in the kill takes that run over
+(``kdray.search.unrecorded``).
 
 With ``search.reuse_actors`` (the default) Tune starts the next trial in the process of one that ended,
 skipping a fresh process's imports. A trial stopped by the scheduler is then ended by Tune's
@@ -34,6 +36,7 @@ from kdray.distributed import local_context
 from kdray.engine import TrainingDiverged
 from kdray.run import mark_failed, run_tags
 from kdray.search.space import trial_config, trial_label
+from kdray.search.unrecorded import FIRST_TRIAL_TAG, adopt
 from kdray.stage_runner import StageRunner, TuneTrial
 from kdray.stages import plan_stages
 from kdray.store import ModelStore
@@ -55,7 +58,9 @@ def finished_run(tracker: Tracker, parent: str, trial_id: str) -> Any | None:
     return None
 
 
-def trial_run(tracker: Tracker, parent: str, trial_id: str, cfg: ExperimentConfig, sampled: dict[str, Any]) -> str:
+def trial_run(
+    tracker: Tracker, parent: str, trial_id: str, cfg: ExperimentConfig, sampled: dict[str, Any], label: str
+) -> str:
     """The trial's MLflow run (a child of the search run): found by trial id, else created."""
     process = {PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}"}
     existing = tracker.runs({TRIAL_ID_TAG: trial_id, "mlflow.parentRunId": parent})
@@ -71,7 +76,7 @@ def trial_run(tracker: Tracker, parent: str, trial_id: str, cfg: ExperimentConfi
         "kdray.sampled": json.dumps(sampled),
         **process,
     }
-    run_id = tracker.start_run(trial_label(cfg.method.name, sampled, trial_id), tags, parent)
+    run_id = tracker.start_run(label, tags, parent)
     tracker.log_params(run_id, flatten(cfg.dump()))
     tracker.log_text(run_id, cfg.to_yaml(), "config.yaml")
     return run_id
@@ -79,21 +84,26 @@ def trial_run(tracker: Tracker, parent: str, trial_id: str, cfg: ExperimentConfi
 
 def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     """Tune entry point. ``config["overrides"]`` holds the sampled values; ``setup`` what all trials share:
-    the base config, the search run id and name."""
+    the base config, the search run id and name, and whether the search was resumed."""
     import ray.tune
 
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", REUSE_TIMEOUT_S)  # read by the next reset_config
     cfg = trial_config(setup["base"], config["overrides"])
     trial_id = ray.tune.get_context().get_trial_id()
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    store = ModelStore(cfg.store.path)
+    label = trial_label(cfg.method.name, config["overrides"], trial_id)
+    if setup.get("resumed"):
+        adopt(tracker, store, setup["parent_run_id"], trial_id, config["overrides"], label, TRIAL_ID_TAG)
     done = finished_run(tracker, setup["parent_run_id"], trial_id)
     if done is not None:
         ray.tune.report({**done.data.metrics, "epoch": cfg.train.epochs})
         return
-    run_id = trial_run(tracker, setup["parent_run_id"], trial_id, cfg, config["overrides"])
+    run_id = trial_run(tracker, setup["parent_run_id"], trial_id, cfg, config["overrides"], label)
+    owner = tracker.tags(run_id).get(FIRST_TRIAL_TAG, trial_id)  # a run taken over keeps its models' keys
     open_runs = [run_id]
     try:
-        _train(cfg, f"{setup['search_name']}-{trial_id}", trial_id, tracker, run_id, open_runs)
+        _train(cfg, f"{setup['search_name']}-{trial_id}", owner, store, tracker, run_id, open_runs)
     except TrainingDiverged as error:
         # Not worth a retry (same seed, same NaN): end the trial with the worst score, the search goes on.
         mark_failed(tracker, open_runs, error)
@@ -120,18 +130,24 @@ def release_gpu_cache() -> None:
 
 
 def _train(
-    cfg: ExperimentConfig, trial_name: str, trial_id: str, tracker: Tracker, run_id: str, open_runs: list[str]
+    cfg: ExperimentConfig,
+    trial_name: str,
+    owner: str,
+    store: ModelStore,
+    tracker: Tracker,
+    run_id: str,
+    open_runs: list[str],
 ) -> None:
     """Guides first (the run's tags count them trained / reused), then the student, reporting to Tune.
+    ``owner`` (the trial that opened the run) enters the models' keys when ``store.reuse`` is off.
 
     Every stage goes through the same ``StageRunner`` as ``kdray train``: under its store lock, so
     concurrent trials that need one teacher train it once, and resumed from its checkpoint."""
     import ray.tune
 
     ctx = local_context(cfg.scaling.use_gpu, cfg.scaling.threads) if cfg.scaling.num_workers == 0 else None
-    store = ModelStore(cfg.store.path)
     dataset = load_dataset(cfg.data)
-    plans = plan_stages(cfg, dataset.fingerprint(), owner=trial_id, info=model_info(dataset))
+    plans = plan_stages(cfg, dataset.fingerprint(), owner=owner, info=model_info(dataset))
     runner = StageRunner(cfg, dataset, store, tracker, ctx)
     counts = runner.train_guides(plans[:-1], run_id, run_tags(cfg), open_runs)
     if "kdray.models_trained" not in tracker.tags(run_id):  # a resumed trial's guides were counted before

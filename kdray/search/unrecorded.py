@@ -1,0 +1,80 @@
+"""Trials a killed search started after Tune last saved its state, and how a resumed search takes them back.
+
+Tune saves a search's state (its trials and the searcher's) every few seconds, not on every trial start, so a
+driver killed between two saves leaves MLflow runs of trials that ``Tuner.restore`` does not know. The
+restored searcher is also back at that save: it draws those trials' values again, under new Tune trial ids.
+On resume the driver sets such runs aside (role ``unrecorded_trial``, closed with the reason), and a new
+trial that drew the same values takes one over as its own run instead of starting a second one: a finished
+one reports what it found, an interrupted one continues from its checkpoint, and its metric history goes on
+where it stopped. A set-aside run whose values are never drawn again stays aside, out of the search's report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from kdray.store import ModelStore
+from kdray.tracking import Tracker
+
+TRIAL_ROLE = "trial"
+UNRECORDED_ROLE = "unrecorded_trial"
+UNRECORDED_TAG = "kdray.unrecorded"
+FIRST_TRIAL_TAG = "kdray.first_trial_id"  # the Tune trial that opened a run another trial took over
+UNRECORDED_WHY = (
+    "started after the search's last saved state, so the resumed search does not know this trial; "
+    "a resumed trial that draws the same values continues this run"
+)
+
+
+def restored_trial_ids(folder: Path) -> set[str]:
+    """The ids of the trials in the last state Tune saved under ``folder`` (those a restored search knows)."""
+    from ray.tune import ExperimentAnalysis
+
+    if not any(folder.glob("experiment_state-*.json")):
+        return set()  # killed before Tune first saved (while shared guides trained): no trial is known
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # it warns of every trial with no result yet, which is no fault here
+    try:
+        return {trial.trial_id for trial in ExperimentAnalysis(str(folder)).trials}
+    finally:
+        quiet.setLevel(level)
+
+
+def set_aside(tracker: Tracker, parent: str, known: set[str], trial_id_tag: str) -> list[str]:
+    """Give the trial runs under ``parent`` whose trial Tune does not know the role ``unrecorded_trial``, with
+    the reason; one still RUNNING (its process died with the driver) ends KILLED. Their run ids."""
+    aside = []
+    for run in tracker.runs_under(parent, role=TRIAL_ROLE):
+        if run.data.tags.get(trial_id_tag) in known:
+            continue
+        tracker.set_tags(run.info.run_id, {"kdray.role": UNRECORDED_ROLE, UNRECORDED_TAG: UNRECORDED_WHY})
+        if run.info.status == "RUNNING":
+            tracker.end_run(run.info.run_id, "KILLED")
+        aside.append(run.info.run_id)
+    return aside
+
+
+def adopt(
+    tracker: Tracker, store: ModelStore, parent: str, trial_id: str, sampled: dict[str, Any], label: str,
+    trial_id_tag: str,
+) -> str | None:  # fmt: skip
+    """Make a set-aside run that sampled exactly ``sampled`` the run of trial ``trial_id`` (unless that trial
+    has a run already), renamed ``label``; its id, or None. Under a lock, so two trials that drew the same
+    values never take the same run."""
+    with store.lock(f"adopt-{parent}"):
+        if tracker.runs({trial_id_tag: trial_id, "mlflow.parentRunId": parent}):
+            return None
+        for run in tracker.runs_under(parent, role=UNRECORDED_ROLE):
+            if json.loads(run.data.tags.get("kdray.sampled", "null")) != sampled:
+                continue
+            run_id = run.info.run_id
+            first = run.data.tags.get(FIRST_TRIAL_TAG, run.data.tags[trial_id_tag])
+            tracker.set_tags(run_id, {"kdray.role": TRIAL_ROLE, trial_id_tag: trial_id, FIRST_TRIAL_TAG: first})
+            tracker.delete_tag(run_id, UNRECORDED_TAG)
+            tracker.rename(run_id, label)
+            return run_id
+    return None
