@@ -7,8 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kdray.search.trial import TRIAL_ID_TAG
-from kdray.search.unrecorded import FIRST_TRIAL_TAG, UNRECORDED_TAG, adopt, restored_trial_ids, set_aside
+from kdray.search.unrecorded import (
+    FIRST_TRIAL_TAG,
+    TRIAL_ID_TAG,
+    UNRECORDED_TAG,
+    adopt,
+    restored_trial_ids,
+    set_aside,
+)
 from kdray.store import ModelStore
 from kdray.tracking import Tracker
 
@@ -27,14 +33,14 @@ def test_runs_of_unknown_trials_are_set_aside_and_taken_over_once_by_equal_value
     tracker.end_run(finished)
     running = trial(tracker, parent, "aaaa0004", 2.5)
 
-    assert sorted(set_aside(tracker, parent, {"aaaa0001"}, TRIAL_ID_TAG)) == sorted([finished, running])
+    assert sorted(set_aside(tracker, parent, {"aaaa0001"})) == sorted([finished, running])
     assert [run.info.run_id for run in tracker.runs_under(parent, role="trial")] == [known]
     statuses = {run.info.run_id: run.info.status for run in tracker.runs_under(parent, role="unrecorded_trial")}
     assert statuses == {finished: "FINISHED", running: "KILLED"}  # nothing will write to the running one again
     assert "last saved state" in tracker.tags(running)[UNRECORDED_TAG]
 
     def take(trial_id: str, temperature: float) -> str | None:
-        return adopt(tracker, store, parent, trial_id, {"t": temperature}, f"new ({trial_id})", TRIAL_ID_TAG)
+        return adopt(tracker, store, parent, trial_id, {"t": temperature}, f"new ({trial_id})")
 
     assert take("bbbb0005", 7.0) is None  # values no set-aside run drew
     assert take("aaaa0001", 6.25) is None  # a trial Tune knew keeps its own run

@@ -33,8 +33,8 @@ from kdray.search.progress import SearchProgress
 from kdray.search.report import REFERENCE_NAMES, SearchReport, build_report, publish, study_of
 from kdray.search.shared import train_shared_guides
 from kdray.search.space import check_space, default_points, sample
-from kdray.search.trial import TRIAL_ID_TAG, run_trial
-from kdray.search.unrecorded import restored_trial_ids, set_aside
+from kdray.search.trial import run_trial
+from kdray.search.unrecorded import restored_trial_ids, runs_of_trial, set_aside
 from kdray.store import ModelStore
 from kdray.tracking import Tracker, flatten
 
@@ -94,9 +94,7 @@ class TrialRunCloser(Callback):
         self.parent_run_id = parent_run_id
 
     def _running(self, trial_id: str) -> str | None:
-        runs = Tracker(self.uri, self.experiment).runs(
-            {TRIAL_ID_TAG: trial_id, "mlflow.parentRunId": self.parent_run_id}
-        )
+        runs = runs_of_trial(Tracker(self.uri, self.experiment), self.parent_run_id, trial_id)
         return runs[0].info.run_id if runs and runs[0].info.status == "RUNNING" else None
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -332,7 +330,7 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
         tuner = tune.Tuner.restore(
             str(Path(root) / name), trainable=_trainable(cfg, setup), resume_unfinished=True, resume_errored=True
         )
-        set_aside(tracker, parent, restored_trial_ids(Path(root) / name), TRIAL_ID_TAG)
+        set_aside(tracker, parent, restored_trial_ids(Path(root) / name))
         train_shared_guides(cfg, load_dataset(cfg.data), tracker, parent)  # the rest of any interrupted there
         tuner.fit()
         return _finish(cfg, name, parent, tracker)

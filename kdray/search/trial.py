@@ -36,7 +36,7 @@ from kdray.distributed import local_context
 from kdray.engine import TrainingDiverged
 from kdray.run import mark_failed, run_tags
 from kdray.search.space import trial_config, trial_label
-from kdray.search.unrecorded import FIRST_TRIAL_TAG, adopt
+from kdray.search.unrecorded import FIRST_TRIAL_TAG, TRIAL_ID_TAG, TRIAL_ROLE, adopt, runs_of_trial
 from kdray.stage_runner import StageRunner, TuneTrial
 from kdray.stages import plan_stages
 from kdray.store import ModelStore
@@ -44,7 +44,6 @@ from kdray.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
 
-TRIAL_ID_TAG = "kdray.trial_id"
 PROCESS_TAG = "kdray.process"  # host:pid that ran the trial: where its logs are, and which trials shared a process
 REUSE_TIMEOUT_S = "60"
 
@@ -52,7 +51,7 @@ REUSE_TIMEOUT_S = "60"
 def finished_run(tracker: Tracker, parent: str, trial_id: str) -> Any | None:
     """The trial's run if it already ran its whole budget: a search restored from a state saved before the trial
     ended runs it again, and it must then report what it found instead of training (and retagging) again."""
-    existing = tracker.runs({TRIAL_ID_TAG: trial_id, "mlflow.parentRunId": parent})
+    existing = runs_of_trial(tracker, parent, trial_id)
     if existing and existing[0].info.status == "FINISHED" and "kdray.stopped" not in existing[0].data.tags:
         return existing[0]
     return None
@@ -63,7 +62,7 @@ def trial_run(
 ) -> str:
     """The trial's MLflow run (a child of the search run): found by trial id, else created."""
     process = {PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}"}
-    existing = tracker.runs({TRIAL_ID_TAG: trial_id, "mlflow.parentRunId": parent})
+    existing = runs_of_trial(tracker, parent, trial_id)
     if existing:
         run_id = existing[0].info.run_id
         tracker.reopen(run_id)
@@ -71,7 +70,7 @@ def trial_run(
         return run_id
     tags = {
         **run_tags(cfg),
-        "kdray.role": "trial",
+        "kdray.role": TRIAL_ROLE,
         TRIAL_ID_TAG: trial_id,
         "kdray.sampled": json.dumps(sampled),
         **process,
@@ -94,7 +93,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     store = ModelStore(cfg.store.path)
     label = trial_label(cfg.method.name, config["overrides"], trial_id)
     if setup.get("resumed"):
-        adopt(tracker, store, setup["parent_run_id"], trial_id, config["overrides"], label, TRIAL_ID_TAG)
+        adopt(tracker, store, setup["parent_run_id"], trial_id, config["overrides"], label)
     done = finished_run(tracker, setup["parent_run_id"], trial_id)
     if done is not None:
         ray.tune.report({**done.data.metrics, "epoch": cfg.train.epochs})

@@ -20,6 +20,7 @@ from kdray.store import ModelStore
 from kdray.tracking import Tracker
 
 TRIAL_ROLE = "trial"
+TRIAL_ID_TAG = "kdray.trial_id"  # a trial run's Tune trial id: how a retried or restored trial finds its run
 UNRECORDED_ROLE = "unrecorded_trial"
 UNRECORDED_TAG = "kdray.unrecorded"
 FIRST_TRIAL_TAG = "kdray.first_trial_id"  # the Tune trial that opened a run another trial took over
@@ -44,12 +45,17 @@ def restored_trial_ids(folder: Path) -> set[str]:
         quiet.setLevel(level)
 
 
-def set_aside(tracker: Tracker, parent: str, known: set[str], trial_id_tag: str) -> list[str]:
+def runs_of_trial(tracker: Tracker, parent: str, trial_id: str) -> list[Any]:
+    """The runs under the search run ``parent`` that Tune trial ``trial_id`` opened or took over (at most one)."""
+    return tracker.runs({TRIAL_ID_TAG: trial_id, "mlflow.parentRunId": parent})
+
+
+def set_aside(tracker: Tracker, parent: str, known: set[str]) -> list[str]:
     """Give the trial runs under ``parent`` whose trial Tune does not know the role ``unrecorded_trial``, with
     the reason; one still RUNNING (its process died with the driver) ends KILLED. Their run ids."""
     aside = []
     for run in tracker.runs_under(parent, role=TRIAL_ROLE):
-        if run.data.tags.get(trial_id_tag) in known:
+        if run.data.tags.get(TRIAL_ID_TAG) in known:
             continue
         tracker.set_tags(run.info.run_id, {"kdray.role": UNRECORDED_ROLE, UNRECORDED_TAG: UNRECORDED_WHY})
         if run.info.status == "RUNNING":
@@ -59,21 +65,20 @@ def set_aside(tracker: Tracker, parent: str, known: set[str], trial_id_tag: str)
 
 
 def adopt(
-    tracker: Tracker, store: ModelStore, parent: str, trial_id: str, sampled: dict[str, Any], label: str,
-    trial_id_tag: str,
-) -> str | None:  # fmt: skip
+    tracker: Tracker, store: ModelStore, parent: str, trial_id: str, sampled: dict[str, Any], label: str
+) -> str | None:
     """Make a set-aside run that sampled exactly ``sampled`` the run of trial ``trial_id`` (unless that trial
     has a run already), renamed ``label``; its id, or None. Under a lock, so two trials that drew the same
     values never take the same run."""
     with store.lock(f"adopt-{parent}"):
-        if tracker.runs({trial_id_tag: trial_id, "mlflow.parentRunId": parent}):
+        if runs_of_trial(tracker, parent, trial_id):
             return None
         for run in tracker.runs_under(parent, role=UNRECORDED_ROLE):
             if json.loads(run.data.tags.get("kdray.sampled", "null")) != sampled:
                 continue
             run_id = run.info.run_id
-            first = run.data.tags.get(FIRST_TRIAL_TAG, run.data.tags[trial_id_tag])
-            tracker.set_tags(run_id, {"kdray.role": TRIAL_ROLE, trial_id_tag: trial_id, FIRST_TRIAL_TAG: first})
+            first = run.data.tags.get(FIRST_TRIAL_TAG, run.data.tags[TRIAL_ID_TAG])
+            tracker.set_tags(run_id, {"kdray.role": TRIAL_ROLE, TRIAL_ID_TAG: trial_id, FIRST_TRIAL_TAG: first})
             tracker.delete_tag(run_id, UNRECORDED_TAG)
             tracker.rename(run_id, label)
             return run_id
