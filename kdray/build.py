@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from kdray.config import ExperimentConfig, TrainConfig
+from kdray.config import ConfigError, ExperimentConfig, TrainConfig
 from kdray.data import BatchSource, Dataset, on_device
 from kdray.data.augment import view_count
 from kdray.distributed import WorkerContext
@@ -152,6 +152,22 @@ def make_guides(
     return [Guide(model, cache.lookup(model)) for model in models]
 
 
+def check_batch_fits(batch_size: int, images: int, shards: int) -> None:
+    """One step per epoch at least: each of ``shards`` workers needs a whole batch of its share of the images."""
+    if images // shards >= batch_size:
+        return
+    if shards == 1:
+        raise ConfigError(
+            f"train.batch_size={batch_size} is larger than the {images} training images; "
+            f"set train.batch_size to at most {images}"
+        )
+    raise ConfigError(
+        f"train.batch_size={batch_size} per worker needs {batch_size * shards} training images for "
+        f"scaling.num_workers={shards} workers, and there are {images}; set train.batch_size to at most "
+        f"{images // shards}, or use fewer workers"
+    )
+
+
 def build_stage(
     cfg: ExperimentConfig,
     plan: StagePlan,
@@ -182,9 +198,8 @@ def build_stage(
         for name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))
         if split is not None
     }
+    check_batch_fits(train.batch_size, len(splits["train"]), parallel.shard.world_size)
     steps_per_epoch = len(splits["train"]) // parallel.shard.world_size // train.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"train.batch_size={train.batch_size} exceeds the {len(splits['train'])} training images")
     optimizer = build_optimizer(method.trainable(), train, parallel.shard.world_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(train, steps_per_epoch))
     precision, scaler = autocast(ctx, train.amp)

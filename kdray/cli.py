@@ -19,7 +19,9 @@ from kdray.config import (
     load_config,
 )
 from kdray.data import DATASETS, DataError
+from kdray.engine import TrainingDiverged
 
+EXIT_FAILED = 1  # a run that started and could not finish (its MLflow run says why)
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
@@ -164,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         kind = "config" if isinstance(error, ConfigError) else "data"
         print(f"kdray: {kind} error: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    except TrainingDiverged as error:
+        print(f"kdray: training diverged: {error} (its MLflow run is marked FAILED)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _plain_text(record: logging.LogRecord) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -98,6 +98,12 @@ def absolute_path(path: str) -> str:
 
 AbsolutePath = Annotated[str, AfterValidator(absolute_path)]
 
+# Upper bounds of the integer fields, so a typo is one line here, not an overflow deep in numpy or torch.
+SEED_MAX = 2**32 - 1  # numpy's seeds end here (torch's go further)
+EPOCHS_MAX = 100_000
+BATCH_MAX = 1 << 20  # images in one step of one worker
+WORKERS_MAX = 4096  # Ray Train workers, threads, concurrent trials
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -172,6 +178,7 @@ class AugmentConfig(Section):
     crop_cycle: int | None = Field(
         None,
         ge=1,
+        le=EPOCHS_MAX,
         description="random_resized_crop: the crops repeat every this many epochs, so the guide-output cache can hold "
         "them (null: new crops every epoch, and guides run uncached).",
     )
@@ -219,7 +226,9 @@ class DataConfig(Section):
         description="Share of train held out (stratified, besides the validation split) as a test split when the data "
         "has none; null = no test split.",
     )
-    split_seed: int = Field(0, description="Seed of the validation and test splits and of limit_train's subset.")
+    split_seed: int = Field(
+        0, ge=0, le=SEED_MAX, description="Seed of the validation and test splits and of limit_train's subset."
+    )
     image_size: int | None = Field(
         None,
         ge=8,
@@ -227,7 +236,9 @@ class DataConfig(Section):
         description="Resize every image to this square size when decoding (cached); null = as stored (image folders "
         "then need one size throughout).",
     )
-    limit_train: int | None = Field(None, ge=10, description="Keep about this many training images (quick runs).")
+    limit_train: int | None = Field(
+        None, ge=10, le=10**10, description="Keep about this many training images (quick runs)."
+    )
     cache_dir: AbsolutePath = Field(
         default_factory=_default_cache, validate_default=True, description="Where decoded image folders are cached."
     )
@@ -327,10 +338,13 @@ class ModelConfig(Section):
 
 class TeacherConfig(ModelConfig):
     name: ModelName = Field("resnet20", description="Teacher architecture (as student.name).")
-    epochs: int | None = Field(None, ge=1, description="Teacher training epochs; null = train.epochs.")
+    epochs: int | None = Field(None, ge=1, le=EPOCHS_MAX, description="Teacher training epochs; null = train.epochs.")
     lr: float | None = Field(None, gt=0, description="Teacher peak learning rate; null = train.lr.")
     seed: int | None = Field(
-        None, description="Teacher training seed; null = train.seed. Fix it to share one teacher among student seeds."
+        None,
+        ge=0,
+        le=SEED_MAX,
+        description="Teacher training seed; null = train.seed. Fix it to share one teacher among student seeds.",
     )
     weights: str | None = Field(
         None,
@@ -370,9 +384,9 @@ class AssistantsConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(10, ge=1, description="Training epochs of the student (and teacher unless set).")
-    batch_size: int = Field(128, ge=2, description="Images per step on each worker.")
-    eval_batch_size: int = Field(1024, ge=1, description="Images per evaluation step.")
+    epochs: int = Field(10, ge=1, le=EPOCHS_MAX, description="Training epochs of the student (and teacher unless set).")
+    batch_size: int = Field(128, ge=2, le=BATCH_MAX, description="Images per step on each worker.")
+    eval_batch_size: int = Field(1024, ge=1, le=BATCH_MAX, description="Images per evaluation step.")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="SGD (momentum) or AdamW.")
     lr: float = Field(0.05, gt=0, description="Peak learning rate (per worker batch; see lr_scaling).")
     lr_scaling: Literal["none", "linear"] = Field(
@@ -383,11 +397,11 @@ class TrainConfig(Section):
     nesterov: bool = Field(False, description="Nesterov momentum (SGD).")
     weight_decay: float = Field(5e-4, ge=0, description="Weight decay.")
     schedule: Literal["constant", "step", "multistep", "cosine"] = Field("cosine", description="LR schedule.")
-    step_size: int = Field(30, ge=1, description="Epochs between decays for schedule=step.")
+    step_size: int = Field(30, ge=1, le=EPOCHS_MAX, description="Epochs between decays for schedule=step.")
     milestones: list[int] = Field(default_factory=list, description="Epochs of decay for schedule=multistep.")
     gamma: float = Field(0.1, gt=0, le=1, description="Decay factor of step/multistep.")
-    warmup_epochs: int = Field(0, ge=0, description="Linear warm-up epochs before the schedule.")
-    seed: int = Field(0, description="Seed of initialisation, batch order and augmentation.")
+    warmup_epochs: int = Field(0, ge=0, le=EPOCHS_MAX, description="Linear warm-up epochs before the schedule.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of initialisation, batch order and augmentation.")
     amp: bool = Field(True, description="Mixed precision on GPU (bf16 where supported, else fp16); no-op on CPU.")
     channels_last: bool = Field(True, description="NHWC memory layout on GPU (faster convolutions); no-op on CPU.")
     compile: bool = Field(False, description="torch.compile the student and guides (slow first epoch, faster later).")
@@ -410,9 +424,13 @@ class TrainConfig(Section):
 
 
 class ScalingConfig(Section):
-    num_workers: int = Field(0, ge=0, description="0 = train in this process; N >= 1 = N Ray Train workers (DDP).")
+    num_workers: int = Field(
+        0, ge=0, le=WORKERS_MAX, description="0 = train in this process; N >= 1 = N Ray Train workers (DDP)."
+    )
     use_gpu: bool | None = Field(None, description="null = use GPUs when the machine (or Ray cluster) has them.")
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch (null = torch's default).")
+    threads: int | None = Field(
+        None, ge=1, le=WORKERS_MAX, description="CPU threads for torch (null = torch's default)."
+    )
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="Ray resources per worker, e.g. {CPU: 4, GPU: 1}."
     )
@@ -428,17 +446,28 @@ class ScalingConfig(Section):
     sync_batchnorm: bool = Field(
         False, description="Data parallelism on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)."
     )
-    checkpoint_every: int = Field(1, ge=1, description="Checkpoint the training state every K epochs.")
+    checkpoint_every: int = Field(1, ge=1, le=EPOCHS_MAX, description="Checkpoint the training state every K epochs.")
     keep_checkpoints: int = Field(
-        2, ge=1, description="Ray checkpoints kept per stage or trial (the newest; older ones are deleted)."
+        2, ge=1, le=1000, description="Ray checkpoints kept per stage or trial (the newest; older ones are deleted)."
     )
-    max_failures: int = Field(0, ge=0, description="Ray runs: restart from the last checkpoint up to N times.")
+    max_failures: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="Ray runs: restart from the last checkpoint up to N times (bad input is never retried).",
+    )
     storage_path: AbsolutePath = Field(
         default_factory=default_storage_path,
         validate_default=True,
         description="Ray Train/Tune run storage (checkpoints, search state; default: $KDRAY_STORAGE_PATH, else "
         ".kdray/ray); shared storage (s3://, NFS) on several nodes.",
     )
+
+    @property
+    def data_shards(self) -> int:
+        """How many workers split each epoch's images: every worker under data parallelism, one under branch
+        parallelism (every worker reads every batch)."""
+        return max(1, self.num_workers) if self.parallelism == "data" else 1
 
 
 NAME_LIMIT = 100
@@ -526,27 +555,33 @@ class SearchParam(Section):
 
 class SchedulerConfig(Section):
     name: Literal["asha", "none"] = Field("asha", description="asha: stop weak trials early (ASHA); none: run all.")
-    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped.")
+    grace_period: int = Field(
+        1, ge=1, le=EPOCHS_MAX, description="ASHA: epochs every trial runs before it can be stopped."
+    )
     reduction_factor: float = Field(2.0, gt=1, description="ASHA: 1/reduction_factor of trials go on at each rung.")
-    max_t: int | None = Field(None, ge=1, description="ASHA: the most epochs of a trial (null = train.epochs).")
+    max_t: int | None = Field(
+        None, ge=1, le=EPOCHS_MAX, description="ASHA: the most epochs of a trial (null = train.epochs)."
+    )
 
 
 class SamplerConfig(Section):
     name: Literal["tpe", "gp", "random"] = Field("tpe", description="Optuna sampler: TPE, Gaussian process, random.")
-    seed: int = Field(0, description="Sampler seed: the same search proposes the same trials.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Sampler seed: the same search proposes the same trials.")
 
 
 class SearchConfig(Section):
     name: PlainName | None = Field(None, description="Search name (Tune folder, MLflow run); null = <file>-<time>.")
     metric: str = Field("val/acc", description="Metric of the final student the search optimises (a val/* metric).")
     mode: Literal["max", "min"] = Field("max", description="Maximise or minimise the metric.")
-    num_samples: int = Field(8, ge=1, description="Number of trials.")
-    max_concurrent_trials: int = Field(2, ge=1, description="Trials running at the same time.")
+    num_samples: int = Field(8, ge=1, le=1_000_000, description="Number of trials.")
+    max_concurrent_trials: int = Field(2, ge=1, le=WORKERS_MAX, description="Trials running at the same time.")
     resources_per_trial: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 1.0},
         description="Ray resources of an in-process trial, e.g. {CPU: 2, GPU: 0.25} (fractional GPUs allowed).",
     )
-    max_failures: int = Field(1, ge=0, description="Retries of a trial that crashes (a diverged loss is not retried).")
+    max_failures: int = Field(
+        1, ge=0, le=1000, description="Retries of a trial that crashes (a diverged loss is not retried)."
+    )
     guides_first: bool = Field(
         True,
         description="Train the guides every trial needs (the teacher) before the trials, with all trial slots' "
@@ -800,14 +835,20 @@ def _one_line(error: ValidationError, raw: dict[str, Any]) -> str:
 
 
 def _allowed_keys(path: list[str], raw: dict[str, Any]) -> list[str]:
+    """The keys the section at ``path`` takes: the chosen method's under ``method``, a search range's under an
+    entry of ``search.space`` (whose keys are dotted field names, not sections)."""
     model: type[BaseModel] = ExperimentConfig
-    for part in path:
-        if part == "method":
+    for depth, part in enumerate(path):
+        if depth == 0 and part == "method":
             name = (raw.get("method") or {}).get("name", DEFAULT_METHOD)
             methods = _registry("method")
             model = methods[name].Params if name in methods else model
             continue
+        if part not in model.model_fields:  # a key of a dict section (an entry of search.space): model stays
+            continue
         annotation = model.model_fields[part].annotation
+        if get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
     return list(model.model_fields)

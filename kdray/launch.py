@@ -18,11 +18,13 @@ from functools import partial
 from typing import Any
 
 import torch
+from ray.train import ControllerError, UserCallback
 
 from kdray.build import build_stage, model_info
 from kdray.config import ConfigError, ExperimentConfig, validate_config
 from kdray.distributed import ray_train_context
-from kdray.engine import fit
+from kdray.engine import TrainingDiverged, fit
+from kdray.images import DataError
 from kdray.sinks import RayTrainSink
 from kdray.stages import StagePlan
 from kdray.store import ModelStore
@@ -37,6 +39,8 @@ REPORT_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 log = logging.getLogger(__name__)
 
+NOT_RETRYABLE = (ConfigError, DataError, TrainingDiverged)
+
 
 def data_parallel(cfg: ExperimentConfig) -> Callable[[torch.nn.Module], torch.nn.Module]:
     """DDP through Ray Train; with ``scaling.sync_batchnorm`` the BatchNorm layers first become
@@ -50,6 +54,19 @@ def data_parallel(cfg: ExperimentConfig) -> Callable[[torch.nn.Module], torch.nn
         return ray.train.torch.prepare_model(module)
 
     return wrap
+
+
+class NoRetryOfBadInput(UserCallback):
+    """Ends a Ray Train run at once when a worker fails in a way a restart repeats: bad input found on the worker
+    (``ConfigError``, ``DataError``) or a diverged loss (same seed, same checkpoint, same NaN).
+
+    Train V2's failure policy retries every worker error up to ``FailureConfig.max_failures``; an error raised
+    from a controller callback is not retried. The driver re-raises the worker's error (``fit_on_ray``)."""
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        for error in worker_exceptions.values():
+            if isinstance(error, NOT_RETRYABLE):
+                raise error
 
 
 def stage_worker(config: dict[str, Any]) -> None:
@@ -167,7 +184,12 @@ def fit_on_ray(
             storage_path=scaling.storage_path,
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=scaling.keep_checkpoints),
-            callbacks=callbacks or None,
+            callbacks=[NoRetryOfBadInput(), *(callbacks or [])],
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except ControllerError as error:  # NoRetryOfBadInput stopped it: the worker's own one-line error
+        if isinstance(error.controller_failure, NOT_RETRYABLE):
+            raise error.controller_failure from None
+        raise

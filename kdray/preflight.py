@@ -5,9 +5,11 @@ Writing is tested by writing (a temporary file in each folder), not by looking a
 read-only mount, a quota or an ACL answers only then.
 
 The config alone cannot say whether a user's model builds for these images, whether a torchvision model
-can be split into the stages a method reads, or whether given weights fit their architecture and the
-data's classes: this builds every planned model once (on the CPU, without training) and reads the given
-weights, so each of those problems is one line naming the field, not a traceback from a Ray worker.
+can be split into the stages a method reads, whether given weights fit their architecture and the
+data's classes, or whether a batch fits each worker's share of the images: this builds every planned
+model once (on the CPU, without training), reads the given weights and counts the batches, so each of
+those problems is one line naming the field, not a traceback from a Ray worker (where a retry would
+fail the same way).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from kdray.build import model_info
+from kdray.build import check_batch_fits, model_info
 from kdray.config import ConfigError, ExperimentConfig
 from kdray.data import Dataset
 from kdray.methods import METHODS
@@ -26,9 +28,13 @@ from kdray.stages import StagePlan, plan_stages
 
 
 def check_writable(cfg: ExperimentConfig) -> None:
-    """The model store, the local Ray storage and a sqlite MLflow store must take a write, before Ray or MLflow
-    start (an unwritable sqlite file otherwise retries for minutes, a read-only store fails after training)."""
+    """Every folder kdray writes (the model store, the image cache, the guide-output cache, the local Ray
+    storage, a sqlite MLflow store) must take a write before Ray or MLflow start: an unwritable sqlite file
+    otherwise retries for minutes, a read-only store or cache fails after training began."""
     _writable(Path(cfg.store.path), "store.path")
+    _writable(Path(cfg.data.cache_dir), "data.cache_dir")
+    if cfg.guide_cache.enabled and cfg.guide_cache.path is not None:
+        _writable(Path(cfg.guide_cache.path), "guide_cache.path")
     if "://" not in cfg.scaling.storage_path:
         _writable(Path(cfg.scaling.storage_path), "scaling.storage_path")
     if cfg.tracking.uri.startswith("sqlite:///"):
@@ -55,10 +61,13 @@ def _writable(folder: Path, field: str) -> None:
 
 
 def check_models(cfg: ExperimentConfig, dataset: Dataset) -> list[StagePlan]:
-    """Plan the stages (reading and checking given weights) and build each planned model; the plans."""
+    """Plan the stages (reading and checking given weights), build each planned model and check that its
+    batches fit the training split as the workers will shard it; the plans."""
     info = model_info(dataset)
     plans = plan_stages(cfg, dataset.fingerprint(), info=info)
     for plan in plans:
+        if plan.weights is None:
+            check_batch_fits(plan.train.batch_size, len(dataset.train), cfg.scaling.data_shards)
         field = "student" if plan is plans[-1] else plan.role
         try:
             model = build_model(

@@ -177,15 +177,23 @@ def mark_failed(tracker: Tracker, run_ids: list[str], error: BaseException) -> N
 
 
 def describe(result: ExperimentResult, cfg: ExperimentConfig) -> str:
-    """A short table for the terminal: what was trained or reused, and how well it does."""
-    lines = [f"{'stage':<11}{'model':<12}{'key':<26}{'source':<9}{'val_acc':>8}{'test_acc':>9}"]
+    """A short table for the terminal: where each stage's model came from, and how well it does. Columns are as
+    wide as their longest entry (a torchvision or timm name, a user's model path)."""
+    rows = [("stage", "model", "key", "source", "val_acc", "test_acc")]
     for stage in result.stages:
         test = stage.metrics.get("test/acc")
-        lines.append(
-            f"{stage.plan.role:<11}{stage.plan.model.name:<12}{stage.plan.key:<26}"
-            f"{'reused' if stage.reused else 'trained':<9}{stage.metrics['val/acc']:>8.4f}"
-            f"{(f'{test:.4f}' if test is not None else '-'):>9}"
-        )
+        rows.append((
+            stage.plan.role, stage.plan.model.name, stage.plan.key, stage.source,
+            f"{stage.metrics['val/acc']:.4f}", f"{test:.4f}" if test is not None else "-",
+        ))  # fmt: skip
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            cell.rjust(width) if column >= 4 else cell.ljust(width)
+            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
     lines.append(f"MLflow: run {result.parent_run_id} in experiment '{cfg.tracking.experiment}' at {cfg.tracking.uri}")
     lines.append(f"        view it with: {view_hint(cfg.tracking.uri)}")
     lines.append(f"Store:  {cfg.store.path}")

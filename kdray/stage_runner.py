@@ -42,6 +42,14 @@ class StageOutcome:
     reused: bool
     metrics: dict[str, float]
 
+    @property
+    def source(self) -> str:
+        """Where this run's model came from: ``reused`` from the store, ``given`` (weights evaluated, not
+        trained) or ``trained``."""
+        if self.reused:
+            return "reused"
+        return "given" if self.plan.weights is not None else "trained"
+
 
 def store_stage(
     cfg: ExperimentConfig,

@@ -54,7 +54,7 @@ def stage_identity(
     identity = {
         # Data parallelism: the global batch, and so the result, depends on the number of workers.
         # Branch parallelism computes what one process computes.
-        "world_size": max(1, cfg.scaling.num_workers) if cfg.scaling.parallelism == "data" else 1,
+        "world_size": cfg.scaling.data_shards,
         "model": model.model_dump(mode="json"),
         "code": code_version(model.name),  # a changed architecture never reuses old weights
         "data": {"fingerprint": fingerprint, "augment": cfg.data.augment.model_dump(mode="json")},

@@ -206,7 +206,11 @@ class Tracker:
 
         Pickled (cloudpickle), not MLflow 3's default ``pt2``: a pickled module loads back for every
         architecture kdray trains (torch.export needs a traceable forward, which a user's model need not
-        have); loading needs kdray (and a user's model package) importable, as training did."""
+        have); loading needs kdray (and a user's model package) importable, as training did.
+
+        The LoggedModel is created here, in this tracker's experiment (the run's): left to
+        ``log_model``, MLflow 3.17 files it under the process's current experiment, "Default", where
+        the experiment's Models tab and ``search_logged_models`` never find it."""
         import mlflow
         import numpy as np
         import torch
@@ -226,10 +230,14 @@ class Tracker:
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # its advice to use pt2 is answered in the docstring above
         try:
+            logged = mlflow.initialize_logged_model(
+                name=name, source_run_id=run_id, experiment_id=self.experiment_id, params=self.params(run_id)
+            )
             info = mlflow.pytorch.log_model(
                 model,
                 name=name,
                 run_id=run_id,
+                model_id=logged.model_id,
                 serialization_format="pickle",
                 signature=infer_signature(example, logits),
                 input_example=example,

@@ -15,6 +15,7 @@ from kdray import __version__
 from kdray.cli import main
 from kdray.models import ModelInfo, build_model
 from kdray.store import ModelStore
+from tests.conftest import make_image_folder
 from tests.faults import zero_in_place
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +69,8 @@ def test_train_refuses_bad_config_before_any_work(bare_workdir: Path, capsys: py
         ("store.path=/sys/kdray-store", "store.path: cannot write in /sys/kdray-store ("),
         ("scaling.storage_path=/sys/kdray-ray", "scaling.storage_path: cannot write in /sys/kdray-ray"),
         ("tracking.uri=sqlite:////sys/mlflow.db", "tracking.uri: cannot write in /sys (Permission denied)"),
+        ("data.cache_dir=/sys/kdray-cache", "data.cache_dir: cannot write in /sys/kdray-cache"),
+        ("guide_cache.path=/proc/kdray-guides", "guide_cache.path: cannot write in /proc/kdray-guides"),
     ],
 )
 def test_unwritable_places_are_refused_before_any_work(
@@ -77,6 +80,77 @@ def test_unwritable_places_are_refused_before_any_work(
         code, _, err = kdray(capsys, command, QUICKSTART, override)
         assert code == 2 and err.strip().splitlines()[-1].startswith(f"kdray: config error: {expected}"), err
     assert not (bare_workdir / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.seed=-1", "train.seed: Input should be greater than or equal to 0 (got -1)"),
+        (f"train.seed={2**64}", "train.seed: Input should be less than or equal to 4294967295"),
+        ("teacher.seed=-3", "teacher.seed: Input should be greater than or equal to 0"),
+        ("search.sampler.seed=-3", "search.sampler.seed: Input should be greater than or equal to 0"),
+        (f"train.batch_size={10**23}", "train.batch_size: Input should be less than or equal to 1048576"),
+        ("train.epochs=1000000000", "train.epochs: Input should be less than or equal to 100000"),
+        ("scaling.num_workers=100000", "scaling.num_workers: Input should be less than or equal to 4096"),
+        # within the bound but larger than the data: known once the data is loaded, before any training
+        ("train.batch_size=100000", "train.batch_size=100000 is larger than the 1295 training images"),
+    ],
+)
+def test_numbers_out_of_bounds_are_one_line_before_any_work(
+    bare_workdir: Path, capsys: pytest.CaptureFixture[str], override: str, expected: str
+) -> None:
+    code, _, err = kdray(capsys, "train", QUICKSTART, override)
+    assert code == 2 and err.strip().splitlines()[-1].startswith(f"kdray: config error: {expected}"), err
+    assert not (bare_workdir / ".kdray").exists()  # nothing trained, nothing checkpointed
+
+
+def test_a_typo_inside_a_search_range_names_the_key_and_what_is_allowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "typo.yaml"
+    file.write_text("search:\n  space:\n    method.temperature: {kind: float, low: 1.0, hihg: 8.0}\n")
+    code, _, err = kdray(capsys, "validate", str(file))
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "kdray: config error: search.space.method.temperature.hihg: unknown key; allowed: kind, low, high, values, "
+        "methods"
+    ]
+
+
+def test_a_batch_larger_than_a_workers_share_is_refused_before_any_worker_starts(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """96 training images on 2 workers: a per-worker batch of 64 needs 128. Said by the driver, once, exit 2."""
+    make_image_folder(workdir / "images", {"train": 32, "val": 8})
+    overrides = ["data.name=imagefolder", f"data.root={workdir / 'images'}", "scaling.num_workers=2"]
+    for loader in ("memory", "stream"):
+        code, _, err = kdray(capsys, "train", QUICKSTART, *overrides, f"data.loader={loader}", "train.epochs=1")
+        assert code == 2, err
+        assert err.strip().splitlines()[-1] == (
+            "kdray: config error: train.batch_size=64 per worker needs 128 training images for "
+            "scaling.num_workers=2 workers, and there are 96; set train.batch_size to at most 48, or use fewer workers"
+        )
+    assert not (workdir / ".kdray" / "ray").exists()  # no Ray Train run began
+
+
+def test_a_diverging_run_is_one_line_and_its_run_is_marked_failed_with_the_reason(workdir: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "kdray", "train", QUICKSTART, "train.lr=1e6", "teacher.epochs=1", "train.epochs=1"]
+        + ["teacher.name=plane4", "tracking.experiment=diverged"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    reason = "teacher: the loss became nan in epoch 1; lower train.lr"
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"kdray: training diverged: {reason} (its MLflow run is marked FAILED)"
+    )
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("diverged").experiment_id])
+    assert {run.info.status for run in runs} == {"FAILED"}
+    teacher = next(run for run in runs if run.data.tags["kdray.role"] == "teacher")
+    assert teacher.data.tags["kdray.error"] == f"TrainingDiverged: {reason}"
 
 
 def test_listings(capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,13 +17,13 @@ from PIL import Image
 from torchvision import models as tv
 
 from kdray.build import model_info
-from kdray.config import ConfigError, load_config
+from kdray.config import ConfigError, ExperimentConfig, load_config
 from kdray.data import DataError, load_dataset
 from kdray.deployed import accuracy, export, load_classifier
 from kdray.models import ModelInfo, WeightsError, build_model, code_version, load_weights, parameter_count
 from kdray.models.deploy import Classifier
 from kdray.preflight import check_models
-from kdray.run import run_experiment
+from kdray.run import ExperimentResult, describe, run_experiment
 
 # RepDistiller's own definitions (github.com/HobbitLong/RepDistiller, models/), CIFAR-100 heads, counted by
 # building its model_dict entries: vgg8..19 = vgg*_bn, mobilenetv2 = MobileNetV2 (mobile_half),
@@ -122,6 +122,17 @@ def train_plain_teacher(path: Path) -> float:
         return (model(data.val.images.float() / 255).argmax(1) == data.val.labels).float().mean().item()
 
 
+def summary_rows(result: ExperimentResult, cfg: ExperimentConfig) -> dict[str, list[str]]:
+    """{stage: [model, source]} read off the run's summary table, whose columns must line up under the header."""
+    header, *rows = describe(result, cfg).splitlines()[: 1 + len(result.stages)]
+    starts = [header.index(title) for title in ("model", "key", "source")]
+    table = {}
+    for row, stage in zip(rows, result.stages, strict=True):
+        assert [row.index(value) for value in (stage.plan.model.name, stage.plan.key, stage.source)] == starts, row
+        table[stage.plan.role] = [stage.plan.model.name, stage.source]
+    return table
+
+
 @pytest.mark.slow
 def test_a_teacher_given_as_a_weights_file_teaches_a_users_own_student(workdir: Path) -> None:
     val_acc = train_plain_teacher(workdir / "teacher.pt")
@@ -134,15 +145,19 @@ def test_a_teacher_given_as_a_weights_file_teaches_a_users_own_student(workdir: 
         "train.epochs=10",
         "tracking.experiment=given",
     ]
-    first = run_experiment(load_config(None, overrides))
+    cfg = load_config(None, overrides)
+    first = run_experiment(cfg)
     teacher, student = first.stages
+    assert summary_rows(first, cfg) == {"teacher": ["plane4", "given"], "student": ["user_models:TinyNet", "trained"]}
     assert teacher.plan.weights is not None and not teacher.reused
     assert teacher.metrics["val/acc"] == pytest.approx(val_acc, abs=1e-6)  # evaluated as the user would
     assert teacher.metrics["val/acc"] > 0.8 and student.metrics["val/acc"] > 0.3
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     assert "loss/total" not in client.get_run(teacher.run_id).data.metrics  # never trained
-    again = run_experiment(load_config(None, [*overrides, "method.temperature=2"]))
+    cfg = load_config(None, [*overrides, "method.temperature=2"])
+    again = run_experiment(cfg)
     assert again.stages[0].plan.key == teacher.plan.key and again.stages[0].reused  # keyed by the weights
+    assert summary_rows(again, cfg)["teacher"] == ["plane4", "reused"]
     # a file that does not fit the architecture is one clear error before anything runs
     with pytest.raises(ConfigError, match=r"^teacher.weights: .*do not fit this architecture"):
         run_experiment(load_config(None, [*overrides, "teacher.name=resnet8"]))
@@ -267,6 +282,8 @@ def test_timm_models_are_one_stage_and_load_timms_own_weights() -> None:
 
 
 def test_a_teacher_given_as_an_mlflow_model_brings_its_normalisation(workdir: Path) -> None:
+    from mlflow.entities import LoggedModelStatus
+
     from kdray.given import given_model
     from kdray.tracking import Tracker
 
@@ -276,6 +293,11 @@ def test_a_teacher_given_as_an_mlflow_model_brings_its_normalisation(workdir: Pa
     run = tracker.start_run("teacher", {})
     logged = Classifier(model, [0.25], [0.5], [str(c) for c in range(10)], (1, 8, 8))
     model_id = tracker.log_model(run, logged, (1, 8, 8))
+    # The model belongs to its run's experiment (its Models tab), not to MLflow's "Default".
+    found = tracker.client.search_logged_models(experiment_ids=[tracker.experiment_id])
+    assert [m.model_id for m in found] == [model_id]
+    assert found[0].source_run_id == run and found[0].status.to_proto() == LoggedModelStatus.READY.to_proto()
+    assert not tracker.client.search_logged_models(experiment_ids=["0"])
     cfg = load_config(None, ["teacher.name=resnet8", f"teacher.weights=models:/{model_id}"])
     info = ModelInfo(num_classes=10, in_channels=1, image_size=8)
     given = given_model(cfg, "teacher", cfg.student.model_copy(update={"name": "resnet8"}), info)

@@ -7,6 +7,7 @@ import torch
 from mlflow import MlflowClient
 
 from kdray.config import ConfigError, load_config
+from kdray.engine import TrainingDiverged
 from kdray.models import ModelInfo, build_model
 from kdray.run import run_experiment
 from kdray.store import ModelStore
@@ -103,3 +104,22 @@ def test_sync_batchnorm_is_refused_on_a_cluster_without_gpus(local_ray: None, wo
     with pytest.raises(ConfigError, match="scaling.sync_batchnorm: the Ray cluster has no GPUs"):
         run_experiment(cfg)
     assert not Path(cfg.scaling.storage_path).exists()  # refused before any Train run started
+
+
+@pytest.mark.slow
+def test_a_diverged_loss_on_the_workers_is_not_retried(local_ray: None, workdir: Path) -> None:
+    """The same seed from the same checkpoint diverges again: with retries allowed (scaling.max_failures=2) the
+    run ends at the first divergence with the workers' own error. Retried, it would end in Ray's
+    WorkerGroupError once the retries ran out; the controller-side stop is what brings TrainingDiverged back."""
+    cfg = load_config(
+        None,
+        [*TWO_CPU_WORKERS, "teacher.name=plane4", "teacher.epochs=3", "train.lr=1e6", "scaling.max_failures=2"]
+        + ["tracking.experiment=diverged"],
+    )
+    with pytest.raises(TrainingDiverged, match=r"^teacher: the loss became nan in epoch 1; lower train.lr$"):
+        run_experiment(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    (teacher,) = client.search_runs(
+        [client.get_experiment_by_name("diverged").experiment_id], "tags.`kdray.role` = 'teacher'"
+    )
+    assert teacher.info.status == "FAILED" and teacher.data.tags["kdray.error"].startswith("TrainingDiverged: teacher")

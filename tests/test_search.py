@@ -414,3 +414,35 @@ def test_a_search_killed_while_its_shared_teacher_trains_resumes_the_teacher(wor
     assert killed.info.status == "KILLED" and "interrupted" in killed.data.tags["kdray.error"]
     assert resumed.info.status == "FINISHED" and int(resumed.data.tags["kdray.resumed_from_epoch"]) >= 3
     assert not any(run.info.status == "RUNNING" for runs in runs_by_role(uri, "mid-teacher").values() for run in runs)
+
+
+@pytest.mark.slow
+def test_a_search_killed_before_tune_saved_its_state_resumes_from_its_first_trial(workdir: Path) -> None:
+    """A driver killed after it opened the search (its run, its folder) but before Tune saved a first state:
+    `--resume` starts the trials afresh under the same name and MLflow run, instead of Ray's traceback."""
+    file = write_experiment(workdir, {"space": {"method.temperature": {"kind": "float", "low": 1, "high": 8}}})
+    overrides = [*SMALL, "search.num_samples=2", "search.scheduler.name=none", "search.name=early"]
+    overrides += ["tracking.experiment=early"]
+    folder = workdir / ".kdray" / "ray" / "early"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kdray", "tune", str(file), *overrides], start_new_session=True, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (folder / "kdray-search.json").exists():
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the search never opened"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    for saved in folder.glob("experiment_state-*.json"):  # if Tune got that far, the kill came a moment later
+        saved.unlink()
+    done = subprocess.run(
+        [sys.executable, "-m", "kdray", "tune", "--resume", "early"], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    runs = runs_by_role(f"sqlite:///{workdir / 'mlflow.db'}", "early")
+    assert [run.info.status for run in runs["search"]] == ["FINISHED"]
+    assert len([run for run in runs["trial"] if run.info.status == "FINISHED"]) == 2

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from kdray.config import EPOCHS_MAX
 from kdray.data import Batch
 from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
 from kdray.methods.losses import comparable, decoupled_kl
@@ -29,7 +30,9 @@ class DKDParams(MethodParams):
     alpha: float = Field(1.0, ge=0, description="Weight of TCKD, the target-class term.")
     beta: float = Field(8.0, ge=0, description="Weight of NCKD, the non-target term (the paper tunes it per pair).")
     ce_weight: float = Field(1.0, ge=0, description="Weight of the cross-entropy on the labels.")
-    warmup_epochs: int = Field(20, ge=0, description="Epochs over which the DKD term ramps up linearly (0: none).")
+    warmup_epochs: int = Field(
+        20, ge=0, le=EPOCHS_MAX, description="Epochs over which the DKD term ramps up linearly (0: none)."
+    )
     logit_standardization: bool = Field(False, description="z-score student and teacher logits first (LS).")
 
 

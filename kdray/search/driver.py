@@ -25,7 +25,7 @@ from typing import Any
 from ray.tune import Callback
 
 from kdray.config import ConfigError, ExperimentConfig, SamplerConfig, absolute_path, plain_name, validate_config
-from kdray.data import load_dataset
+from kdray.data import Dataset, load_dataset
 from kdray.launch import connect_ray
 from kdray.preflight import check_decode_cpus, check_models, check_writable
 from kdray.run import mark_failed, run_experiment, run_tags
@@ -216,12 +216,21 @@ def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
     tracker.log_text(parent, cfg.to_yaml(), "config.yaml")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / STATE_FILE).write_text(json.dumps({"config": cfg.dump(), "parent_run_id": parent}))
+    return _start_tune(cfg, name, parent, tracker, dataset)
+
+
+def _start_tune(
+    cfg: ExperimentConfig, name: str, parent: str, tracker: Tracker, dataset: Dataset, resumed: bool = False
+) -> SearchOutcome:
+    """Train the shared guides and run the trials, from the first: a new search, or (``resumed``) one whose
+    driver stopped before Tune saved any state, whose earlier trial runs the new trials take over."""
+    root = cfg.scaling.storage_path
     try:
         from ray import tune
         from ray.tune.search.optuna import OptunaSearch
 
         connect_ray(log_to_driver=False)
-        setup = {"base": cfg.dump(), "parent_run_id": parent, "search_name": name}
+        setup = {"base": cfg.dump(), "parent_run_id": parent, "search_name": name, "resumed": resumed}
         search = cfg.search
         watch = progress(cfg, name)  # first: it quiets Optuna, which announces the searcher's study
         searcher = OptunaSearch(
@@ -322,9 +331,17 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     tracker.reopen(parent)
     close_orphans(tracker, parent, ModelStore(cfg.store.path))
-    try:
-        from ray import tune
+    from ray import tune
 
+    if not tune.Tuner.can_restore(str(Path(root) / name)):
+        log.info(
+            "search %s: its driver stopped before Tune saved a first state; starting its trials afresh under the "
+            "same name and MLflow run (the runs it had opened are taken over or closed)",
+            name,
+        )
+        set_aside(tracker, parent, set())
+        return _start_tune(cfg, name, parent, tracker, load_dataset(cfg.data), resumed=True)
+    try:
         connect_ray(log_to_driver=False)
         setup = {"base": cfg.dump(), "parent_run_id": parent, "search_name": name, "resumed": True}
         tuner = tune.Tuner.restore(
