@@ -157,7 +157,9 @@ def test_a_folder_some_node_cannot_read_is_refused_before_the_scan(local_ray: No
 
 
 def test_workers_that_would_leave_no_cpu_to_decode_are_refused_before_any_run(local_ray: None, folder: Path) -> None:
-    cfg = load_config(None, folder_config(folder, *TWO_CPU_WORKERS, "data.loader=stream", "method.name=none"))
+    cfg = load_config(
+        None, folder_config(folder, *TWO_CPU_WORKERS, "train.batch_size=8", "data.loader=stream", "method.name=none")
+    )
     with pytest.raises(
         ConfigError, match=r"^scaling.resources_per_worker: 2 Ray Train workers hold 2 of the .* 2 CPUs"
     ):
