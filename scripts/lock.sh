@@ -18,7 +18,8 @@ fi
 if [ "$lock" != requirements.lock ] && [ ! -e "$lock" ] && [ -e requirements.lock ]; then
     cp requirements.lock "$lock"  # start from the tested pins; --upgrade moves them
 fi
+# kdray[test] names kdray[timm,onnx,cluster]: without --unsafe-package the lock would pin this checkout itself.
 CUSTOM_COMPILE_COMMAND="scripts/lock.sh" "$tools/bin/pip-compile" --quiet --strip-extras --extra test \
-    --no-emit-index-url --no-emit-find-links --output-file "$lock" "$@" pyproject.toml \
+    --no-emit-index-url --no-emit-find-links --unsafe-package kdray --output-file "$lock" "$@" pyproject.toml \
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 echo "wrote $lock"
