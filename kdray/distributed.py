@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from kdray.config import ConfigError
+
 
 @dataclass(frozen=True)
 class WorkerContext:
@@ -30,7 +32,7 @@ def pick_device(use_gpu: bool | None) -> torch.device:
     """CUDA when asked for (or, with ``None``, when visible), else CPU."""
     if use_gpu or (use_gpu is None and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("scaling.use_gpu is true but no CUDA device is visible; set scaling.use_gpu=false")
+            raise ConfigError("scaling.use_gpu is true but no CUDA device is visible; set scaling.use_gpu=false")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

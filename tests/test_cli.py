@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
@@ -102,6 +103,16 @@ def test_numbers_out_of_bounds_are_one_line_before_any_work(
     code, _, err = kdray(capsys, "train", QUICKSTART, override)
     assert code == 2 and err.strip().splitlines()[-1].startswith(f"kdray: config error: {expected}"), err
     assert not (bare_workdir / ".kdray").exists()  # nothing trained, nothing checkpointed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU where none is visible")
+def test_asking_for_a_gpu_on_a_machine_without_one_is_one_line(
+    bare_workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = kdray(capsys, "train", QUICKSTART, "scaling.use_gpu=true")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "kdray: config error: scaling.use_gpu is true but no CUDA device is visible; set scaling.use_gpu=false"
+    )
 
 
 def test_a_typo_inside_a_search_range_names_the_key_and_what_is_allowed(

@@ -229,15 +229,16 @@ def test_chain_depths_share_their_assistants(
 
 @pytest.mark.slow
 def test_crashing_trial_is_retried_then_recorded_failed_with_its_reason(local_ray: None, workdir: Path) -> None:
-    """A batch larger than the training set passes validation but fails in training: the trial is
-    retried (search.max_failures=1), then its run and the teacher run it opened end FAILED with the reason.
-    (The teacher is left to the trial: trained first, it would fail the search, as the next test shows.)"""
+    """A sampled batch larger than the training set passes the driver's checks (made on the base config) but
+    fails in the trial: the trial is retried (search.max_failures=1), then its run and the teacher run it
+    opened end FAILED with the reason. (The teacher is left to the trial: trained first, it would fail the
+    search, as the next test shows.)"""
+    space = {"train.batch_size": {"kind": "choice", "values": [4096]}}
     cfg = load_config(
-        write_experiment(workdir, {"space": {"method.temperature": {"kind": "float", "low": 1, "high": 8}}}),
+        write_experiment(workdir, {"space": space}),
         [
             *SMALL,
             "search.guides_first=false",
-            "train.batch_size=4096",
             "search.num_samples=1",
             "search.max_failures=1",
             "search.name=crash",
@@ -249,7 +250,7 @@ def test_crashing_trial_is_retried_then_recorded_failed_with_its_reason(local_ra
     runs = runs_by_role(cfg.tracking.uri, "crash")
     (trial,) = runs["trial"]  # the retry continued the same run
     assert client.get_run(trial.info.run_id).info.status == "FAILED"
-    assert "train.batch_size=4096 exceeds" in trial.data.tags["kdray.error"]
+    assert "train.batch_size=4096 is larger than the 1295 training images" in trial.data.tags["kdray.error"]
     teachers = runs["teacher"]
     assert len(teachers) == 2  # one per attempt: the first try and its retry
     assert {client.get_run(run.info.run_id).info.status for run in teachers} == {"FAILED"}

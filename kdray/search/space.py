@@ -108,9 +108,19 @@ def default_points(cfg: ExperimentConfig) -> list[dict[str, Any]]:
                 value = base
                 for part in key.split("."):
                     value = value[part]
+            if not within(param, value):
+                break  # the default lies outside the searched range: not a point Optuna can evaluate
             point[optuna_name(key, method, searched)] = value
-        points.append(point)
+        else:
+            points.append(point)
     return points[: cfg.search.num_samples]
+
+
+def within(param: SearchParam, value: Any) -> bool:
+    """Whether ``value`` is one the searched parameter can take."""
+    if param.kind == "choice":
+        return value in (param.values or [])
+    return value is not None and param.low is not None and param.high is not None and param.low <= value <= param.high
 
 
 def check_space(cfg: ExperimentConfig) -> None:
