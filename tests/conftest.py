@@ -20,7 +20,7 @@ from kdray.config import ExperimentConfig
 from kdray.data import Dataset
 from kdray.distributed import local_context
 from kdray.engine import FitResult, fit
-from kdray.launch import ray_init_options
+from kdray.ray_session import ray_init_options
 from kdray.sinks import MemorySink
 from kdray.stages import StagePlan
 

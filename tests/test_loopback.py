@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from kdray.launch import LOCAL_ONLY
+from kdray.ray_session import LOCAL_ONLY
 from tests.conftest import alive, process_tree
 
 PROBE = """
 import os, time
-from kdray.launch import connect_ray
+from kdray.ray_session import connect_ray
 connect_ray(log_to_driver=False)
 import ray
 print(ray._private.worker._global_node.get_session_dir_path(), flush=True)

@@ -9,8 +9,8 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 
 from kdray.config import load_config
+from kdray.search.findings import SearchReport, TrialRow
 from kdray.search.plots import figures, to_png
-from kdray.search.report import SearchReport, TrialRow
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from kdray.config import load_config
-from kdray.search.report import SearchReport, TrialRow, render_markdown
+from kdray.search.findings import SearchReport, TrialRow
+from kdray.search.report import render_markdown
 
 
 def row(name: str, value: float, epochs: int, status: str = "FINISHED") -> TrialRow:

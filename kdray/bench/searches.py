@@ -17,7 +17,7 @@ import yaml
 
 from kdray.bench import BenchOptions
 from kdray.config import ExperimentConfig, load_config
-from kdray.launch import connect_ray
+from kdray.ray_session import connect_ray
 from kdray.run import run_experiment
 from kdray.search.driver import run_search, trials_training_seconds
 from kdray.tracking import Tracker

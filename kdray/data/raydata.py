@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from kdray.ray_session import connect_ray
+
 Batch = dict[str, np.ndarray]
 
 
@@ -50,8 +52,6 @@ def connect() -> None:
     """Join (or start) kdray's Ray instance, with Ray Data's per-dataset log lines kept out of kdray's output."""
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # before its import, which warns about progress bars
     import ray
-
-    from kdray.launch import connect_ray
 
     if not ray.is_initialized():
         connect_ray()

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdray.models.registry import ModelInfo, ModelSpec
+from kdray.models.spec import ModelInfo, ModelSpec
 from kdray.models.staged import StagedNet
 
 POOL_NAMES = ("avgpool", "global_pool")

@@ -16,43 +16,15 @@ import functools
 import hashlib
 import inspect
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from types import ModuleType
 
+from kdray.models import foreign
+from kdray.models.spec import ModelInfo, ModelSpec
 from kdray.models.staged import StagedNet
 from kdray.registry import Registry
 
 ENTRY_POINT_GROUP = "kdray.models"
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What an architecture needs to know: the data it will see, and its filter shape."""
-
-    num_classes: int
-    in_channels: int = 3
-    image_size: int = 32
-    onthefly: bool = False  # every 3x3 convolution becomes 1x3 (Pacemaker KD's student)
-    batchnorm: bool = True  # False: no normalisation layers at all
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A buildable architecture: how to build it, where it comes from, and which of kdray's switches it honours.
-
-    ``onthefly``: it builds 1x3 filters when asked (Pacemaker's student); ``native``: it is kdray's own code,
-    so ``batchnorm: false`` removes its normalisation layers. ``code``: the modules whose source decides
-    the weights it trains (default: the module that defines ``build``, plus the stage wrapper).
-    """
-
-    build: Callable[[ModelInfo], StagedNet]
-    source: str
-    onthefly: bool = True
-    native: bool = True
-    code: tuple[str, ...] = field(default=())
-    version_tag: str = ""  # a library's version (torchvision, timm), instead of or beside hashed code
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
@@ -67,8 +39,6 @@ def model_spec(name: str) -> ModelSpec:
 
 @functools.cache
 def _outside_spec(name: str) -> ModelSpec:
-    from kdray.models import foreign
-
     if name.startswith("torchvision."):
         return foreign.torchvision_spec(name.removeprefix("torchvision."))
     if name.startswith("timm."):

@@ -26,11 +26,12 @@ from ray.tune import Callback
 
 from kdray.config import ConfigError, ExperimentConfig, SamplerConfig, absolute_path, plain_name, validate_config
 from kdray.data import Dataset, load_dataset
-from kdray.launch import connect_ray
 from kdray.preflight import check_decode_cpus, check_models, check_writable
+from kdray.ray_session import connect_ray
 from kdray.run import mark_failed, run_experiment, run_tags
+from kdray.search.findings import REFERENCE_NAMES, SearchReport, study_of
 from kdray.search.progress import SearchProgress
-from kdray.search.report import REFERENCE_NAMES, SearchReport, build_report, publish, study_of
+from kdray.search.report import build_report, publish
 from kdray.search.shared import train_shared_guides
 from kdray.search.space import check_space, default_points, sample
 from kdray.search.trial import run_trial

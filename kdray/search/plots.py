@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdray.config import ExperimentConfig
+from kdray.search.findings import REFERENCE_NAMES, SearchReport, TrialRow, study_of
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from kdray.search.report import SearchReport, TrialRow
 
 PANEL_IN = (4.2, 3.4)  # width, height of one panel in inches (saved at 100 dpi)
 COLUMNS = 3
@@ -106,7 +106,6 @@ def _scatter(axes: Axes, xs: list[Any], rows: list[TrialRow], color: str, label:
 
 
 def _references(axes: Axes, report: SearchReport) -> None:
-    from kdray.search.report import REFERENCE_NAMES
 
     for method, value in report.references.items():
         if math.isfinite(value):
@@ -152,8 +151,6 @@ def _importances(report: SearchReport, cfg: ExperimentConfig) -> Figure | None:
     import warnings
 
     import optuna
-
-    from kdray.search.report import study_of
 
     finished = type(report)(report.metric, report.mode, [r for r in report.rows if r.status == "FINISHED"], {}, {})
     study = study_of(finished, cfg)

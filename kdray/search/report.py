@@ -11,54 +11,17 @@ import json
 import logging
 import math
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdray.config import ExperimentConfig, SearchParam
+from kdray.config import ExperimentConfig
+from kdray.search.findings import REFERENCE_NAMES, SearchReport, TrialRow
 from kdray.search.plots import figures, to_png
-from kdray.search.space import optuna_name
 from kdray.tracking import Tracker, download_text, find_search_run
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrialRow:
-    run_id: str
-    name: str
-    status: str
-    method: str
-    sampled: dict[str, Any]
-    value: float  # the search metric at the trial's last epoch (nan if none)
-    epochs: int
-    note: str = ""
-
-
-@dataclass
-class SearchReport:
-    metric: str
-    mode: str
-    rows: list[TrialRow]
-    references: dict[str, float]
-    counts: dict[str, int]
-    timing: dict[str, float] = field(default_factory=dict)  # the search run's search/* metrics (utilisation)
-    markdown: str = ""
-    plots: dict[str, bytes] = field(default_factory=dict)
-
-    @property
-    def ranked(self) -> list[TrialRow]:
-        scored = [row for row in self.rows if math.isfinite(row.value)]
-        return sorted(scored, key=lambda row: row.value, reverse=self.mode == "max")
-
-    @property
-    def best(self) -> TrialRow | None:
-        """The best trial that ran its whole budget (a trial stopped early scored at fewer epochs than the
-        references it is compared with, and stored no student)."""
-        return next((row for row in self.ranked if row.status == "FINISHED"), None)
-
-
-REFERENCE_NAMES = {"none": "student alone", "kd": "default KD"}  # the baselines a search trains (references)
 WINNER_MARK = "★ best: "  # prefixed to the winning trial's run name: the runs table shows it without extra columns
 STATUS_WORDS = {"FINISHED": "done", "STOPPED": "stopped early", "FAILED": "failed", "KILLED": "killed"}
 
@@ -203,41 +166,6 @@ def _versus(label: str, value: float, best: TrialRow | None) -> str:
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def study_of(report: SearchReport, cfg: ExperimentConfig, storage: Any = None, name: str | None = None) -> Any:
-    """An Optuna study holding the scored trials: in memory for Optuna's plots, or in ``storage`` as ``name``."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "a new study created in memory" at every report
-    space = cfg.search.space
-    searched = "method.name" in space
-    study = optuna.create_study(
-        storage=storage, study_name=name, direction="maximize" if report.mode == "max" else "minimize"
-    )
-    for row in report.rows:
-        if not math.isfinite(row.value):
-            continue
-        params: dict[str, Any] = {}
-        distributions: dict[str, Any] = {}
-        for key, value in row.sampled.items():
-            if key not in space:
-                continue
-            name = "method.name" if key == "method.name" else optuna_name(key, row.method, searched)
-            params[name] = value
-            distributions[name] = _distribution(space[key])
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=row.value))
-    return study
-
-
-def _distribution(param: SearchParam) -> Any:
-    import optuna.distributions as d
-
-    if param.kind == "choice":
-        return d.CategoricalDistribution(param.values)
-    if param.kind == "int":
-        return d.IntDistribution(int(param.low), int(param.high))  # type: ignore[arg-type]
-    return d.FloatDistribution(param.low, param.high, log=param.kind == "logfloat")  # type: ignore[arg-type]
 
 
 def publish(tracking: Tracker, parent: str, report: SearchReport) -> None:
