@@ -17,7 +17,7 @@ import logging
 import statistics
 import time
 
-from kdray.config import load_config
+from kdray.resolve import load_config
 from kdray.run import run_experiment
 
 COLUMNS = ("classifier_similarity", "disagreement", "acc_branch_mean", "acc_ensemble")

@@ -23,8 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdray.config import ExperimentConfig, load_config
+from kdray.resolve import load_config
 from kdray.run import run_experiment
+from kdray.schema import ExperimentConfig
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ import tempfile
 
 from mlflow import MlflowClient
 
-from kdray.config import load_config
 from kdray.data import load_dataset
+from kdray.resolve import load_config
 from kdray.run import run_experiment
 
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from kdray.config import ConfigError, ExperimentConfig, TrainConfig
 from kdray.data import BatchSource, Dataset, on_device
 from kdray.data.augment import view_count
 from kdray.distributed import WorkerContext
@@ -26,6 +25,7 @@ from kdray.guides import Guide
 from kdray.methods import METHODS, Method
 from kdray.methods.base import Parallel
 from kdray.models import ModelInfo, build_model
+from kdray.schema import ConfigError, ExperimentConfig, TrainConfig
 from kdray.stages import StagePlan
 
 log = logging.getLogger(__name__)

@@ -10,16 +10,10 @@ import sys
 from pathlib import Path
 
 import kdray
-from kdray.config import (
-    ConfigError,
-    ExperimentConfig,
-    default_storage_path,
-    default_store_path,
-    default_tracking_uri,
-    load_config,
-)
 from kdray.data import DATASETS, DataError
 from kdray.engine import TrainingDiverged
+from kdray.resolve import load_config
+from kdray.schema import ConfigError, ExperimentConfig, default_storage_path, default_store_path, default_tracking_uri
 
 EXIT_FAILED = 1  # a run that started and could not finish (its MLflow run says why)
 EXIT_CONFIG = 2
@@ -318,7 +312,8 @@ def _export(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     """Check the options (one line naming the bad one), run the measurements, log them if asked."""
-    from kdray.bench import BenchOptions, run_bench
+    from kdray.bench.options import BenchOptions
+    from kdray.bench.runner import run_bench
 
     only = _check_bench_options(args)
     options = BenchOptions(
@@ -353,7 +348,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _check_bench_options(args: argparse.Namespace) -> tuple[str, ...]:
     """The measurements asked for, after refusing any bad option in one line that names it."""
-    from kdray.bench import MEASUREMENTS
+    from kdray.bench.options import MEASUREMENTS
     from kdray.models import MODELS
 
     only = tuple(name.strip() for name in args.only.split(",") if name.strip())

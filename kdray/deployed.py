@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from kdray.config import ConfigError, DataConfig, ExperimentConfig
 from kdray.data import Dataset, eval_batches, on_device
 from kdray.models import ModelInfo
 from kdray.models.deploy import Classifier
+from kdray.schema import ConfigError, DataConfig, ExperimentConfig
+from kdray.store import ModelStore
 
 STORE_KEY = re.compile(r"^[0-9a-f]{24}$")
 
@@ -37,8 +38,6 @@ def load_classifier(name: str, cfg: ExperimentConfig) -> Classifier:
 
 
 def _from_store(key: str, cfg: ExperimentConfig) -> Classifier:
-    from kdray.store import ModelStore
-
     store = ModelStore(cfg.store.path)
     stored = store.find(key)
     if stored is None:

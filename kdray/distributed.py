@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kdray.config import ConfigError
+from kdray.schema import ConfigError
 
 
 @dataclass(frozen=True)

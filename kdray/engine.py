@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from kdray.build import Stage, in_layout
-from kdray.config import AugmentConfig
 from kdray.data import BatchSource, eval_batches, train_batches
 from kdray.data.augment import ResizedCrops
 from kdray.distributed import WorkerContext, all_reduce_sum
 from kdray.guides import guide_metrics
 from kdray.methods import StepInfo
 from kdray.models import StagedNet
+from kdray.schema import AugmentConfig
 from kdray.stages import StagePlan
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 
-from kdray.config import ConfigError, ExperimentConfig, ModelConfig
+from kdray.guide_cache import weights_fingerprint
 from kdray.models import ModelInfo, StagedNet, build_model, load_weights
+from kdray.models.deploy import Classifier
+from kdray.schema import ConfigError, ExperimentConfig, ModelConfig
 
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
@@ -60,8 +62,6 @@ def given_model(cfg: ExperimentConfig, role: str, model: ModelConfig, info: Mode
 @functools.cache
 def _given(name: str, source: str, field: str, info: ModelInfo, tracking_uri: str, own: Stats | None) -> GivenModel:
     """Read once per process (a search's driver and each trial's planning ask again)."""
-    from kdray.guide_cache import weights_fingerprint
-
     try:
         state, stats = _read(name, source, tracking_uri)
         model = build_model(name, info)
@@ -99,8 +99,6 @@ def _from_file(path: Path) -> dict[str, torch.Tensor]:
 
 def _from_mlflow(uri: str, tracking_uri: str) -> tuple[dict[str, torch.Tensor], Stats | None]:
     import mlflow
-
-    from kdray.models.deploy import Classifier
 
     mlflow.set_tracking_uri(tracking_uri)
     try:

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdray.config import GuideCacheConfig
 from kdray.data import Views
+from kdray.schema import GuideCacheConfig
 from kdray.store import model_key
 
 log = logging.getLogger(__name__)

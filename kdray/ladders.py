@@ -8,10 +8,8 @@ every intermediate size.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from kdray.config import AssistantsConfig
+from kdray.schema import AssistantsConfig
 
 LADDERS: tuple[tuple[str, ...], ...] = (
     ("resnet110", "resnet56", "resnet44", "resnet32", "resnet26", "resnet20", "resnet14", "resnet8"),

@@ -20,14 +20,17 @@ import torch
 from ray.train import ControllerError, UserCallback
 
 from kdray.build import build_stage, model_info
-from kdray.config import ConfigError, ExperimentConfig, validate_config
+from kdray.data import load_dataset
 from kdray.distributed import ray_train_context
 from kdray.engine import TrainingDiverged, fit
 from kdray.images import DataError
 from kdray.ray_session import connect_ray
+from kdray.resolve import validate_config
+from kdray.schema import ConfigError, ExperimentConfig
 from kdray.sinks import RayTrainSink
 from kdray.stages import StagePlan
 from kdray.store import ModelStore
+from kdray.stored_stage import store_stage
 from kdray.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -65,9 +68,6 @@ class NoRetryOfBadInput(UserCallback):
 def stage_worker(config: dict[str, Any]) -> None:
     """What every Ray Train worker runs: rebuild the inputs from plain data, train, report."""
     import ray
-
-    from kdray.data import load_dataset
-    from kdray.stage_runner import store_stage
 
     cfg = validate_config(config["experiment"])
     plan = StagePlan.model_validate(config["plan"])

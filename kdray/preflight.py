@@ -20,10 +20,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from kdray.build import check_batch_fits, model_info
-from kdray.config import ConfigError, ExperimentConfig
 from kdray.data import Dataset
 from kdray.methods import METHODS
 from kdray.models import build_model
+from kdray.schema import ConfigError, ExperimentConfig
 from kdray.stages import StagePlan, plan_stages
 
 

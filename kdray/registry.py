@@ -1,14 +1,14 @@
 """One small name -> object registry, shared by datasets, models and methods.
 
 Registration happens where each object is defined (a decorator); every package's ``__init__``
-imports its modules by name, so the full list is visible in one place and never depends on which
-module a caller happened to import first.
+imports all of its modules, so the full list never depends on which module a caller happened to import
+first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -16,9 +16,10 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """A dict of named entries that refuses duplicates and explains unknown names."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, order: Callable[[T], Any] | None = None) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._order = order  # how entries are listed (stable: ties as registered); None: as registered
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: add the decorated object under ``name``."""
@@ -51,7 +52,11 @@ class Registry(Generic[T]):
         return name in self._entries
 
     def names(self) -> list[str]:
-        return list(self._entries)
+        return [name for name, _ in self.items()]
 
     def items(self) -> list[tuple[str, T]]:
-        return list(self._entries.items())
+        entries = list(self._entries.items())
+        if self._order is None:
+            return entries
+        order = self._order
+        return sorted(entries, key=lambda item: order(item[1]))

@@ -17,10 +17,10 @@ import filelock
 
 import kdray
 from kdray.build import model_info
-from kdray.config import ExperimentConfig
 from kdray.data import Dataset, load_dataset
 from kdray.distributed import local_context
 from kdray.preflight import check_decode_cpus, check_models, check_writable
+from kdray.schema import ExperimentConfig
 from kdray.stage_runner import StageOutcome, StageRunner
 from kdray.stages import plan_stages
 from kdray.store import ModelStore, model_key

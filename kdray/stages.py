@@ -12,11 +12,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, SerializeAsAny, field_validator
 
-from kdray.config import ExperimentConfig, MethodParams, ModelConfig, TrainConfig, method_params
 from kdray.given import given_model, given_weights
 from kdray.ladders import pick_assistants
-from kdray.methods import METHODS
+from kdray.methods import METHODS, params_model
 from kdray.models import ModelInfo, code_version
+from kdray.schema import ExperimentConfig, MethodParams, ModelConfig, TrainConfig
 from kdray.store import model_key
 
 
@@ -36,7 +36,8 @@ class StagePlan(BaseModel):
     @field_validator("method", mode="before")
     @classmethod
     def _method(cls, value: Any) -> MethodParams:
-        return method_params(value)
+        """A plan read back (a Ray Train worker's) holds its method's own parameter model again."""
+        return value if isinstance(value, MethodParams) else params_model(value["name"]).model_validate(value)
 
 
 def stage_identity(

@@ -18,7 +18,8 @@ from typing import Any, Protocol
 
 import filelock
 
-from kdray.config import ConfigError, absolute_uri
+import kdray
+from kdray.schema import ConfigError, absolute_uri
 
 # MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; kdray's are training runs.
 KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -216,8 +217,6 @@ class Tracker:
         import torch
         import torchvision
         from mlflow.models import infer_signature
-
-        import kdray
 
         example = np.random.default_rng(0).random((1, *image_shape), dtype=np.float32)
         model = model.cpu().eval()

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from kdray.config import ConfigError, absolute_uri, default_tracking_uri
+from kdray.schema import ConfigError, absolute_uri, default_tracking_uri
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 

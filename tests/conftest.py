@@ -16,11 +16,11 @@ from PIL import Image
 from torch import nn
 
 from kdray.build import build_stage
-from kdray.config import ExperimentConfig
 from kdray.data import Dataset
 from kdray.distributed import local_context
 from kdray.engine import FitResult, fit
 from kdray.ray_session import ray_init_options
+from kdray.schema import ExperimentConfig
 from kdray.sinks import MemorySink
 from kdray.stages import StagePlan
 

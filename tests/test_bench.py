@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdray.bench import BenchOptions
+from kdray.bench.options import BenchOptions
 from kdray.bench.searches import measure_search, measure_trials
 from kdray.bench.training import median_interval
 from kdray.cli import main

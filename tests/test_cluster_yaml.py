@@ -11,7 +11,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from kdray.config import load_config
+from kdray.resolve import load_config
 from tests.locked import read_lock
 
 ROOT = Path(__file__).resolve().parent.parent

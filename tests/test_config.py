@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdray.config import ConfigError, ExperimentConfig, apply_overrides, load_config
+from kdray.resolve import apply_overrides, load_config, validate_config
+from kdray.schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +66,7 @@ def test_overrides_do_not_mutate_the_raw_dict() -> None:
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
     cfg = load_config(None, ["method.alpha=0.5"])
-    again = ExperimentConfig.model_validate(yaml.safe_load(cfg.to_yaml()))
+    again = validate_config(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
 
 

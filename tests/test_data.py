@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from kdray.config import ConfigError, load_config
 from kdray.data import DataError, Split, load_dataset, stratified_split
 from kdray.data.imagefolder import load_image_folder
+from kdray.resolve import load_config
+from kdray.schema import ConfigError
 from tests.conftest import SHARED_CIFAR, add_bytes, make_image_folder, tar_folder, write_png
 from tests.faults import truncate
 

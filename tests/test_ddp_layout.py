@@ -17,11 +17,11 @@ import torch
 
 import kdray.build
 from kdray.build import build_stage, in_layout, model_info
-from kdray.config import load_config
 from kdray.data import load_dataset
 from kdray.distributed import local_context
 from kdray.engine import fit
 from kdray.models import ModelInfo, build_model
+from kdray.resolve import load_config
 from kdray.sinks import MemorySink
 from kdray.stages import plan_stages
 

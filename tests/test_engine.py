@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from kdray.build import lr_factor
-from kdray.config import load_config
 from kdray.data import load_dataset
 from kdray.engine import TrainingDiverged, best_epoch
+from kdray.resolve import load_config
 from kdray.stages import plan_stages
 from tests.conftest import fit_stage
 

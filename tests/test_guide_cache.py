@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from kdray.build import model_info
-from kdray.config import load_config
 from kdray.data import Views, load_dataset
 from kdray.engine import FitResult
 from kdray.guide_cache import GuideCache, open_table
 from kdray.models import build_model
+from kdray.resolve import load_config
 from kdray.stages import plan_stages
 from tests.conftest import fit_stage
 

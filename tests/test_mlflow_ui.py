@@ -22,7 +22,7 @@ import pytest
 from mlflow import MlflowClient
 from test_search import SMALL, write_experiment
 
-from kdray.config import load_config
+from kdray.resolve import load_config
 from kdray.search.driver import run_search
 from tests.conftest import process_tree
 

@@ -17,13 +17,14 @@ from PIL import Image
 from torchvision import models as tv
 
 from kdray.build import model_info
-from kdray.config import ConfigError, ExperimentConfig, load_config
 from kdray.data import DataError, load_dataset
 from kdray.deployed import accuracy, export, load_classifier
 from kdray.models import ModelInfo, WeightsError, build_model, code_version, load_weights, parameter_count
 from kdray.models.deploy import Classifier
 from kdray.preflight import check_models
+from kdray.resolve import load_config
 from kdray.run import ExperimentResult, describe, run_experiment
+from kdray.schema import ConfigError, ExperimentConfig
 
 # RepDistiller's own definitions (github.com/HobbitLong/RepDistiller, models/), CIFAR-100 heads, counted by
 # building its model_dict entries: vgg8..19 = vgg*_bn, mobilenetv2 = MobileNetV2 (mobile_half),

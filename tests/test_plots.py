@@ -8,7 +8,7 @@ import pytest
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-from kdray.config import load_config
+from kdray.resolve import load_config
 from kdray.search.findings import SearchReport, TrialRow
 from kdray.search.plots import figures, to_png
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from kdray.config import load_config
 from kdray.models import ModelInfo
+from kdray.resolve import load_config
 from kdray.run import run_experiment
 from kdray.store import ModelStore
 from tests.faults import install_worker_fault

@@ -8,7 +8,7 @@ import ray
 from mlflow import MlflowClient
 from ray.cluster_utils import Cluster
 
-from kdray.config import load_config
+from kdray.resolve import load_config
 from kdray.run import run_experiment
 from tests.conftest import TWO_CPU_WORKERS
 

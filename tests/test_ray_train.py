@@ -6,10 +6,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from kdray.config import ConfigError, load_config
 from kdray.engine import TrainingDiverged
 from kdray.models import ModelInfo, build_model
+from kdray.resolve import load_config
 from kdray.run import run_experiment
+from kdray.schema import ConfigError
 from kdray.store import ModelStore
 from tests.conftest import TWO_CPU_WORKERS
 from tests.faults import install_worker_fault

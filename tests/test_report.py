@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kdray.config import load_config
+from kdray.resolve import load_config
 from kdray.search.findings import SearchReport, TrialRow
 from kdray.search.report import render_markdown
 

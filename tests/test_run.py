@@ -10,9 +10,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from kdray.config import ConfigError, load_config
 from kdray.engine import TrainingDiverged
+from kdray.resolve import load_config
 from kdray.run import run_experiment
+from kdray.schema import ConfigError
 from kdray.store import ModelStore
 from tests.faults import zero_in_place
 

@@ -21,9 +21,10 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
-from kdray.config import ConfigError, load_config
 from kdray.data import load_dataset
 from kdray.engine import TrainingDiverged
+from kdray.resolve import load_config
+from kdray.schema import ConfigError
 from kdray.search.driver import run_search
 from kdray.search.unrecorded import restored_trial_ids
 from kdray.store import ModelStore

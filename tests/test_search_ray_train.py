@@ -17,7 +17,7 @@ import ray
 from mlflow import MlflowClient
 from test_search import SMALL, runs_by_role, write_experiment
 
-from kdray.config import load_config
+from kdray.resolve import load_config
 from kdray.run import run_experiment
 from kdray.search.driver import run_search
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from kdray.config import load_config
 from kdray.data import load_dataset
+from kdray.resolve import load_config
 from kdray.search.shared import shared_guides
 from tests.test_search import write_experiment
 

@@ -11,13 +11,14 @@ from mlflow import MlflowClient
 from pydantic import Field
 
 from kdray.build import model_info
-from kdray.config import AssistantsConfig, ConfigError, MethodParams, ModelConfig, load_config
 from kdray.data import Batch, load_dataset
 from kdray.distributed import local_context
 from kdray.ladders import pick_assistants
 from kdray.methods import METHODS, Method, StepInfo
 from kdray.methods.losses import soft_kl
+from kdray.resolve import load_config
 from kdray.run import run_experiment
+from kdray.schema import AssistantsConfig, ConfigError, MethodParams, ModelConfig
 from kdray.stage_runner import StageRunner
 from kdray.stages import StagePlanner, plan_stages
 from kdray.store import ModelStore

@@ -11,9 +11,10 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from kdray.config import ConfigError, load_config
 from kdray.data import DataError, eval_batches, load_dataset, on_device, train_batches
+from kdray.resolve import load_config
 from kdray.run import run_experiment
+from kdray.schema import ConfigError
 from tests.conftest import TWO_CPU_WORKERS, make_image_folder, tar_folder, write_png
 
 

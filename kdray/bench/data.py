@@ -22,17 +22,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdray.bench import BenchOptions
-from kdray.config import ExperimentConfig, load_config
+from kdray.bench.options import BenchOptions
+from kdray.bench.training import engine_epoch
 from kdray.data import Dataset, load_dataset, on_device, train_batches
 from kdray.distributed import local_context
+from kdray.resolve import load_config
+from kdray.schema import ExperimentConfig
 
 FOLDERS = ((224, 2048), (32, 8192))  # side, images
 
 
 def measure_data(options: BenchOptions) -> dict:
     """Images/s per core of the streaming path and of the plain loader at each size; their ratio."""
-    from kdray.data.raydata import connect
+    from kdray.data.raydata import connect  # lazy: Ray Data costs the other measurements seconds to import
 
     connect()
     cores = os.cpu_count() or 1
@@ -123,8 +125,6 @@ def plain_epoch_rate(
 def epoch_times(root: Path, options: BenchOptions) -> dict:
     """Seconds of one training epoch of the student in memory and streamed (in this process; evaluation
     outside the timer), on an image folder the user gives (e.g. CIFAR-10 as JPEGs)."""
-    from kdray.bench.training import engine_epoch
-
     ctx = local_context(options.device == "cuda")
     times = {}
     with tempfile.TemporaryDirectory() as scratch:

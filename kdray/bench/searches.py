@@ -15,10 +15,11 @@ from pathlib import Path
 
 import yaml
 
-from kdray.bench import BenchOptions
-from kdray.config import ExperimentConfig, load_config
+from kdray.bench.options import BenchOptions
 from kdray.ray_session import connect_ray
+from kdray.resolve import load_config
 from kdray.run import run_experiment
+from kdray.schema import ExperimentConfig
 from kdray.search.driver import run_search, trials_training_seconds
 from kdray.tracking import Tracker
 

@@ -13,14 +13,15 @@ from statistics import median
 
 import torch
 
-from kdray.bench import BenchOptions, synthetic_dataset
 from kdray.bench.loop import hand_written_kd_epoch
+from kdray.bench.options import BenchOptions, synthetic_dataset
 from kdray.build import build_stage, model_info
-from kdray.config import ExperimentConfig, load_config
 from kdray.data import Dataset
 from kdray.distributed import WorkerContext, local_context
 from kdray.engine import fit
 from kdray.models import StagedNet, build_model
+from kdray.resolve import load_config
+from kdray.schema import ExperimentConfig
 from kdray.sinks import MemorySink
 from kdray.stages import plan_stages
 

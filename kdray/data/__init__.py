@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from kdray.data.batches import Batch, BatchSource, DeviceSplit, Views, eval_batches, train_batches
+from kdray.data.imagefolder import available_memory, check_memory
 from kdray.data.sources import DATASETS, DatasetSpec, RawData
 from kdray.data.splits import (
     DataError,
@@ -20,9 +20,7 @@ from kdray.data.splits import (
     stratified_split,
     stratified_subset,
 )
-
-if TYPE_CHECKING:
-    from kdray.config import DataConfig
+from kdray.schema import DataConfig
 
 __all__ = [
     "DATASETS",
@@ -91,8 +89,6 @@ def choose_loader(cfg: DataConfig, spec: DatasetSpec, root: Path | None) -> str:
     measured = spec.measure(root, cfg.image_size)
     if measured is None:
         return "memory"
-    from kdray.data.imagefolder import available_memory
-
     images, side = measured
     needed = images * 3 * side * side
     budget = cfg.memory_budget * 2**30 if cfg.memory_budget is not None else available_memory() / 2
@@ -111,7 +107,7 @@ def on_device(
 ) -> BatchSource:
     """The split as batches read it: moved to ``device`` whole, or streamed from its files."""
     if isinstance(split, FileSplit):
-        from kdray.data.stream import StreamedSplit
+        from kdray.data.stream import StreamedSplit  # lazy: Ray Data is imported only by runs that stream
 
         return StreamedSplit(split, mean, std, device, cfg.decode_cpus, cfg.augment.eval_crop)
     return DeviceSplit(split, mean, std, device)
@@ -119,8 +115,6 @@ def on_device(
 
 def resized(raw: RawData, size: int, source: str) -> RawData:
     """``raw`` with every split at ``size`` x ``size`` (antialiased bilinear), checked against free memory first."""
-    from kdray.data.imagefolder import check_memory
-
     splits = [split for split in (raw.train, raw.val, raw.test) if split is not None]
     if all(split.images.shape[-1] == size and split.images.shape[-2] == size for split in splits):
         return raw

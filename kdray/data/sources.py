@@ -10,7 +10,6 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,9 +17,7 @@ import torch
 from kdray.data.imagefolder import load_image_folder, measure_folder
 from kdray.data.splits import DataError, FileSplit, Split, stratified_split
 from kdray.registry import Registry
-
-if TYPE_CHECKING:
-    from kdray.config import DataConfig
+from kdray.schema import DataConfig
 
 
 @dataclass(frozen=True)

@@ -1,26 +1,21 @@
-"""Distillation methods; importing this package registers every method, in the order listed here."""
+"""Distillation methods. Importing this package imports every module in it, and each registers its own
+methods (``@METHODS.register``): a new method is one new file here, or one file in a package of your own
+declared under the entry-point group ``kdray.methods``."""
 
-# isort: off
-from kdray.methods import (  # noqa: F401  (registration; the order is the order of `kdray methods`)
-    student_only,
-    kd,
-    dkd,
-    dist,
-    triplet,
-    feature_mixup,
-    stkd,
-    chains,
-    pacemaker,
-    online_branch,
-    dml,
-)
+from __future__ import annotations
 
-# isort: on
+import importlib
+import pkgutil
 from importlib.metadata import entry_points
 
-from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
+from kdray.methods.base import METHODS, Method, MethodParams, Planner, StepInfo
 
 ENTRY_POINT_GROUP = "kdray.methods"
+
+
+def _import_package_modules() -> None:
+    for module in pkgutil.iter_modules(__path__):  # shared code (base, losses) registers nothing
+        importlib.import_module(f"{__name__}.{module.name}")
 
 
 def load_installed() -> None:
@@ -36,6 +31,16 @@ def load_installed() -> None:
             METHODS.add(entry.name, method)
 
 
+def params_model(name: str) -> type[MethodParams]:
+    """The parameter model of method ``name`` (installed packages' methods included); ValueError naming the
+    choices for an unknown name."""
+    load_installed()  # packages installed since kdray.methods was imported
+    if not isinstance(name, str) or name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS.names())}")
+    return METHODS[name].Params
+
+
+_import_package_modules()
 load_installed()
 
-__all__ = ["METHODS", "Method", "MethodParams", "StepInfo", "load_installed"]
+__all__ = ["METHODS", "Method", "MethodParams", "Planner", "StepInfo", "load_installed", "params_model"]

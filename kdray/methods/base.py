@@ -4,29 +4,44 @@ Following mdistiller's ``Distiller``: the engine only sums the terms and logs ea
 ``loss/<name>``, so a new method needs no engine change. A method owns its student and its frozen
 guides and says everything else about itself next to its loss: which guides it learns from and how
 they are trained (``plan_guides``), what the optimiser updates (``trainable``), and how it spreads
-over several workers (``parallel``). Adding a method is one file plus one import line in
-``kdray/methods/__init__.py``; nothing outside it names the method.
+over several workers (``parallel``). Adding a method is one file in ``kdray/methods/`` (the package imports
+every module in it) or in a package of your own (an entry point); nothing outside it names the method.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from kdray.config import MethodParams
 from kdray.data import Batch
 from kdray.distributed import WorkerContext
 from kdray.guides import Guide, as_guides
 from kdray.models import StagedNet
 from kdray.registry import Registry
+from kdray.schema import ExperimentConfig, MethodParams, ModelConfig, TrainConfig
 
-if TYPE_CHECKING:
-    from kdray.stages import StagePlanner
+
+class Planner(Protocol):
+    """What a method's ``plan_guides`` plans its guides with (``kdray.stages.StagePlanner`` is the one kdray
+    passes): the experiment, read-only; its teacher; its assistant ladder; ``add`` for any further stage.
+    Each call returns the planned stage's store key."""
+
+    cfg: ExperimentConfig
+
+    def teacher(self) -> str: ...
+
+    def assistant_models(self) -> list[str]: ...
+
+    def assistant(self, index: int, name: str, method: MethodParams, guides: list[str]) -> str: ...
+
+    def add(
+        self, role: str, model: ModelConfig, method: MethodParams, guides: list[str], train: TrainConfig | None = None
+    ) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -76,17 +91,18 @@ class Method(nn.Module):
 
     Params: ClassVar[type[MethodParams]]
     summary: ClassVar[str] = ""
+    listed: ClassVar[int] = 100  # place in `kdray methods` and every list of methods (ties: as registered)
     uses_assistants: ClassVar[bool] = False  # reads the ``assistants`` section (teacher-assistant chains)
     student_stages: ClassVar[int] = 0  # named stages the student must have (0: logits are all it reads)
 
     @classmethod
-    def plan_guides(cls, params: MethodParams, planner: StagePlanner) -> list[str]:
+    def plan_guides(cls, params: MethodParams, planner: Planner) -> list[str]:
         """Plan the stages of this method's guides and return their store keys, in the order ``self.guides``
         will hold them. Each planned stage is trained (or reused) before the student. Default: one teacher."""
         return [planner.teacher()]
 
     @classmethod
-    def student_params(cls, params: MethodParams, planner: StagePlanner) -> MethodParams:
+    def student_params(cls, params: MethodParams, planner: Planner) -> MethodParams:
         """The method the student stage is trained by, in its plainest equivalent form: a chain without
         assistants is Hinton KD, so ``takd`` at depth 0 and ``kd`` plan the same stage (one store key, trained
         once). Default: ``params`` themselves."""
@@ -138,5 +154,5 @@ def shard_of_one(ctx: WorkerContext) -> WorkerContext:
     return replace(ctx, rank=0, world_size=1)
 
 
-METHODS: Registry[type[Method]] = Registry("method")
-"""Distillation methods; importing ``kdray.methods`` registers every method, in the order listed there."""
+METHODS: Registry[type[Method]] = Registry("method", order=lambda method: method.listed)
+"""Distillation methods; importing ``kdray.methods`` registers every method of the package."""

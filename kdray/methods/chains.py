@@ -19,22 +19,19 @@ class count C; kdray's default is the batch mean (the KL as written, Hinton's sc
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
 from kdray.data import Batch
-from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
+from kdray.methods.base import METHODS, Method, MethodParams, Planner, StepInfo
 from kdray.methods.kd import KD, KDParams
 from kdray.methods.losses import KLReduction, soft_kl
 
-if TYPE_CHECKING:
-    from kdray.stages import StagePlanner
 
-
-def plan_chain(params: MethodParams, planner: StagePlanner, dense: bool) -> list[str]:
+def plan_chain(params: MethodParams, planner: Planner, dense: bool) -> list[str]:
     """Plan teacher → assistants → (student); every link learns by the chain's method ``params``.
 
     TAKD (``dense`` false): each link's only guide is the next larger model. DGKD (``dense``): every
@@ -47,7 +44,7 @@ def plan_chain(params: MethodParams, planner: StagePlanner, dense: bool) -> list
     return list(chain) if dense else [chain[-1]]
 
 
-def chain_student_params(params: MethodParams, planner: StagePlanner) -> MethodParams:
+def chain_student_params(params: MethodParams, planner: Planner) -> MethodParams:
     """Without assistants both chains are Hinton KD from the teacher at the same T and weight (DGKD's one
     guide is never dropped, and its sum of one term is that term), so the student stage is planned as ``kd``."""
     if planner.assistant_models():
@@ -69,15 +66,16 @@ class TAKD(KD):
     """Hinton KD along a chain: each link's single guide is the next larger model."""
 
     Params = TAKDParams
+    listed = 7
     uses_assistants = True
     summary = "Mirzadeh et al. 2020: KD link by link along teacher > assistants > student"
 
     @classmethod
-    def plan_guides(cls, params: MethodParams, planner: StagePlanner) -> list[str]:
+    def plan_guides(cls, params: MethodParams, planner: Planner) -> list[str]:
         return plan_chain(params, planner, dense=False)
 
     @classmethod
-    def student_params(cls, params: MethodParams, planner: StagePlanner) -> MethodParams:
+    def student_params(cls, params: MethodParams, planner: Planner) -> MethodParams:
         return chain_student_params(params, planner)
 
 
@@ -97,15 +95,16 @@ class DGKD(Method):
     """Densely guided KD: learn from every larger model, dropping some guides per batch."""
 
     Params = DGKDParams
+    listed = 8
     uses_assistants = True
     summary = "Son et al. 2021: (1-l)*CE + l*T^2*sum_k KL(z_k || z_s), drop_num guides dropped per batch"
 
     @classmethod
-    def plan_guides(cls, params: MethodParams, planner: StagePlanner) -> list[str]:
+    def plan_guides(cls, params: MethodParams, planner: Planner) -> list[str]:
         return plan_chain(params, planner, dense=True)
 
     @classmethod
-    def student_params(cls, params: MethodParams, planner: StagePlanner) -> MethodParams:
+    def student_params(cls, params: MethodParams, planner: Planner) -> MethodParams:
         return chain_student_params(params, planner)
 
     def kept_guides(self, step: StepInfo) -> list[int]:

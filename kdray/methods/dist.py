@@ -36,6 +36,7 @@ class DIST(Method):
     """DIST from one frozen teacher (the first guide)."""
 
     Params = DISTParams
+    listed = 3
     summary = "Huang et al. 2022: CE + beta*inter-class + gamma*intra-class Pearson relation of soft outputs"
 
     def forward(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from kdray.config import EPOCHS_MAX
 from kdray.data import Batch
 from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
 from kdray.methods.losses import comparable, decoupled_kl
+from kdray.schema import EPOCHS_MAX
 
 
 class DKDParams(MethodParams):
@@ -41,6 +41,7 @@ class DKD(Method):
     """DKD from one frozen teacher (the first guide)."""
 
     Params = DKDParams
+    listed = 2
     summary = "Zhao et al. 2022: CE + warm-up * (alpha*TCKD + beta*NCKD), KD's KL decoupled"
 
     def forward(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:

@@ -41,6 +41,7 @@ class DeepMutualLearning(EnsembleMethod):
     """m independent peers, each distilled from the others' predictions."""
 
     Params = DMLParams
+    listed = 11
     summary = "Zhang et al. 2018: m peer students learn from each other's predictions"
 
     def __init__(self, student: StagedNet, guides: Sequence[nn.Module], params: DMLParams) -> None:

@@ -21,7 +21,6 @@ So m branches train on m GPUs or nodes with the same losses and updates as one p
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -29,11 +28,8 @@ import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 from kdray.distributed import WorkerContext
-from kdray.methods.base import Method, MethodParams, Parallel, shard_of_one
+from kdray.methods.base import Method, MethodParams, Parallel, Planner, shard_of_one
 from kdray.models import StagedNet
-
-if TYPE_CHECKING:
-    from kdray.stages import StagePlanner
 
 
 class EnsembleMethod(Method):
@@ -44,7 +40,7 @@ class EnsembleMethod(Method):
     """
 
     @classmethod
-    def plan_guides(cls, params: MethodParams, planner: StagePlanner) -> list[str]:
+    def plan_guides(cls, params: MethodParams, planner: Planner) -> list[str]:
         """No pretrained guide: the branches teach each other."""
         return []
 

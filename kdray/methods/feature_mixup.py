@@ -18,7 +18,7 @@ probabilities of the original samples. Where the paper is silent: one weight dra
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,12 +27,9 @@ from pydantic import Field
 from torch import nn
 
 from kdray.data import Batch
-from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
+from kdray.methods.base import METHODS, Method, MethodParams, Planner, StepInfo
 from kdray.methods.losses import kl_to_target
 from kdray.models import StagedNet
-
-if TYPE_CHECKING:
-    from kdray.stages import StagePlanner
 
 
 class FeatureMixupParams(MethodParams):
@@ -54,11 +51,12 @@ class FeatureMixup(Method):
     """Mixup of hidden feature maps with mixed labels, optionally with a mixed KD target."""
 
     Params = FeatureMixupParams
+    listed = 5
     summary = "Oki & Kurita 2018: mix stage outputs of 2-3 samples (Beta/Dirichlet), mixed CE [+ KD to mixed target]"
     student_stages = 1
 
     @classmethod
-    def plan_guides(cls, params: MethodParams, planner: StagePlanner) -> list[str]:
+    def plan_guides(cls, params: MethodParams, planner: Planner) -> list[str]:
         """A teacher only for the KD term: with ``w_kd = 0`` the method is a regulariser that trains alone."""
         return [planner.teacher()] if params.w_kd > 0 else []  # type: ignore[attr-defined]
 

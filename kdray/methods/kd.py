@@ -44,6 +44,7 @@ class KD(Method):
     """Hinton KD from one frozen teacher (the first guide)."""
 
     Params = KDParams
+    listed = 1
     summary = "Hinton et al. 2015: (1-alpha)*CE + alpha*T^2*KL(teacher || student)"
 
     def forward(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:

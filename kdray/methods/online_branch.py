@@ -129,6 +129,7 @@ class OnlineBranch(EnsembleMethod):
     """m branches on shared low-level stages, taught by their fused (or averaged) prediction."""
 
     Params = OnlineBranchParams
+    listed = 10
     summary = "Li et al. 2020: m branches, FFM-fused soft target, classifier-diversification loss"
     student_stages = 2
 

@@ -19,21 +19,18 @@ learned the pacemaker's. A guide whose weight is 0 is not evaluated.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from kdray.config import ModelConfig
 from kdray.data import Batch
-from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
+from kdray.methods.base import METHODS, Method, MethodParams, Planner, StepInfo
 from kdray.methods.kd import KDParams
 from kdray.methods.losses import soft_kl
 from kdray.models import MODELS
-
-if TYPE_CHECKING:
-    from kdray.stages import StagePlanner
+from kdray.schema import ModelConfig
 
 
 class PacemakerParams(MethodParams):
@@ -65,10 +62,11 @@ class PacemakerKD(Method):
     """KD into a 1xN student from a pacemaker (guide 0), handing over to the teacher (guide 1)."""
 
     Params = PacemakerParams
+    listed = 9
     summary = "Son et al. 2020: KD from an NxN pacemaker, shifting linearly to the teacher"
 
     @classmethod
-    def plan_guides(cls, params: MethodParams, planner: StagePlanner) -> list[str]:
+    def plan_guides(cls, params: MethodParams, planner: Planner) -> list[str]:
         """The teacher, then the pacemaker (NxN filters; the student's architecture unless named) trained
         from it by KD at the same T and alpha; guide 0 is the pacemaker, guide 1 the teacher."""
         teacher = planner.teacher()

@@ -42,6 +42,7 @@ class STKD(Method):
     """Similarity transfer: KD on mixup samples with mixed labels."""
 
     Params = STKDParams
+    listed = 6
     summary = "Zhao et al. 2021: mixup x~ seen by teacher and student; mixed CE + beta*T^2*KL on x~"
 
     def forward(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:

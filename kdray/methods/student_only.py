@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from kdray.data import Batch
-from kdray.methods.base import METHODS, Method, MethodParams, StepInfo
-
-if TYPE_CHECKING:
-    from kdray.stages import StagePlanner
+from kdray.methods.base import METHODS, Method, MethodParams, Planner, StepInfo
 
 
 class StudentOnlyParams(MethodParams):
@@ -23,10 +20,11 @@ class StudentOnly(Method):
     """``L = CE(s(x), y)``."""
 
     Params = StudentOnlyParams
+    listed = 0
     summary = "no distillation: cross-entropy on the labels (baseline; trains teachers)"
 
     @classmethod
-    def plan_guides(cls, params: MethodParams, planner: StagePlanner) -> list[str]:
+    def plan_guides(cls, params: MethodParams, planner: Planner) -> list[str]:
         return []
 
     def forward(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:

@@ -77,6 +77,7 @@ class TripletKD(Method):
     """Triplet-loss KD from one frozen teacher."""
 
     Params = TripletParams
+    listed = 4
     summary = "Oki et al. 2020: CE + w_kd*T^2*KL + w_tri*triplet(anchor t(x), pos s(x), neg s(x-))"
 
     def forward(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:

@@ -24,11 +24,12 @@ from typing import Any
 
 from ray.tune import Callback
 
-from kdray.config import ConfigError, ExperimentConfig, SamplerConfig, absolute_path, plain_name, validate_config
 from kdray.data import Dataset, load_dataset
 from kdray.preflight import check_decode_cpus, check_models, check_writable
 from kdray.ray_session import connect_ray
+from kdray.resolve import validate_config
 from kdray.run import mark_failed, run_experiment, run_tags
+from kdray.schema import ConfigError, ExperimentConfig, SamplerConfig, absolute_path, plain_name
 from kdray.search.findings import REFERENCE_NAMES, SearchReport, study_of
 from kdray.search.progress import SearchProgress
 from kdray.search.report import build_report, publish

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdray.config import ExperimentConfig, SearchParam
+from kdray.schema import ExperimentConfig, SearchParam
 from kdray.search.space import optuna_name
 
 REFERENCE_NAMES = {"none": "student alone", "kd": "default KD"}  # the baselines a search trains (references)

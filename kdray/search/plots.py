@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdray.config import ExperimentConfig
+from kdray.schema import ExperimentConfig
 from kdray.search.findings import REFERENCE_NAMES, SearchReport, TrialRow, study_of
 
 if TYPE_CHECKING:

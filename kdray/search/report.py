@@ -14,10 +14,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kdray.config import ExperimentConfig
+import yaml
+
+from kdray.resolve import validate_config
+from kdray.schema import ConfigError, ExperimentConfig
 from kdray.search.findings import REFERENCE_NAMES, SearchReport, TrialRow
 from kdray.search.plots import figures, to_png
 from kdray.tracking import Tracker, download_text, find_search_run
+from kdray.ui import existing_store
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +222,6 @@ def mark_winner(tracking: Tracker, report: SearchReport) -> None:
 
 def report_by_name(name: str, tracking_uri: str | None) -> SearchReport:
     """``kdray report NAME``: find the search run in any experiment of the store and rebuild its report."""
-
-    import yaml
-
-    from kdray.config import ConfigError, validate_config
-    from kdray.ui import existing_store
 
     uri = existing_store(tracking_uri)
     found = find_search_run(uri, name)

@@ -18,10 +18,11 @@ import time
 from typing import Any
 
 from kdray.build import model_info
-from kdray.config import ExperimentConfig
 from kdray.data import Dataset, load_dataset
 from kdray.distributed import local_context
+from kdray.resolve import validate_config
 from kdray.run import mark_failed, run_tags
+from kdray.schema import ExperimentConfig
 from kdray.search.space import corners, trial_config
 from kdray.stage_runner import StageRunner
 from kdray.stages import StagePlan, plan_stages
@@ -95,7 +96,7 @@ def train_shared_guides(cfg: ExperimentConfig, dataset: Dataset, tracker: Tracke
 
 
 def _train_guides_task(raw: dict[str, Any], plans: list[StagePlan], parent: str) -> None:
-    cfg = ExperimentConfig.model_validate(raw)
+    cfg = validate_config(raw)
     train_guides(cfg, plans, parent, local_context(cfg.scaling.use_gpu, cfg.scaling.threads))
 
 

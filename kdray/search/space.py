@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdray.config import ConfigError, ExperimentConfig, SearchParam, set_fields, validate_config
 from kdray.methods import METHODS
+from kdray.resolve import set_fields, validate_config
+from kdray.schema import ConfigError, ExperimentConfig, SearchParam
 
 
 def candidate_methods(cfg: ExperimentConfig) -> list[str]:

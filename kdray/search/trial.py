@@ -30,11 +30,11 @@ import socket
 from typing import Any
 
 from kdray.build import model_info
-from kdray.config import ExperimentConfig
 from kdray.data import load_dataset
 from kdray.distributed import local_context
 from kdray.engine import TrainingDiverged
 from kdray.run import mark_failed, run_tags
+from kdray.schema import ExperimentConfig
 from kdray.search.space import trial_config, trial_label
 from kdray.search.unrecorded import FIRST_TRIAL_TAG, TRIAL_ID_TAG, TRIAL_ROLE, adopt, runs_of_trial
 from kdray.stage_runner import StageRunner, TuneTrial
