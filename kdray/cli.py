@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import kdray
+from kdray import tag_names as tag
 from kdray.data import DATASETS, DataError
 from kdray.engine import TrainingDiverged
 from kdray.resolve import load_config
@@ -82,8 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)"
     )
     export.add_argument("--store", default=None, help="model store, for a store key (default: .kdray/store)")
-    store = commands.add_parser("store", help="check the model store: every entry's weights against their hash")
-    store.add_argument("action", choices=["verify"], help="verify: check every entry")
+    store = commands.add_parser(
+        "store", help="the model store: check every entry's weights (verify); would a config's stages be reused (why)"
+    )
+    store.add_argument(
+        "action", choices=["verify", "why"], help="verify: check every entry; why FILE: reuse or train, and why"
+    )
+    store.add_argument("file", nargs="?", help="why: the experiment YAML whose stages to look up")
+    store.add_argument("overrides", nargs="*", metavar="section.field=value", help="why: e.g. train.lr=0.1")
     store.add_argument("--store", default=None, help="the model store (default: $KDRAY_STORE_PATH, else .kdray/store)")
     store.add_argument("--repair", action="store_true", help="move damaged entries into .quarantine/ (never deletes)")
     validate = commands.add_parser("validate", help="print the fully resolved config, or the first error")
@@ -188,7 +195,7 @@ def _run(args: argparse.Namespace) -> int:
         "bench": _bench,
         "export": _export,
         "evaluate": _evaluate,
-        "store": _verify_store,
+        "store": _store,
     }
     if args.command in tools:
         return tools[args.command](args)
@@ -207,6 +214,30 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "tune":
         return _tune(cfg, Path(args.file).stem, None)
     return _train(cfg)
+
+
+def _store(args: argparse.Namespace) -> int:
+    if args.action == "why":
+        return _store_why(args)
+    if args.file is not None:
+        raise ConfigError(f"kdray store verify takes no experiment file ({args.file}); give --store")
+    return _verify_store(args)
+
+
+def _store_why(args: argparse.Namespace) -> int:
+    """``kdray store why FILE``: one line per stage, reused or trained, and for a trained one the fields in which
+    it differs from the nearest stored entry."""
+    from kdray.reuse import why
+
+    if args.file is None:
+        raise ConfigError("kdray store why: give the experiment file whose stages to look up")
+    overrides = [*args.overrides, *([f"store.path={args.store}"] if args.store else [])]
+    verdicts, unrecorded = why(load_config(args.file, overrides))
+    for verdict in verdicts:
+        print(verdict.line())
+    if unrecorded:
+        print(f"({unrecorded} stored entries record no identity, written before kdray recorded them: not compared)")
+    return 0
 
 
 def _verify_store(args: argparse.Namespace) -> int:
@@ -333,7 +364,7 @@ def _bench(args: argparse.Namespace) -> int:
         from kdray.tracking import Tracker, flatten
 
         tracker = Tracker(default_tracking_uri(), "kdray-bench")
-        run = tracker.start_run("bench-" + "-".join(only), {"kdray.role": "bench"})
+        run = tracker.start_run("bench-" + "-".join(only), {tag.ROLE: "bench"})
         tracker.log_params(run, flatten({"options": results[0]["options"]}))
         for result in results:
             numbers = {

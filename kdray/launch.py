@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from ray.train import ControllerError, UserCallback
 
+from kdray import tag_names as tag
 from kdray.build import build_stage, model_info
 from kdray.data import load_dataset
 from kdray.distributed import ray_train_context
@@ -90,7 +91,7 @@ def stage_worker(config: dict[str, Any]) -> None:
     )
     fit(build_stage(cfg, plan, dataset, guides, ctx, wrap=data_parallel(cfg)), sink)
     if sink.resumed_from is not None:
-        tracker.set_tags(run_id, {"kdray.resumed_from_epoch": str(sink.resumed_from)})
+        tracker.set_tags(run_id, {tag.RESUMED_FROM_EPOCH: str(sink.resumed_from)})
 
 
 def fit_on_ray(

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import filelock
 
 import kdray
+from kdray import tag_names as tag
 from kdray.build import model_info
 from kdray.data import Dataset, load_dataset
 from kdray.distributed import local_context
@@ -50,7 +51,7 @@ def git_commit() -> str | None:
 
 def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
     tags = {
-        "kdray.version": kdray.__version__,
+        tag.VERSION: kdray.__version__,
         "method": cfg.method.name,
         "dataset": cfg.data.name,
         "teacher": cfg.teacher.name,
@@ -58,7 +59,7 @@ def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
     }
     commit = git_commit()
     if commit:
-        tags["mlflow.source.git.commit"] = commit
+        tags[tag.GIT_COMMIT] = commit
     return tags
 
 
@@ -91,40 +92,33 @@ def run_experiment(
     check_models(cfg, dataset)
     check_decode_cpus(cfg, dataset)
     store = ModelStore(cfg.store.path)
-    tags = {**run_tags(cfg), "kdray.config_hash": model_key(cfg.dump())}
+    tags = {**run_tags(cfg), tag.CONFIG_HASH: model_key(cfg.dump())}
     name = run_name(cfg)
-    parent, continuing, lease = claim_run(tracker, store, name, {**tags, "kdray.role": role}, parent_run_id)
+    parent, continuing, lease = claim_run(tracker, store, name, {**tags, tag.ROLE: role}, parent_run_id)
     result = ExperimentResult(parent)
-    open_runs = [parent]
-    try:  # from here on, whatever fails closes the parent run and releases its lease
-        earlier = tracker.children(parent) if continuing else {}
-        plans = plan_stages(cfg, dataset.fingerprint(), owner=parent, info=model_info(dataset))
-        runner = StageRunner(cfg, dataset, store, tracker, ctx)
-        if not continuing:
-            tracker.log_params(parent, flatten(cfg.dump()))
-            tracker.log_text(parent, cfg.to_yaml(), "config.yaml")
-        for plan in plans:
-            previous = earlier.get(plan.key)
-            stored = store.find(plan.key)
-            if previous is not None and previous.info.status == "FINISHED" and stored is not None:
-                result.stages.append(StageOutcome(plan, stored, previous.info.run_id, True, stored.meta["metrics"]))
-                continue
-            if previous is not None and previous.info.status != "FINISHED":  # interrupted: continue its run
-                child = previous.info.run_id
-                tracker.reopen(child)
-            else:
-                child = tracker.start_run(
-                    plan.role, {**tags, "kdray.role": plan.role, "kdray.model_key": plan.key}, parent
-                )
-            open_runs.append(child)
-            result.stages.append(runner.run(plan, child))
-            open_runs.pop()
-        tracker.log_params(parent, data_params(dataset))
-        tracker.log_metrics(parent, result.student.metrics, step=cfg.train.epochs)
-        tracker.end_run(open_runs.pop())
-    except BaseException as error:
-        mark_failed(tracker, open_runs, error)
-        raise
+    try:  # from here on, whatever fails ends the parent run FAILED (and the stage's run) and releases its lease
+        with tracker.run(parent):
+            earlier = tracker.children(parent) if continuing else {}
+            plans = plan_stages(cfg, dataset.fingerprint(), owner=parent, info=model_info(dataset))
+            runner = StageRunner(cfg, dataset, store, tracker, ctx)
+            if not continuing:
+                tracker.log_params(parent, flatten(cfg.dump()))
+                tracker.log_text(parent, cfg.to_yaml(), "config.yaml")
+            for plan in plans:
+                previous = earlier.get(plan.key)
+                stored = store.find(plan.key)
+                if previous is not None and previous.info.status == "FINISHED" and stored is not None:
+                    result.stages.append(StageOutcome(plan, stored, previous.info.run_id, True, stored.meta["metrics"]))
+                    continue
+                if previous is not None and previous.info.status != "FINISHED":  # interrupted: continue its run
+                    child = previous.info.run_id
+                    tracker.reopen(child)
+                else:
+                    child = tracker.start_run(plan.role, {**tags, tag.ROLE: plan.role, tag.MODEL_KEY: plan.key}, parent)
+                with tracker.run(child, finish=False):  # the stage ends its run once its model is stored
+                    result.stages.append(runner.run(plan, child))
+            tracker.log_params(parent, data_params(dataset))
+            tracker.log_metrics(parent, result.student.metrics, step=cfg.train.epochs)
     finally:
         lease.release()
     return result
@@ -139,10 +133,10 @@ def claim_run(
     lease (a lock file in the model store, released by the OS when that process dies): then this process
     opens its own run. Finding and leasing happen under one lock per config, so two processes started
     together never both take the same run."""
-    lookup = {"kdray.role": tags["kdray.role"], "kdray.config_hash": tags["kdray.config_hash"]}
+    lookup = {tag.ROLE: tags[tag.ROLE], tag.CONFIG_HASH: tags[tag.CONFIG_HASH]}
     if parent_run_id is not None:  # a search's reference: continue only a run of this search
-        lookup["mlflow.parentRunId"] = parent_run_id
-    with store.lock(f"claim-{tags['kdray.config_hash']}"):
+        lookup[tag.PARENT_RUN_ID] = parent_run_id
+    with store.lock(f"claim-{tags[tag.CONFIG_HASH]}"):
         unfinished = tracker.find_unfinished(name, lookup)
         if unfinished is not None:
             run_id = unfinished.info.run_id
@@ -163,17 +157,6 @@ def claim_run(
 
 def run_name(cfg: ExperimentConfig) -> str:
     return cfg.tracking.run_name or f"{cfg.method.name}-{cfg.student.name}"
-
-
-def mark_failed(tracker: Tracker, run_ids: list[str], error: BaseException) -> None:
-    """Close the open runs as FAILED (KILLED on Ctrl-C); a broken tracking store must not hide ``error``."""
-    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-    for run_id in reversed(run_ids):
-        try:
-            tracker.set_tags(run_id, {"kdray.error": f"{type(error).__name__}: {error}"[:5000]})
-            tracker.end_run(run_id, status)
-        except Exception as tracking_error:  # reported; the original error propagates
-            log.warning("could not mark MLflow run %s %s: %s", run_id, status, tracking_error)
 
 
 def describe(result: ExperimentResult, cfg: ExperimentConfig) -> str:

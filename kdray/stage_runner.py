@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from kdray import tag_names as tag
 from kdray.build import build_stage, model_info
 from kdray.data import Dataset, on_device
 from kdray.distributed import WorkerContext, local_context
@@ -127,30 +128,24 @@ class StageRunner:
 
     def train_missing(self, plan: StagePlan, open_run: Callable[[], str]) -> StageOutcome | None:
         """Train ``plan`` unless the store holds it (then None); its MLflow run is opened (``open_run``) only
-        when it trains, so a search records each shared teacher once, not once per trial."""
+        when it trains, so a search records each shared teacher once, not once per trial, and ends FAILED if
+        the training raises."""
         with self.store.lock(plan.key):
             if self.store.find(plan.key) is not None:
                 return None
-            return self.train(plan, open_run(), FileCheckpoints())
+            with self.tracker.run(open_run(), finish=False) as run_id:  # the stage ends it once stored
+                return self.train(plan, run_id, FileCheckpoints())
 
-    def train_guides(
-        self, plans: list[StagePlan], parent: str, tags: dict[str, str], open_runs: list[str]
-    ) -> dict[str, int]:
+    def train_guides(self, plans: list[StagePlan], parent: str, tags: dict[str, str]) -> dict[str, int]:
         """Each guide of ``plans`` the store lacks, trained in a new run under ``parent`` (``tags`` plus its role
-        and key); how many were trained and how many the store already held. The run in training is kept in
-        ``open_runs`` until it ends, so a caller whose training raised can close it as failed."""
+        and key); how many were trained and how many the store already held."""
         counts = {"trained": 0, "reused": 0}
         for plan in plans:
 
             def open_run(plan: StagePlan = plan) -> str:
-                role = {"kdray.role": plan.role, "kdray.model_key": plan.key}
-                run_id = self.tracker.start_run(plan.role, {**tags, **role}, parent)
-                open_runs.append(run_id)
-                return run_id
+                return self.tracker.start_run(plan.role, {**tags, tag.ROLE: plan.role, tag.MODEL_KEY: plan.key}, parent)
 
             outcome = self.train_missing(plan, open_run)
-            if outcome is not None:
-                open_runs.remove(outcome.run_id)
             counts["reused" if outcome is None else "trained"] += 1
         return counts
 
@@ -161,7 +156,7 @@ class StageRunner:
         params = {key: str(value)[:6000] for key, value in stage_params(plan).items()}
         held = self.tracker.params(run_id)
         self.tracker.log_params(run_id, {key: value for key, value in params.items() if key not in held})
-        differ = {f"kdray.stage.{key}": value for key, value in params.items() if held.get(key, value) != value}
+        differ = {f"{tag.STAGE_PREFIX}{key}": value for key, value in params.items() if held.get(key, value) != value}
         if differ:
             self.tracker.set_tags(run_id, differ)
 
@@ -169,13 +164,11 @@ class StageRunner:
         log.info("%-8s %s reused from the model store (%s)", plan.role, plan.model.name, plan.key)
         self._log_params(run_id, plan)
         source = str(stored.meta.get("mlflow_run_id", ""))
-        self.tracker.set_tags(run_id, {"kdray.reused": "true", "kdray.source_run_id": source})
+        self.tracker.set_tags(run_id, {tag.REUSED: "true", tag.SOURCE_RUN_ID: source})
         if not self.tracker.has_run(source):  # trained under another tracking store: loadable from this one too
-            here = [
-                run for run in self.tracker.runs({"kdray.model_key": plan.key}) if "kdray.model_id" in run.data.tags
-            ]
+            here = [run for run in self.tracker.runs({tag.MODEL_KEY: plan.key}) if tag.MODEL_ID in run.data.tags]
             if here:  # an earlier reuse here logged it already
-                self.tracker.set_tags(run_id, {"kdray.model_id": here[0].data.tags["kdray.model_id"]})
+                self.tracker.set_tags(run_id, {tag.MODEL_ID: here[0].data.tags[tag.MODEL_ID]})
             else:
                 log_stored_model(self.tracker, run_id, self.store, stored, self.dataset)
         logged = self.tracker.latest_metrics(run_id)  # a restored trial's run may hold them already
@@ -203,7 +196,7 @@ class StageRunner:
             sink = reporting.sink(self.cfg, plan, self.ctx, self.tracker.continuing_logger(run_id), store)
             fit(stage, sink)
             if sink.resumed_from is not None:
-                self.tracker.set_tags(run_id, {"kdray.resumed_from_epoch": str(sink.resumed_from)})
+                self.tracker.set_tags(run_id, {tag.RESUMED_FROM_EPOCH: str(sink.resumed_from)})
         stored = self.store.find(plan.key)
         assert stored is not None, f"{plan.role} finished without storing its model"
         return StageOutcome(plan, stored, run_id, False, stored.meta["metrics"])
@@ -222,7 +215,7 @@ class StageRunner:
                 values = evaluate(model, source, cfg.train.eval_batch_size, ctx)  # type: ignore[arg-type]
                 final.update({f"{name}/{metric}": value for metric, value in values.items()})
         log.info("%-8s %s given (%s): val_acc %.4f", plan.role, plan.model.name, plan.weights, final["val/acc"])
-        self.tracker.set_tags(run_id, {"kdray.given_weights": str(plan.weights)})
+        self.tracker.set_tags(run_id, {tag.GIVEN_WEIGHTS: str(plan.weights)})
         self.tracker.log_metrics(run_id, {k: v for k, v in final.items() if k.startswith("val/")}, step=0)
         state = {name: tensor.cpu() for name, tensor in given.model.state_dict().items()}
         store_stage(cfg, plan, self.store, self.tracker, run_id, self.dataset, FitResult(state, [], final), given.stats)

@@ -31,6 +31,7 @@ class StagePlan(BaseModel):
     train: TrainConfig
     guides: list[str]
     key: str
+    identity: dict[str, Any] = {}  # what the key hashes, recorded with the stored model (`kdray store why`)
     weights: str | None = None  # a given model (teacher.weights): evaluated and stored, never trained
 
     @field_validator("method", mode="before")
@@ -49,17 +50,14 @@ def stage_identity(
     fingerprint: str,
 ) -> dict[str, Any]:
     """Everything that determines a trained model's weights, and nothing that does not."""
-    recipe = train.model_dump(mode="json")
-    for not_in_weights in ("eval_batch_size", "channels_last", "compile", "test_each_epoch"):  # same math
-        recipe.pop(not_in_weights)
     identity = {
         # Data parallelism: the global batch, and so the result, depends on the number of workers.
         # Branch parallelism computes what one process computes.
         "world_size": cfg.scaling.data_shards,
-        "model": model.model_dump(mode="json"),
+        "model": model.identity(),
         "code": code_version(model.name),  # a changed architecture never reuses old weights
-        "data": {"fingerprint": fingerprint, "augment": cfg.data.augment.model_dump(mode="json")},
-        "train": recipe,
+        "data": {"fingerprint": fingerprint, "augment": cfg.data.augment.identity()},
+        "train": train.identity(),
         "method": method.identity(),
         "guides": guides,
     }
@@ -89,7 +87,15 @@ class StagePlanner:
         if not self.cfg.store.reuse:
             identity["owner"] = self.owner  # store.reuse=false: models of this run only
         return self._plan(
-            StagePlan(role=role, model=model, method=method, train=recipe, guides=guides, key=model_key(identity))
+            StagePlan(
+                role=role,
+                model=model,
+                method=method,
+                train=recipe,
+                guides=guides,
+                key=model_key(identity),
+                identity=identity,
+            )  # fmt: skip
         )
 
     def _plan(self, plan: StagePlan) -> str:
@@ -128,7 +134,7 @@ class StagePlanner:
         identity = {
             "given": given.digest,
             "stats": given.stats,
-            "model": model.model_dump(mode="json"),
+            "model": model.identity(),
             "data": {"fingerprint": self.fingerprint},
         }
         source = given_weights(self.cfg, role, model)
@@ -136,7 +142,7 @@ class StagePlanner:
         none = METHODS["none"].Params()
         plan = StagePlan(
             role=role, model=model, method=none, train=self.cfg.train, guides=[], key=model_key(identity),
-            weights=source[0],
+            identity=identity, weights=source[0],
         )  # fmt: skip
         return self._plan(plan)
 

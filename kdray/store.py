@@ -32,6 +32,7 @@ import torch
 
 from kdray.models import ModelInfo, StagedNet, build_model
 from kdray.models.deploy import restandardized
+from kdray.schema.storage import GUIDE_OUTPUTS_FOLDER
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,12 @@ def entry_problem(entry: Path) -> str | None:
 _LOCKS: dict[str, filelock.FileLock] = {}
 
 
+def is_key(name: str) -> bool:
+    """Whether ``name`` can be an entry's folder: not empty, not a path, not hidden (``.locks``, ``.quarantine``)
+    and not the guide-output cache kept in the store by default."""
+    return bool(name) and not name.startswith(".") and "/" not in name and name != GUIDE_OUTPUTS_FOLDER
+
+
 class ModelStore:
     """A folder of ``<key>/{model.pt, config.yaml, meta.json}`` entries, checked on every lookup."""
 
@@ -121,14 +128,14 @@ class ModelStore:
         return _LOCKS[path]
 
     def keys(self) -> list[str]:
-        """Every entry's key (folders whose name is not hidden), sorted."""
+        """Every entry's key (folders that are not hidden and not the guide-output cache), sorted."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and is_key(p.name))
 
     def find(self, key: str) -> StoredModel | None:
         """The entry ``key`` if it is there and intact; a damaged entry is quarantined and reported missing."""
-        if not key or key.startswith(".") or "/" in key:  # not a key: never the store itself or its own folders
+        if not is_key(key):  # never the store itself, its own folders or the guide-output cache
             return None
         entry = self.root / key
         if not entry.is_dir():
@@ -142,6 +149,8 @@ class ModelStore:
         """Move a damaged entry aside into ``.quarantine/`` (under its lock, after checking it again: another
         process may have replaced it meanwhile); where it went, or None if it checked out after all."""
         entry = self.root / key
+        if not is_key(key):
+            return None
         with self.lock(key):
             problem = entry_problem(entry) if entry.is_dir() else None
             if problem is None:

@@ -4,6 +4,7 @@ in-process (``kdray.stage_runner``) or as the chief of Ray Train workers (``kdra
 from __future__ import annotations
 
 import kdray
+from kdray import tag_names as tag
 from kdray.build import model_info
 from kdray.data import Dataset
 from kdray.engine import FitResult
@@ -36,6 +37,7 @@ def store_stage(
         "role": plan.role,
         "method": plan.method.model_dump(),
         "guides": plan.guides,
+        "identity": plan.identity,
         "metrics": result.final,
         "mlflow_run_id": run_id,
         "kdray_version": kdray.__version__,
@@ -46,7 +48,7 @@ def store_stage(
     if plan.weights is not None:
         meta["weights"] = plan.weights
     stored = store.save(plan.key, result.state_dict, cfg.to_yaml(), meta)
-    tracker.set_tags(run_id, {"kdray.reused": "false"})
+    tracker.set_tags(run_id, {tag.REUSED: "false"})
     # val/* is logged already, and so is test/* when evaluated every epoch; best_epoch* is new.
     logged = result.history[-1] if result.history else {}
     new = {name: value for name, value in result.final.items() if not name.startswith("val/") and name not in logged}
@@ -66,4 +68,4 @@ def log_stored_model(tracker: Tracker, run_id: str, store: ModelStore, stored: S
     deployed = Classifier(model, tuple(stats["mean"]), tuple(stats["std"]), classes=dataset.classes, image_shape=shape)
     model_id = tracker.log_model(run_id, deployed, shape)
     if model_id:
-        tracker.set_tags(run_id, {"kdray.model_id": model_id})
+        tracker.set_tags(run_id, {tag.MODEL_ID: model_id})

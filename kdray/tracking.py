@@ -13,16 +13,20 @@ import logging
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import filelock
 
 import kdray
+from kdray import tag_names as tag
 from kdray.schema import ConfigError, absolute_uri
 
+log = logging.getLogger(__name__)
+
 # MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; kdray's are training runs.
-KIND = {"mlflow.experimentKind": "custom_model_development"}
+KIND = {tag.EXPERIMENT_KIND: "custom_model_development"}
 
 
 class MetricLogger(Protocol):
@@ -110,12 +114,12 @@ class Tracker:
 
     def runs_under(self, parent_id: str, role: str | None = None) -> list[Any]:
         """A parent's child runs (with tag ``kdray.role`` = ``role`` if given), oldest first."""
-        return self.runs({"mlflow.parentRunId": parent_id, **({"kdray.role": role} if role else {})})
+        return self.runs({tag.PARENT_RUN_ID: parent_id, **({tag.ROLE: role} if role else {})})
 
     def children(self, parent_id: str) -> dict[str, Any]:
         """A parent's child runs by stage key (tag ``kdray.model_key``)."""
         runs = self.runs_under(parent_id)
-        return {run.data.tags["kdray.model_key"]: run for run in runs if "kdray.model_key" in run.data.tags}
+        return {run.data.tags[tag.MODEL_KEY]: run for run in runs if tag.MODEL_KEY in run.data.tags}
 
     def has_run(self, run_id: str) -> bool:
         """Whether this tracking store holds run ``run_id`` (a model store can outlive, or be shared across,
@@ -156,7 +160,7 @@ class Tracker:
 
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
         if parent_id is not None:
-            tags = {**tags, "mlflow.parentRunId": parent_id}
+            tags = {**tags, tag.PARENT_RUN_ID: parent_id}
         return self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
 
     def reopen(self, run_id: str) -> None:
@@ -172,6 +176,29 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def fail(self, run_id: str, error: BaseException) -> None:
+        """End a run FAILED (KILLED on Ctrl-C) with the error as its ``kdray.error``; a
+        broken tracking store is logged, never raised: it must not hide ``error``."""
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        try:
+            self.set_tags(run_id, {tag.ERROR: f"{type(error).__name__}: {error}"[:5000]})
+            self.end_run(run_id, status)
+        except Exception as tracking_error:
+            log.warning("could not mark MLflow run %s %s: %s", run_id, status, tracking_error)
+
+    @contextlib.contextmanager
+    def run(self, run_id: str, finish: bool = True) -> Iterator[str]:
+        """Run ``run_id`` for the block: whatever raises inside ends it FAILED or KILLED (``fail``) and goes on
+        up; a block that returns ends it FINISHED, unless ``finish=False`` (the block hands the run on, or
+        another process ends it). So no run is left RUNNING by a failure of kdray's."""
+        try:
+            yield run_id
+        except BaseException as error:
+            self.fail(run_id, error)
+            raise
+        if finish:
+            self.end_run(run_id)
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -318,7 +345,7 @@ def find_search_run(uri: str, name: str) -> tuple[Any, str] | None:
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(
         experiments,
-        _filter({"kdray.role": "search", "kdray.search_name": name}),
+        _filter({tag.ROLE: "search", tag.SEARCH_NAME: name}),
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )

@@ -122,3 +122,13 @@ def test_only_keys_are_looked_up(tmp_path: Path) -> None:
     for not_a_key in ("", ".locks", "../store", "k/.."):
         assert store.find(not_a_key) is None
     assert not (store.root / ".quarantine").exists() and store.find("k") is not None
+
+
+def test_the_guide_output_cache_in_the_store_is_not_an_entry(tmp_path: Path) -> None:
+    """It lives in the store folder by default: never listed, checked or moved aside as a damaged entry."""
+    store = ModelStore(tmp_path / "store")
+    _saved(store)
+    (store.root / "guide-outputs" / "table").mkdir(parents=True)
+    assert store.keys() == ["k"]
+    assert store.find("guide-outputs") is None and store.quarantine("guide-outputs") is None
+    assert (store.root / "guide-outputs" / "table").is_dir() and not (store.root / ".quarantine").exists()

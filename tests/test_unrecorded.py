@@ -7,20 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kdray.search.unrecorded import (
-    FIRST_TRIAL_TAG,
-    TRIAL_ID_TAG,
-    UNRECORDED_TAG,
-    adopt,
-    restored_trial_ids,
-    set_aside,
-)
+from kdray import tag_names as tag
+from kdray.search.unrecorded import adopt, restored_trial_ids, set_aside
 from kdray.store import ModelStore
 from kdray.tracking import Tracker
 
 
 def trial(tracker: Tracker, parent: str, trial_id: str, temperature: float) -> str:
-    tags = {"kdray.role": "trial", TRIAL_ID_TAG: trial_id, "kdray.sampled": json.dumps({"t": temperature})}
+    tags = {"kdray.role": "trial", tag.TRIAL_ID: trial_id, "kdray.sampled": json.dumps({"t": temperature})}
     return tracker.start_run(f"kd t={temperature} ({trial_id})", tags, parent)
 
 
@@ -37,7 +31,7 @@ def test_runs_of_unknown_trials_are_set_aside_and_taken_over_once_by_equal_value
     assert [run.info.run_id for run in tracker.runs_under(parent, role="trial")] == [known]
     statuses = {run.info.run_id: run.info.status for run in tracker.runs_under(parent, role="unrecorded_trial")}
     assert statuses == {finished: "FINISHED", running: "KILLED"}  # nothing will write to the running one again
-    assert "last saved state" in tracker.tags(running)[UNRECORDED_TAG]
+    assert "last saved state" in tracker.tags(running)[tag.UNRECORDED]
 
     def take(trial_id: str, temperature: float) -> str | None:
         return adopt(tracker, store, parent, trial_id, {"t": temperature}, f"new ({trial_id})")
@@ -46,8 +40,8 @@ def test_runs_of_unknown_trials_are_set_aside_and_taken_over_once_by_equal_value
     assert take("aaaa0001", 6.25) is None  # a trial Tune knew keeps its own run
     assert take("bbbb0003", 6.25) == finished
     tags = tracker.tags(finished)
-    assert (tags["kdray.role"], tags[TRIAL_ID_TAG], tags[FIRST_TRIAL_TAG]) == ("trial", "bbbb0003", "aaaa0003")
-    assert UNRECORDED_TAG not in tags and tracker.client.get_run(finished).info.run_name == "new (bbbb0003)"
+    assert (tags["kdray.role"], tags[tag.TRIAL_ID], tags[tag.FIRST_TRIAL_ID]) == ("trial", "bbbb0003", "aaaa0003")
+    assert tag.UNRECORDED not in tags and tracker.client.get_run(finished).info.run_name == "new (bbbb0003)"
     assert take("bbbb0006", 6.25) is None  # taken once: a second trial that draws the same values starts anew
     assert take("bbbb0003", 6.25) is None  # and its own trial, restarted, finds it by id
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from kdray import tag_names as tag
 from kdray.bench.options import BenchOptions
 from kdray.ray_session import connect_ray
 from kdray.resolve import load_config
@@ -61,7 +62,7 @@ def guide_work(tracking: Tracker) -> dict[str, int]:
     forward = 0
     teachers = 0
     for run in tracking.runs({}):
-        if run.data.tags.get("kdray.role") == "teacher":
+        if run.data.tags.get(tag.ROLE) == "teacher":
             teachers += 1
         if "guide/forward_images" in run.data.metrics:
             forward += sum(int(m.value) for m in tracking.metric_history(run.info.run_id, "guide/forward_images"))
@@ -71,7 +72,7 @@ def guide_work(tracking: Tracker) -> dict[str, int]:
 def utilisation(tracking: Tracker) -> dict[str, float]:
     """The search run's own account of its time (``search/utilisation``: trial training seconds over the
     trial slots' seconds), and the seconds its shared guides took before the trials."""
-    (search,) = tracking.runs({"kdray.role": "search"})
+    (search,) = tracking.runs({tag.ROLE: "search"})
     metrics = search.data.metrics
     return {
         "utilisation": round(metrics["search/utilisation"], 3),
@@ -159,5 +160,5 @@ def measure_trials(
 
 def _training_seconds(tracking: Tracker, search_name: str) -> float:
     """Seconds the trials of search ``search_name`` spent in their training epochs."""
-    (search,) = tracking.runs({"kdray.role": "search", "kdray.search_name": search_name})
+    (search,) = tracking.runs({tag.ROLE: "search", tag.SEARCH_NAME: search_name})
     return trials_training_seconds(tracking, search.info.run_id)

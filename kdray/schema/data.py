@@ -16,6 +16,8 @@ EVAL_CROP_NEEDS_FOLDERS = (
 
 
 class AugmentConfig(Section):
+    in_weights = frozenset({"kind", "padding", "flip", "scale", "ratio", "crop_cycle", "eval_crop"})
+
     kind: Literal["crop_flip", "random_resized_crop"] = Field(
         "crop_flip",
         description="crop_flip: a random crop of the zero-padded image (CIFAR's); random_resized_crop: a random area "
@@ -65,6 +67,9 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
+    # A trained model is keyed on the data's content (its fingerprint: every image's digest and label, the
+    # classes) and on data.augment, not on these fields: two routes to the same images share their models.
+
     name: str = Field("digits", description="Dataset (see `kdray datasets`).")
     download: bool = Field(False, description="Let torchvision download CIFAR into data.root (needs internet).")
     root: str | None = Field(None, description="Folder or .tar.gz of the data (cifar*, imagefolder).")

@@ -13,7 +13,7 @@ from kdray.schema.data import DataConfig
 from kdray.schema.fields import Section
 from kdray.schema.models import AssistantsConfig, ModelConfig, TeacherConfig
 from kdray.schema.search import SearchConfig
-from kdray.schema.storage import GuideCacheConfig, StoreConfig, TrackingConfig
+from kdray.schema.storage import GUIDE_OUTPUTS_FOLDER, GuideCacheConfig, StoreConfig, TrackingConfig
 from kdray.schema.training import ScalingConfig, TrainConfig
 
 
@@ -24,13 +24,15 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
 
+    # A method's parameters are its math, so all of them enter its models' store keys but these (none so far).
+    not_in_weights: ClassVar[frozenset[str]] = frozenset()
     # Fields added after models were stored, each with the default that computes what the method computed
     # before it existed: left out of a stage's identity at that default, so stored models keep their keys.
     added_later: ClassVar[dict[str, Any]] = {}
 
     def identity(self) -> dict[str, Any]:
         """What of these parameters determines the trained weights (part of a stage's store key)."""
-        dumped = self.model_dump(mode="json")
+        dumped = self.model_dump(mode="json", exclude=set(self.not_in_weights))
         return {k: v for k, v in dumped.items() if k not in self.added_later or v != self.added_later[k]}
 
 
@@ -63,7 +65,7 @@ class ExperimentConfig(Section):
     @property
     def guide_cache_folder(self) -> Path:
         """Where the guide-output cache lives: ``guide_cache.path``, else inside the model store."""
-        return Path(self.guide_cache.path or Path(self.store.path) / "guide-outputs")
+        return Path(self.guide_cache.path or Path(self.store.path) / GUIDE_OUTPUTS_FOLDER)
 
     @model_validator(mode="after")
     def _sync_batchnorm_needs_gpu_workers(self) -> ExperimentConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
@@ -26,6 +26,20 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The sections a trained model is keyed on (model, train, augmentation) say of every field whether it
+    # determines the weights: in_weights fields enter the model's store key, not_in_weights fields (the same
+    # math, faster or only evaluated more often) do not. tests/test_keys.py fails on a field that says neither.
+    in_weights: ClassVar[frozenset[str]] = frozenset()
+    not_in_weights: ClassVar[frozenset[str]] = frozenset()
+    # in_weights fields added after models were stored, each with the default that computes what kdray computed
+    # before the field existed: left out of the key at that default, so every stored model keeps its key.
+    added_later: ClassVar[dict[str, Any]] = {}
+
+    def identity(self) -> dict[str, Any]:
+        """What of this section determines a trained model's weights (part of its store key)."""
+        dumped = self.model_dump(mode="json", include=set(self.in_weights))
+        return {k: v for k, v in dumped.items() if k not in self.added_later or v != self.added_later[k]}
 
 
 def weights_source(weights: str) -> str:

@@ -11,6 +11,8 @@ from kdray.schema.fields import EPOCHS_MAX, SEED_MAX, Section, weights_source
 
 
 class ModelConfig(Section):
+    in_weights = frozenset({"name", "onthefly", "batchnorm"})
+
     name: str = Field(
         "resnet8",
         description="Architecture: a name from `kdray models`, torchvision.<name>, timm.<name>, or "
@@ -21,6 +23,10 @@ class ModelConfig(Section):
 
 
 class TeacherConfig(ModelConfig):
+    # A trained teacher is keyed as a ModelConfig (its architecture) with its own recipe: epochs, lr and seed
+    # enter the key through the recipe it is trained with; a given one is keyed by its weights' hash.
+    not_in_weights = frozenset({"epochs", "lr", "seed", "weights", "input_mean", "input_std"})
+
     name: str = Field("resnet20", description="Teacher architecture (as student.name).")
     epochs: int | None = Field(None, ge=1, le=EPOCHS_MAX, description="Teacher training epochs; null = train.epochs.")
     lr: float | None = Field(None, gt=0, description="Teacher peak learning rate; null = train.lr.")

@@ -8,6 +8,10 @@ from pydantic import AfterValidator, Field
 
 from kdray.schema.fields import AbsolutePath, PlainName, Section, absolute_uri, default_store_path, default_tracking_uri
 
+# The guide-output cache's folder inside the model store unless guide_cache.path says otherwise: a folder of the
+# store that is not an entry (the store never lists, checks or moves it).
+GUIDE_OUTPUTS_FOLDER = "guide-outputs"
+
 
 class TrackingConfig(Section):
     uri: Annotated[str, AfterValidator(absolute_uri)] = Field(

@@ -18,6 +18,12 @@ from kdray.schema.fields import (
 
 
 class TrainConfig(Section):
+    in_weights = frozenset({
+        "epochs", "batch_size", "optimizer", "lr", "lr_scaling", "momentum", "nesterov", "weight_decay", "schedule",
+        "step_size", "milestones", "gamma", "warmup_epochs", "seed", "amp",
+    })  # fmt: skip
+    not_in_weights = frozenset({"eval_batch_size", "channels_last", "compile", "test_each_epoch"})  # same math
+
     epochs: int = Field(10, ge=1, le=EPOCHS_MAX, description="Training epochs of the student (and teacher unless set).")
     batch_size: int = Field(128, ge=2, le=BATCH_MAX, description="Images per step on each worker.")
     eval_batch_size: int = Field(1024, ge=1, le=BATCH_MAX, description="Images per evaluation step.")

@@ -24,11 +24,12 @@ from typing import Any
 
 from ray.tune import Callback
 
+from kdray import tag_names as tag
 from kdray.data import Dataset, load_dataset
 from kdray.preflight import check_decode_cpus, check_models, check_writable
 from kdray.ray_session import connect_ray
 from kdray.resolve import validate_config
-from kdray.run import mark_failed, run_experiment, run_tags
+from kdray.run import run_experiment, run_tags
 from kdray.schema import ConfigError, ExperimentConfig, SamplerConfig, absolute_path, plain_name
 from kdray.search.findings import REFERENCE_NAMES, SearchReport, study_of
 from kdray.search.progress import SearchProgress
@@ -113,14 +114,14 @@ class TrialRunCloser(Callback):
                 lines = [line for line in Path(trial.error_file).read_text().splitlines() if line.strip()]
                 reason = lines[-1] if lines else reason
             tracker = Tracker(self.uri, self.experiment)
-            tracker.set_tags(run_id, {"kdray.error": reason[:5000]})
+            tracker.set_tags(run_id, {tag.ERROR: reason[:5000]})
             tracker.end_run(run_id, "FAILED")
 
 
 def end_stopped(tracker: Tracker, run_id: str, why: str) -> None:
     """End a trial run the search stopped: FINISHED, with why in ``kdray.stopped`` and on its page."""
     note = f"Stopped early ({why}): not a failure; a trial stopped early stores no student."
-    tracker.set_tags(run_id, {"kdray.stopped": why, "mlflow.note.content": note})
+    tracker.set_tags(run_id, {tag.STOPPED: why, tag.NOTE: note})
     tracker.end_run(run_id, "FINISHED")
 
 
@@ -211,10 +212,10 @@ def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
     check_models(cfg, dataset)
     check_decode_cpus(cfg, dataset)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
-    tags = {**run_tags(cfg), "kdray.role": "search", "kdray.search_name": name}
+    tags = {**run_tags(cfg), tag.ROLE: "search", tag.SEARCH_NAME: name}
     parent = tracker.start_run(name, tags)
     tracker.log_params(parent, flatten(cfg.dump()))
-    tracker.set_tags(parent, {"kdray.optuna_storage": optuna_url(cfg), "kdray.optuna_study": name})
+    tracker.set_tags(parent, {tag.OPTUNA_STORAGE: optuna_url(cfg), tag.OPTUNA_STUDY: name})
     tracker.log_text(parent, cfg.to_yaml(), "config.yaml")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / STATE_FILE).write_text(json.dumps({"config": cfg.dump(), "parent_run_id": parent}))
@@ -227,7 +228,7 @@ def _start_tune(
     """Train the shared guides and run the trials, from the first: a new search, or (``resumed``) one whose
     driver stopped before Tune saved any state, whose earlier trial runs the new trials take over."""
     root = cfg.scaling.storage_path
-    try:
+    with tracker.run(parent, finish=False):  # _finish ends it FINISHED; anything raised, FAILED
         from ray import tune
         from ray.tune.search.optuna import OptunaSearch
 
@@ -267,9 +268,6 @@ def _start_tune(
         tuner.fit()
         log_utilisation(tracker, parent, cfg, time.perf_counter() - started, shared_s)
         return _finish(cfg, name, parent, tracker)
-    except BaseException as error:
-        mark_failed(tracker, [parent], error)
-        raise
 
 
 def concurrent_slots(cfg: ExperimentConfig) -> int:
@@ -343,7 +341,7 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
         )
         set_aside(tracker, parent, set())
         return _start_tune(cfg, name, parent, tracker, load_dataset(cfg.data), resumed=True)
-    try:
+    with tracker.run(parent, finish=False):  # _finish ends it FINISHED; anything raised, FAILED
         connect_ray(log_to_driver=False)
         setup = {"base": cfg.dump(), "parent_run_id": parent, "search_name": name, "resumed": True}
         tuner = tune.Tuner.restore(
@@ -353,9 +351,6 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
         train_shared_guides(cfg, load_dataset(cfg.data), tracker, parent)  # the rest of any interrupted there
         tuner.fit()
         return _finish(cfg, name, parent, tracker)
-    except BaseException as error:
-        mark_failed(tracker, [parent], error)
-        raise
 
 
 def close_orphans(tracker: Tracker, parent: str, store: ModelStore) -> None:
@@ -364,18 +359,18 @@ def close_orphans(tracker: Tracker, parent: str, store: ModelStore) -> None:
     its driver by a moment) ends FINISHED; the others end KILLED, and the resumed search trains the model in a
     new run, from its checkpoint."""
     trials = tracker.runs_under(parent, role="trial")
-    shared = [run for run in tracker.runs_under(parent) if run.data.tags.get("kdray.shared_guide") == "true"]
+    shared = [run for run in tracker.runs_under(parent) if run.data.tags.get(tag.SHARED_GUIDE) == "true"]
     for run in [*shared, *(guide for trial in trials for guide in tracker.runs_under(trial.info.run_id))]:
         if run.info.status != "RUNNING":
             continue
-        key = run.data.tags.get("kdray.model_key")
+        key = run.data.tags.get(tag.MODEL_KEY)
         if key and store.find(key) is not None:
             closed = "on resume: its model was stored before the driver stopped"
-            tracker.set_tags(run.info.run_id, {"kdray.closed": closed})
+            tracker.set_tags(run.info.run_id, {tag.CLOSED: closed})
             tracker.end_run(run.info.run_id)
         else:
             why = "interrupted: the search's driver stopped; `kdray tune --resume` trains this model in a new run"
-            tracker.set_tags(run.info.run_id, {"kdray.error": why})
+            tracker.set_tags(run.info.run_id, {tag.ERROR: why})
             tracker.end_run(run.info.run_id, "KILLED")
 
 
@@ -409,13 +404,13 @@ def register_best(tracker: Tracker, parent: str, report: SearchReport, name: str
         if row.status != "FINISHED":
             continue  # a trial stopped early stored no student
         tags = tracker.tags(row.run_id)
-        model_id = tags.get("kdray.model_id")
-        source = tags.get("kdray.source_run_id", "")
+        model_id = tags.get(tag.MODEL_ID)
+        source = tags.get(tag.SOURCE_RUN_ID, "")
         if not model_id and tracker.has_run(source):  # reused a model logged by an earlier run of this store
-            model_id = tracker.tags(source).get("kdray.model_id")
+            model_id = tracker.tags(source).get(tag.MODEL_ID)
         if model_id:
             uri = f"models:/{name}/{tracker.register_model(model_id, name)}"
-            tracker.set_tags(parent, {"kdray.registered_model": uri})
+            tracker.set_tags(parent, {tag.REGISTERED_MODEL: uri})
             log.info("best student (%s) registered as %s", row.name, uri)
             return uri
     return None

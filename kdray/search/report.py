@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from kdray import tag_names as tag
 from kdray.resolve import validate_config
 from kdray.schema import ConfigError, ExperimentConfig
 from kdray.search.findings import REFERENCE_NAMES, SearchReport, TrialRow
@@ -33,7 +34,7 @@ STATUS_WORDS = {"FINISHED": "done", "STOPPED": "stopped early", "FAILED": "faile
 def trial_status(mlflow_status: str, tags: dict[str, str]) -> str:
     """FINISHED (ran its whole budget), STOPPED (the scheduler ended it early: a FINISHED run tagged
     ``kdray.stopped``; KILLED in stores written before kdray ended them FINISHED), FAILED, KILLED, RUNNING."""
-    return "STOPPED" if "kdray.stopped" in tags else mlflow_status
+    return "STOPPED" if tag.STOPPED in tags else mlflow_status
 
 
 def collect(tracking: Tracker, parent: str, metric: str) -> list[TrialRow]:
@@ -47,10 +48,10 @@ def collect(tracking: Tracker, parent: str, metric: str) -> list[TrialRow]:
                 name=run.info.run_name.removeprefix(WINNER_MARK),
                 status=trial_status(run.info.status, tags),
                 method=tags.get("method", ""),
-                sampled=json.loads(tags.get("kdray.sampled", "{}")),
+                sampled=json.loads(tags.get(tag.SAMPLED, "{}")),
                 value=history[-1].value if history else math.nan,
                 epochs=history[-1].step if history else 0,
-                note=tags.get("kdray.stopped") or tags.get("kdray.error", ""),
+                note=tags.get(tag.STOPPED) or tags.get(tag.ERROR, ""),
             )
         )
     return rows
@@ -75,10 +76,10 @@ def build_report(
         "failed": statuses.count("FAILED") + statuses.count("KILLED"),
     }
     trial_runs = {run.info.run_id: run for run in tracking.runs_under(parent, role="trial")}
-    counts["models_trained"] = sum(int(r.data.tags.get("kdray.models_trained", 0)) for r in trial_runs.values())
-    counts["models_reused"] = sum(int(r.data.tags.get("kdray.models_reused", 0)) for r in trial_runs.values())
-    shared = [run for run in tracking.runs_under(parent) if run.data.tags.get("kdray.shared_guide") == "true"]
-    counts["models_trained_first"] = sum(run.data.tags.get("kdray.reused") == "false" for run in shared)
+    counts["models_trained"] = sum(int(r.data.tags.get(tag.MODELS_TRAINED, 0)) for r in trial_runs.values())
+    counts["models_reused"] = sum(int(r.data.tags.get(tag.MODELS_REUSED, 0)) for r in trial_runs.values())
+    shared = [run for run in tracking.runs_under(parent) if run.data.tags.get(tag.SHARED_GUIDE) == "true"]
+    counts["models_trained_first"] = sum(run.data.tags.get(tag.REUSED) == "false" for run in shared)
     timing = {k: v for k, v in tracking.latest_metrics(parent).items() if k.startswith("search/")}
     report = SearchReport(search.metric, search.mode, rows, references, counts, timing)
     report.markdown = render_markdown(report, cfg)
@@ -192,12 +193,12 @@ def publish(tracking: Tracker, parent: str, report: SearchReport) -> None:
         tracking.set_tags(
             parent,
             {
-                "kdray.best_trial": best.name,
-                "kdray.best_run_id": best.run_id,
-                "kdray.best_config": json.dumps(values),
+                tag.BEST_TRIAL: best.name,
+                tag.BEST_RUN_ID: best.run_id,
+                tag.BEST_CONFIG: json.dumps(values),
                 **{f"best.{key}": str(value) for key, value in values.items()},  # sortable columns in the runs table
                 # the run's description in MLflow's UI: the winner, one click away
-                "mlflow.note.content": f"Best trial: {link} ({best.method}), {report.metric} = {best.value:.4f}",
+                tag.NOTE: f"Best trial: {link} ({best.method}), {report.metric} = {best.value:.4f}",
             },
         )
     mark_winner(tracking, report)
@@ -215,9 +216,9 @@ def mark_winner(tracking: Tracker, report: SearchReport) -> None:
         won = best is not None and row.run_id == best.run_id
         tracking.rename(row.run_id, WINNER_MARK + row.name if won else row.name)
         if won:
-            tracking.set_tags(row.run_id, {"kdray.winner": "true"})
+            tracking.set_tags(row.run_id, {tag.WINNER: "true"})
         else:
-            tracking.delete_tag(row.run_id, "kdray.winner")
+            tracking.delete_tag(row.run_id, tag.WINNER)
 
 
 def report_by_name(name: str, tracking_uri: str | None) -> SearchReport:

@@ -17,11 +17,12 @@ import os
 import time
 from typing import Any
 
+from kdray import tag_names as tag
 from kdray.build import model_info
 from kdray.data import Dataset, load_dataset
 from kdray.distributed import local_context
 from kdray.resolve import validate_config
-from kdray.run import mark_failed, run_tags
+from kdray.run import run_tags
 from kdray.schema import ExperimentConfig
 from kdray.search.space import corners, trial_config
 from kdray.stage_runner import StageRunner
@@ -107,9 +108,4 @@ def train_guides(
     it), resumed from its checkpoint after an interruption, in a new run under ``parent``."""
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     runner = StageRunner(cfg, dataset or load_dataset(cfg.data), ModelStore(cfg.store.path), tracker, ctx)
-    open_runs: list[str] = []
-    try:
-        runner.train_guides(plans, parent, {**run_tags(cfg), "kdray.shared_guide": "true"}, open_runs)
-    except BaseException as error:
-        mark_failed(tracker, open_runs, error)
-        raise
+    runner.train_guides(plans, parent, {**run_tags(cfg), tag.SHARED_GUIDE: "true"})

@@ -29,14 +29,15 @@ import os
 import socket
 from typing import Any
 
+from kdray import tag_names as tag
 from kdray.build import model_info
 from kdray.data import load_dataset
 from kdray.distributed import local_context
 from kdray.engine import TrainingDiverged
-from kdray.run import mark_failed, run_tags
+from kdray.run import run_tags
 from kdray.schema import ExperimentConfig
 from kdray.search.space import trial_config, trial_label
-from kdray.search.unrecorded import FIRST_TRIAL_TAG, TRIAL_ID_TAG, TRIAL_ROLE, adopt, runs_of_trial
+from kdray.search.unrecorded import TRIAL_ROLE, adopt, runs_of_trial
 from kdray.stage_runner import StageRunner, TuneTrial
 from kdray.stages import plan_stages
 from kdray.store import ModelStore
@@ -44,7 +45,6 @@ from kdray.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
 
-PROCESS_TAG = "kdray.process"  # host:pid that ran the trial: where its logs are, and which trials shared a process
 REUSE_TIMEOUT_S = "60"
 
 
@@ -52,7 +52,7 @@ def finished_run(tracker: Tracker, parent: str, trial_id: str) -> Any | None:
     """The trial's run if it already ran its whole budget: a search restored from a state saved before the trial
     ended runs it again, and it must then report what it found instead of training (and retagging) again."""
     existing = runs_of_trial(tracker, parent, trial_id)
-    if existing and existing[0].info.status == "FINISHED" and "kdray.stopped" not in existing[0].data.tags:
+    if existing and existing[0].info.status == "FINISHED" and tag.STOPPED not in existing[0].data.tags:
         return existing[0]
     return None
 
@@ -61,7 +61,7 @@ def trial_run(
     tracker: Tracker, parent: str, trial_id: str, cfg: ExperimentConfig, sampled: dict[str, Any], label: str
 ) -> str:
     """The trial's MLflow run (a child of the search run): found by trial id, else created."""
-    process = {PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}"}
+    process = {tag.PROCESS: f"{socket.gethostname()}:{os.getpid()}"}
     existing = runs_of_trial(tracker, parent, trial_id)
     if existing:
         run_id = existing[0].info.run_id
@@ -70,9 +70,9 @@ def trial_run(
         return run_id
     tags = {
         **run_tags(cfg),
-        "kdray.role": TRIAL_ROLE,
-        TRIAL_ID_TAG: trial_id,
-        "kdray.sampled": json.dumps(sampled),
+        tag.ROLE: TRIAL_ROLE,
+        tag.TRIAL_ID: trial_id,
+        tag.SAMPLED: json.dumps(sampled),
         **process,
     }
     run_id = tracker.start_run(label, tags, parent)
@@ -99,22 +99,18 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         ray.tune.report({**done.data.metrics, "epoch": cfg.train.epochs})
         return
     run_id = trial_run(tracker, setup["parent_run_id"], trial_id, cfg, config["overrides"], label)
-    owner = tracker.tags(run_id).get(FIRST_TRIAL_TAG, trial_id)  # a run taken over keeps its models' keys
-    open_runs = [run_id]
+    owner = tracker.tags(run_id).get(tag.FIRST_TRIAL_ID, trial_id)  # a run taken over keeps its models' keys
     try:
-        _train(cfg, f"{setup['search_name']}-{trial_id}", owner, store, tracker, run_id, open_runs)
+        _train(cfg, f"{setup['search_name']}-{trial_id}", owner, store, tracker, run_id)
     except TrainingDiverged as error:
-        # Not worth a retry (same seed, same NaN): end the trial with the worst score, the search goes on.
-        mark_failed(tracker, open_runs, error)
+        # Not worth a retry (same seed, same NaN): end the trial with the worst score, the search goes on. Any
+        # guide run this trial opened has ended already; on other errors the trial's own run is left to the
+        # driver's TrialRunCloser, which knows why the trial ended: FAILED after its last retry, or FINISHED and
+        # tagged stopped when the scheduler stopped it -- a stop reaches a Ray Train trial as an error from its
+        # TorchTrainer (or as SystemExit in-process), which must not be recorded as a failure.
+        tracker.fail(run_id, error)
         worst = -math.inf if cfg.search.mode == "max" else math.inf
         ray.tune.report({cfg.search.metric: worst, "epoch": cfg.train.epochs, "kdray_diverged": 1})
-    except BaseException as error:
-        # The guide runs this trial opened are closed here. The trial's own run is left to the driver's
-        # TrialRunCloser, which knows why the trial ended: FAILED after its last retry, or FINISHED and tagged
-        # stopped when the scheduler stopped it -- a stop reaches a Ray Train trial as an error from its
-        # TorchTrainer (or as SystemExit in-process), which must not be recorded as a failure.
-        mark_failed(tracker, open_runs[1:], error)
-        raise
     finally:
         release_gpu_cache()
 
@@ -135,7 +131,6 @@ def _train(
     store: ModelStore,
     tracker: Tracker,
     run_id: str,
-    open_runs: list[str],
 ) -> None:
     """Guides first (the run's tags count them trained / reused), then the student, reporting to Tune.
     ``owner`` (the trial that opened the run) enters the models' keys when ``store.reuse`` is off.
@@ -148,11 +143,11 @@ def _train(
     dataset = load_dataset(cfg.data)
     plans = plan_stages(cfg, dataset.fingerprint(), owner=owner, info=model_info(dataset))
     runner = StageRunner(cfg, dataset, store, tracker, ctx)
-    counts = runner.train_guides(plans[:-1], run_id, run_tags(cfg), open_runs)
-    if "kdray.models_trained" not in tracker.tags(run_id):  # a resumed trial's guides were counted before
-        tracker.set_tags(run_id, {f"kdray.models_{k}": str(v) for k, v in counts.items()})
+    counts = runner.train_guides(plans[:-1], run_id, run_tags(cfg))
+    if tag.MODELS_TRAINED not in tracker.tags(run_id):  # a resumed trial's guides were counted before
+        tracker.set_tags(run_id, {tag.MODELS_TRAINED: str(counts["trained"]), tag.MODELS_REUSED: str(counts["reused"])})
     student = plans[-1]
-    tracker.set_tags(run_id, {"kdray.model_key": student.key})
+    tracker.set_tags(run_id, {tag.MODEL_KEY: student.key})
     outcome = runner.run(student, run_id, TuneTrial(trial_name))
     if outcome.reused:  # an identical trial already trained this student: its result is this one's
         ray.tune.report({**outcome.metrics, "epoch": student.train.epochs})

@@ -16,14 +16,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from kdray import tag_names as tag
 from kdray.store import ModelStore
 from kdray.tracking import Tracker
 
 TRIAL_ROLE = "trial"
-TRIAL_ID_TAG = "kdray.trial_id"  # a trial run's Tune trial id: how a retried or restored trial finds its run
 UNRECORDED_ROLE = "unrecorded_trial"
-UNRECORDED_TAG = "kdray.unrecorded"
-FIRST_TRIAL_TAG = "kdray.first_trial_id"  # the Tune trial that opened a run another trial took over
 UNRECORDED_WHY = (
     "started after the search's last saved state, so the resumed search does not know this trial; "
     "a resumed trial that draws the same values continues this run"
@@ -47,7 +45,7 @@ def restored_trial_ids(folder: Path) -> set[str]:
 
 def runs_of_trial(tracker: Tracker, parent: str, trial_id: str) -> list[Any]:
     """The runs under the search run ``parent`` that Tune trial ``trial_id`` opened or took over (at most one)."""
-    return tracker.runs({TRIAL_ID_TAG: trial_id, "mlflow.parentRunId": parent})
+    return tracker.runs({tag.TRIAL_ID: trial_id, tag.PARENT_RUN_ID: parent})
 
 
 def set_aside(tracker: Tracker, parent: str, known: set[str]) -> list[str]:
@@ -55,9 +53,9 @@ def set_aside(tracker: Tracker, parent: str, known: set[str]) -> list[str]:
     the reason; one still RUNNING (its process died with the driver) ends KILLED. Their run ids."""
     aside = []
     for run in tracker.runs_under(parent, role=TRIAL_ROLE):
-        if run.data.tags.get(TRIAL_ID_TAG) in known:
+        if run.data.tags.get(tag.TRIAL_ID) in known:
             continue
-        tracker.set_tags(run.info.run_id, {"kdray.role": UNRECORDED_ROLE, UNRECORDED_TAG: UNRECORDED_WHY})
+        tracker.set_tags(run.info.run_id, {tag.ROLE: UNRECORDED_ROLE, tag.UNRECORDED: UNRECORDED_WHY})
         if run.info.status == "RUNNING":
             tracker.end_run(run.info.run_id, "KILLED")
         aside.append(run.info.run_id)
@@ -74,12 +72,12 @@ def adopt(
         if runs_of_trial(tracker, parent, trial_id):
             return None
         for run in tracker.runs_under(parent, role=UNRECORDED_ROLE):
-            if json.loads(run.data.tags.get("kdray.sampled", "null")) != sampled:
+            if json.loads(run.data.tags.get(tag.SAMPLED, "null")) != sampled:
                 continue
             run_id = run.info.run_id
-            first = run.data.tags.get(FIRST_TRIAL_TAG, run.data.tags[TRIAL_ID_TAG])
-            tracker.set_tags(run_id, {"kdray.role": TRIAL_ROLE, TRIAL_ID_TAG: trial_id, FIRST_TRIAL_TAG: first})
-            tracker.delete_tag(run_id, UNRECORDED_TAG)
+            first = run.data.tags.get(tag.FIRST_TRIAL_ID, run.data.tags[tag.TRIAL_ID])
+            tracker.set_tags(run_id, {tag.ROLE: TRIAL_ROLE, tag.TRIAL_ID: trial_id, tag.FIRST_TRIAL_ID: first})
+            tracker.delete_tag(run_id, tag.UNRECORDED)
             tracker.rename(run_id, label)
             return run_id
     return None
