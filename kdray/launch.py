@@ -19,19 +19,17 @@ from typing import Any
 import torch
 from ray.train import ControllerError, UserCallback
 
-from kdray import tag_names as tag
-from kdray.build import build_stage, model_info
 from kdray.data import load_dataset
 from kdray.distributed import ray_train_context
-from kdray.engine import TrainingDiverged, fit
+from kdray.engine import TrainingDiverged
 from kdray.images import DataError
 from kdray.ray_session import connect_ray
 from kdray.resolve import validate_config
 from kdray.schema import ConfigError, ExperimentConfig
 from kdray.sinks import RayTrainSink
+from kdray.stage_worker import store_stage, train_stage
 from kdray.stages import StagePlan
 from kdray.store import ModelStore
-from kdray.stored_stage import store_stage
 from kdray.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -76,7 +74,6 @@ def stage_worker(config: dict[str, Any]) -> None:
     ctx = ray_train_context(cfg.scaling.threads)
     dataset = load_dataset(cfg.data)
     store = ModelStore(cfg.store.path)
-    guides = [store.load_guide(key, model_info(dataset), (dataset.mean, dataset.std)) for key in plan.guides]
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if ctx.is_chief else NullTracker()
     nodes: list[str | None] = [None] * ctx.world_size
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
@@ -89,9 +86,7 @@ def stage_worker(config: dict[str, Any]) -> None:
         plan.train.epochs,
         every_rank=cfg.scaling.parallelism == "branches",
     )
-    fit(build_stage(cfg, plan, dataset, guides, ctx, wrap=data_parallel(cfg)), sink)
-    if sink.resumed_from is not None:
-        tracker.set_tags(run_id, {tag.RESUMED_FROM_EPOCH: str(sink.resumed_from)})
+    train_stage(cfg, plan, dataset, store, tracker, run_id, ctx, sink, wrap=data_parallel(cfg))
 
 
 def fit_on_ray(

@@ -21,10 +21,18 @@ from pathlib import Path
 
 from kdray.build import check_batch_fits, model_info
 from kdray.data import Dataset
+from kdray.distributed import pick_device
 from kdray.methods import METHODS
 from kdray.models import build_model
 from kdray.schema import ConfigError, ExperimentConfig
 from kdray.stages import StagePlan, plan_stages
+
+
+def check_device(cfg: ExperimentConfig) -> None:
+    """A run that trains in this process and asks for a GPU the machine lacks is refused before any work (on
+    Ray Train workers each worker gets the device Ray gives it)."""
+    if not cfg.scaling.on_ray_train:
+        pick_device(cfg.scaling.use_gpu)
 
 
 def check_writable(cfg: ExperimentConfig) -> None:

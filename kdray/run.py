@@ -19,8 +19,7 @@ import kdray
 from kdray import tag_names as tag
 from kdray.build import model_info
 from kdray.data import Dataset, load_dataset
-from kdray.distributed import local_context
-from kdray.preflight import check_decode_cpus, check_models, check_writable
+from kdray.preflight import check_decode_cpus, check_device, check_models, check_writable
 from kdray.schema import ExperimentConfig
 from kdray.stage_runner import StageOutcome, StageRunner
 from kdray.stages import plan_stages
@@ -84,8 +83,7 @@ def run_experiment(
     this call continues it: the same parent run, finished stages taken from the store, the interrupted
     stage resumed from its last checkpoint in its own child run.
     """
-    # In-process runs train here; Ray runs pick each worker's device on the worker.
-    ctx = local_context(cfg.scaling.use_gpu, cfg.scaling.threads) if cfg.scaling.num_workers == 0 else None
+    check_device(cfg)
     check_writable(cfg)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     dataset = load_dataset(cfg.data)
@@ -100,7 +98,7 @@ def run_experiment(
         with tracker.run(parent):
             earlier = tracker.children(parent) if continuing else {}
             plans = plan_stages(cfg, dataset.fingerprint(), owner=parent, info=model_info(dataset))
-            runner = StageRunner(cfg, dataset, store, tracker, ctx)
+            runner = StageRunner(cfg, dataset, store, tracker)
             if not continuing:
                 tracker.log_params(parent, flatten(cfg.dump()))
                 tracker.log_text(parent, cfg.to_yaml(), "config.yaml")

@@ -1,8 +1,8 @@
-"""Where a training stage's epochs go: one interface, three places.
+"""Where a training stage's epochs go: one interface, four places.
 
 ``engine.fit`` calls ``restore`` once, ``end_epoch`` after every epoch and ``end_stage`` once the model
-is final. Every sink logs each epoch's metrics to the stage's MLflow run and hands the finished
-model to ``store`` (which writes the model store and closes the run); they differ only in where the
+is final. Every sink but ``MemorySink`` logs each epoch's metrics to the stage's MLflow run and hands the
+finished model to ``store`` (which writes the model store and closes the run); they differ only in where the
 training state of an unfinished stage is kept and who hears about each epoch:
 
 - ``LocalSink``: a file under the stage's checkpoint folder (in-process ``kdray train`` stages and the
@@ -10,7 +10,8 @@ training state of an unfinished stage is kept and who hears about each epoch:
 - ``RayTrainSink``: Ray Train reports, with the state as a Ray checkpoint when due (``FailureConfig``
   restarts and a rerun restore it);
 - ``TuneSink``: Ray Tune reports from a trial that trains in its own process (the scheduler reads the
-  metrics, ``Tuner.restore`` brings the checkpoint back).
+  metrics, ``Tuner.restore`` brings the checkpoint back);
+- ``MemorySink``: each epoch's metrics in memory, nothing on disk or in MLflow (benchmarks, tests of the loop).
 
 The model is stored in ``end_stage``, before the last epoch is reported, so a report that ends the
 process (a scheduler stopping the trial) always comes after the model is safe.

@@ -11,6 +11,7 @@ exception in how its epochs are reported: to Ray Tune (``TuneTrial``), whose sch
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,17 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from kdray import tag_names as tag
-from kdray.build import build_stage, model_info
+from kdray.build import model_info
 from kdray.data import Dataset, on_device
 from kdray.distributed import WorkerContext, local_context
-from kdray.engine import FitResult, evaluate, fit
+from kdray.engine import FitResult, evaluate
 from kdray.given import given_model
 from kdray.models.deploy import restandardized
 from kdray.schema import ExperimentConfig
 from kdray.sinks import LocalSink, StageSink, StoreResult, TuneSink
+from kdray.stage_worker import log_stored_model, store_stage, train_stage
 from kdray.stages import StagePlan
 from kdray.store import ModelStore, StoredModel
-from kdray.stored_stage import log_stored_model, store_stage
 from kdray.tracking import MetricLogger, Tracker
 
 log = logging.getLogger(__name__)
@@ -109,13 +110,19 @@ class StageRunner:
         dataset: Dataset,
         store: ModelStore,
         tracker: Tracker,
-        ctx: WorkerContext | None,
+        ctx: WorkerContext | None = None,
     ) -> None:
         self.cfg = cfg
         self.dataset = dataset
         self.store = store
         self.tracker = tracker
-        self.ctx = ctx  # None: stages train on Ray Train workers, which have their own
+        self._ctx = ctx
+
+    @functools.cached_property
+    def ctx(self) -> WorkerContext:
+        """The device and threads of stages trained or evaluated in this process, made when first needed (a run
+        on Ray Train workers never needs one: each worker makes its own)."""
+        return self._ctx or local_context(self.cfg.scaling.use_gpu, self.cfg.scaling.threads)
 
     def run(self, plan: StagePlan, run_id: str, reporting: FileCheckpoints | None = None) -> StageOutcome:
         """Train ``plan`` into MLflow run ``run_id`` and the store, or take it from the store; the run ends
@@ -184,19 +191,13 @@ class StageRunner:
             return self.evaluate_given(plan, run_id)
         log.info("%-8s %s: training %d epochs (store key %s)", plan.role, plan.model.name, plan.train.epochs, plan.key)
         store = partial(store_stage, self.cfg, plan, self.store, self.tracker, run_id, self.dataset)
-        if self.cfg.scaling.num_workers >= 1:
+        if self.cfg.scaling.on_ray_train:  # each Ray Train worker calls train_stage
             from kdray.launch import fit_on_ray  # lazy: ray.train costs in-process runs about a second to import
 
             fit_on_ray(self.cfg, plan, run_id, reporting.train_run_name(plan), reporting.train_callbacks())
         else:
-            assert self.ctx is not None
-            stats = (self.dataset.mean, self.dataset.std)
-            guides = [self.store.load_guide(key, model_info(self.dataset), stats) for key in plan.guides]
-            stage = build_stage(self.cfg, plan, self.dataset, guides, self.ctx)
             sink = reporting.sink(self.cfg, plan, self.ctx, self.tracker.continuing_logger(run_id), store)
-            fit(stage, sink)
-            if sink.resumed_from is not None:
-                self.tracker.set_tags(run_id, {tag.RESUMED_FROM_EPOCH: str(sink.resumed_from)})
+            train_stage(self.cfg, plan, self.dataset, self.store, self.tracker, run_id, self.ctx, sink)
         stored = self.store.find(plan.key)
         assert stored is not None, f"{plan.role} finished without storing its model"
         return StageOutcome(plan, stored, run_id, False, stored.meta["metrics"])
@@ -205,7 +206,7 @@ class StageRunner:
         """A given model (``teacher.weights``): evaluated on val and test, stored, never trained."""
         cfg = self.cfg
         given = given_model(cfg, plan.role, plan.model, model_info(self.dataset))
-        ctx = self.ctx or local_context(cfg.scaling.use_gpu, cfg.scaling.threads)
+        ctx = self.ctx
         data_stats = (self.dataset.mean, self.dataset.std)
         model = restandardized(given.model, data_stats, given.stats or data_stats).to(ctx.device)
         final: dict[str, float] = {}

@@ -18,6 +18,7 @@ TINY_SEARCH = ("train.batch_size=64",)
 TINY = ["--teacher", "plane4", "--student", "plane2", "--batch-size", "16", "--steps", "2", "--rounds", "1"]
 
 
+@pytest.mark.integration
 def test_step_and_cache_measurements(bare_workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     threads = torch.get_num_threads()
     try:  # in this process: `--threads 1` sets torch's thread count, given back afterwards

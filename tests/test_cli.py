@@ -30,6 +30,7 @@ def kdray(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str
     return code, out, err
 
 
+@pytest.mark.integration
 def test_entry_point_runs_in_its_own_process_and_errors_in_one_line() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "kdray", "validate", QUICKSTART, "method.temperature=-4"],
@@ -83,6 +84,7 @@ def test_unwritable_places_are_refused_before_any_work(
     assert not (bare_workdir / "mlflow.db").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
@@ -128,6 +130,7 @@ def test_a_typo_inside_a_search_range_names_the_key_and_what_is_allowed(
     ]
 
 
+@pytest.mark.integration
 def test_a_batch_larger_than_a_workers_share_is_refused_before_any_worker_starts(
     workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -144,6 +147,7 @@ def test_a_batch_larger_than_a_workers_share_is_refused_before_any_worker_starts
     assert not (workdir / ".kdray" / "ray").exists()  # no Ray Train run began
 
 
+@pytest.mark.integration
 def test_a_diverging_run_is_one_line_and_its_run_is_marked_failed_with_the_reason(workdir: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "kdray", "train", QUICKSTART, "train.lr=1e6", "teacher.epochs=1", "train.epochs=1"]
@@ -164,6 +168,7 @@ def test_a_diverging_run_is_one_line_and_its_run_is_marked_failed_with_the_reaso
     assert teacher.data.tags["kdray.error"] == f"TrainingDiverged: {reason}"
 
 
+@pytest.mark.integration
 def test_listings(capsys: pytest.CaptureFixture[str]) -> None:
     code, methods, _ = kdray(capsys, "methods")
     assert code == 0
@@ -197,6 +202,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"kdray {__version__}"
 
 
+@pytest.mark.integration
 def test_a_listing_whose_reader_stops_early_ends_quietly() -> None:
     """`kdray methods | head`: the reader is gone before kdray writes (its end of the pipe closed at once)."""
     process = subprocess.Popen(
@@ -239,6 +245,7 @@ def test_resume_takes_a_name_never_a_path(bare_workdir: Path, capsys: pytest.Cap
     assert "kdray: config error: --resume: '../../elsewhere' is not a plain name" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_ctrl_c_ends_in_one_line_and_the_run_is_marked_killed(workdir: Path) -> None:
     """SIGINT (Ctrl-C) in the middle of training: one line on stderr, no traceback, exit 130, run KILLED."""
     process = subprocess.Popen(

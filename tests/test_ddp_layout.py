@@ -63,6 +63,7 @@ def test_a_one_channel_batch_gets_the_strides_of_its_layout() -> None:
     assert in_layout(colour, torch.channels_last).stride() == (192, 1, 24, 3)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("layout", ["cpu", "gpu"], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_methods_gradients_have_their_parameters_layout(

@@ -13,6 +13,7 @@ from tests.conftest import fit_stage
 QUICK = ["train.epochs=2", "teacher.name=plane4", "student.name=plane2", "method.name=none", "train.batch_size=64"]
 
 
+@pytest.mark.integration
 def test_two_runs_with_one_seed_are_identical(workdir: Path) -> None:
     cfg = load_config(None, QUICK)
     data = load_dataset(cfg.data)
@@ -28,6 +29,7 @@ def test_two_runs_with_one_seed_are_identical(workdir: Path) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(first.state_dict.values(), other.state_dict.values(), strict=True))
 
 
+@pytest.mark.integration
 def test_training_learns_digits_and_logs_every_epoch(workdir: Path) -> None:
     cfg = load_config(None, ["train.epochs=4", "student.name=resnet8", "method.name=none", "train.batch_size=64"])
     data = load_dataset(cfg.data)
@@ -50,6 +52,7 @@ def test_best_epoch_is_chosen_on_validation_and_reports_that_epochs_test() -> No
     assert best_epoch(history) == {"best_epoch": 2.0, "best_epoch/val/acc": 0.7, "best_epoch/test/acc": 0.6}
 
 
+@pytest.mark.integration
 def test_test_each_epoch_logs_test_per_epoch_and_keeps_the_stored_models_key(workdir: Path) -> None:
     cfg = load_config(None, [*QUICK, "train.epochs=3", "train.test_each_epoch=true"])
     data = load_dataset(cfg.data)

@@ -74,6 +74,7 @@ def assert_same_training(a: tuple, b: tuple) -> None:
     assert all(torch.equal(first.state_dict[k], second.state_dict[k]) for k in first.state_dict)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("method", "guides"),
     [(["method.name=kd"], 1), (["method.name=dgkd", "method.drop_num=1"], 2)],
@@ -97,6 +98,7 @@ def test_cached_runs_train_the_same_student_as_uncached_step_by_step(
     assert len(tables) == guides
 
 
+@pytest.mark.integration
 def test_a_partly_filled_cache_still_trains_the_same_student(workdir: Path) -> None:
     """Batches with a few missing rows (filled by another seed's run) still give bit-identical training."""
     two_views = ["data.augment.padding=0", "data.augment.flip=true"]
@@ -108,6 +110,7 @@ def test_a_partly_filled_cache_still_trains_the_same_student(workdir: Path) -> N
     assert 0.5 < rates[0] < 1 and all(rate > 0.5 for rate in rates)
 
 
+@pytest.mark.integration
 def test_float16_tables_are_half_the_size_and_agree_between_cold_and_warm(workdir: Path) -> None:
     _, cold_steps, cold_epochs = run(["guide_cache.dtype=float16"])
     _, warm_steps, _ = run(["guide_cache.dtype=float16"])
@@ -117,6 +120,7 @@ def test_float16_tables_are_half_the_size_and_agree_between_cold_and_warm(workdi
     assert any(not torch.equal(a["kd"], b["kd"]) for a, b in zip(cold_steps, exact_steps, strict=True))
 
 
+@pytest.mark.integration
 def test_mixed_inputs_bypass_the_cache(workdir: Path) -> None:
     """STKD's guide sees mixup images, which are not views of one training image: nothing is cached."""
     _, _, epochs = run(["method.name=stkd"])
@@ -151,6 +155,7 @@ def _fill(folder: str, seed: int, done: multiprocessing.Queue) -> None:
     done.put(cache.epoch_metrics())
 
 
+@pytest.mark.integration
 def test_two_processes_filling_one_cache_leave_a_complete_valid_table(tmp_path: Path) -> None:
     spawn = multiprocessing.get_context("spawn")
     done = spawn.Queue()

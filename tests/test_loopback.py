@@ -46,6 +46,7 @@ def listening_sockets(pids: set[int]) -> set[tuple[str, str]]:
 LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc")
 def test_kdrays_local_ray_instance_listens_on_loopback_only_and_dies_with_its_driver(bare_workdir: Path) -> None:
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", LOCAL_ONLY)}

@@ -20,6 +20,7 @@ def calibrated(model: torch.nn.Module, images: torch.Tensor) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", MODELS.names())
 def test_every_model_runs_on_cifar_and_digits_shapes(name: str) -> None:
     torch.manual_seed(0)

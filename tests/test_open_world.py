@@ -50,6 +50,7 @@ def test_cifar_architectures_have_repdistillers_parameter_counts(name: str, coun
     assert parameter_count(build_model(name, ModelInfo(num_classes=100))) == count
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("name", "stages"), [("resnet18", 5), ("mobilenet_v2", 5), ("efficientnet_b0", 5)])
 def test_torchvision_models_are_split_by_resolution_and_load_torchvisions_own_weights(name: str, stages: int) -> None:
     torch.manual_seed(0)
@@ -215,6 +216,7 @@ def test_torchvision_resnet18_teaches_mobilenet_v2_on_a_64px_image_folder(workdi
     assert torch.allclose(scripted(images), model(images), atol=1e-5)
 
 
+@pytest.mark.integration
 def test_installed_packages_add_models_and_methods_through_entry_points(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -282,6 +284,7 @@ def test_timm_models_are_one_stage_and_load_timms_own_weights() -> None:
     assert len(staged.state_dict()) == len(original.state_dict())  # the head does not list the weights twice
 
 
+@pytest.mark.integration
 def test_a_teacher_given_as_an_mlflow_model_brings_its_normalisation(workdir: Path) -> None:
     from mlflow.entities import LoggedModelStatus
 

@@ -75,6 +75,7 @@ def worker(rank: int, world_size: int, case: str, folder: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_workers_with_one_branch_each_match_one_process_with_two_branches(case: str, tmp_path: Path) -> None:
     method = build(case)

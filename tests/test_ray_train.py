@@ -63,6 +63,7 @@ def test_two_gloo_workers_train_kd_through_a_worker_failure(
     assert result.student.metrics["val/acc"] == student.data.metrics["val/acc"]  # the stored model's own numbers
 
 
+@pytest.mark.integration
 def test_two_workers_reach_the_parameters_of_one_worker_with_the_same_global_batch(
     local_ray: None, workdir: Path
 ) -> None:

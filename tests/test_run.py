@@ -33,6 +33,7 @@ def _runs(uri: str, experiment: str = "test") -> list:
     return client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"])
 
 
+@pytest.mark.integration
 def test_parent_and_stage_runs_with_metrics_and_teacher_reuse(workdir: Path) -> None:
     cfg = load_config(None, QUICK)
     assert cfg.tracking.uri == f"sqlite:///{workdir}/mlflow.db"  # made absolute: workers have other folders
@@ -67,6 +68,7 @@ def test_parent_and_stage_runs_with_metrics_and_teacher_reuse(workdir: Path) -> 
     assert student_again.plan.key != first.stages[1].plan.key
 
 
+@pytest.mark.integration
 def test_a_model_stored_under_another_tracking_store_is_logged_again_where_it_is_reused(workdir: Path) -> None:
     """The model store outlives (or is shared across) tracking stores: a student reused from it in a new MLflow
     store must load from that store, as kdray's own students do, not point at a run the store lacks."""
@@ -96,6 +98,7 @@ def test_student_alone_has_no_teacher_stage(workdir: Path) -> None:
     assert [s.plan.role for s in result.stages] == ["student"]
 
 
+@pytest.mark.integration
 def test_stored_student_matches_a_fresh_identical_run(workdir: Path) -> None:
     cfg = load_config(None, [*QUICK, "method.name=none", "store.path=a"])
     first = run_experiment(cfg)
@@ -133,6 +136,7 @@ def test_failure_marks_runs_failed_and_keeps_stored_teacher(workdir: Path) -> No
     assert ModelStore(cfg.store.path).find(runs["student"].data.tags["kdray.model_key"]) is None
 
 
+@pytest.mark.integration
 def test_a_failure_while_planning_closes_the_claimed_run_and_frees_its_lease(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -154,6 +158,7 @@ def test_a_failure_while_planning_closes_the_claimed_run_and_frees_its_lease(
     assert again.parent_run_id == parent.info.run_id
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("overrides", "terms"),
     [
@@ -181,6 +186,7 @@ def test_every_method_trains_end_to_end_and_logs_its_terms(workdir: Path, overri
     assert ModelStore(cfg.store.path).find(result.student.plan.key) is not None
 
 
+@pytest.mark.integration
 def test_three_concurrent_runs_train_their_shared_models_once(bare_workdir: Path) -> None:
     """Three `kdray train` processes started together in an empty folder, two of them the very same command:
     they create the MLflow store once between them; the store lock on each model's key lets one process train
@@ -218,6 +224,7 @@ def test_three_concurrent_runs_train_their_shared_models_once(bare_workdir: Path
     assert [m.step for m in client.get_metric_history(trained.info.run_id, "val/acc")] == [1, 2]
 
 
+@pytest.mark.integration
 def test_a_teacher_damaged_in_the_store_is_retrained_not_taught_from(
     workdir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -58,6 +58,7 @@ def runs_by_role(uri: str, experiment: str) -> dict[str, list]:
     return grouped
 
 
+@pytest.mark.integration
 def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(
     local_ray: None, workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -148,6 +148,7 @@ def two_teachers() -> Iterator[None]:
     METHODS.remove("two_teachers")
 
 
+@pytest.mark.integration
 def test_a_method_defined_outside_kdray_plans_and_trains_two_teachers(two_teachers: None, workdir: Path) -> None:
     cfg = load_config(
         None,
@@ -185,6 +186,7 @@ def test_a_chain_without_assistants_plans_the_very_stage_kd_plans() -> None:
     assert deeper[-1].method.name == "takd" and deeper[-1].key != kd[-1].key
 
 
+@pytest.mark.integration
 def test_a_chain_at_depth_0_trains_kds_student_in_a_run_that_holds_its_own_config(workdir: Path) -> None:
     """A search trial's student stage runs in the trial's run, whose params are the trial's config (takd):
     the stage planned as kd keeps those params and records its own form in ``kdray.stage.*`` tags."""

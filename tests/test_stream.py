@@ -31,6 +31,7 @@ def folder(workdir: Path) -> Path:
     return root
 
 
+@pytest.mark.integration
 def test_streamed_and_in_memory_splits_give_the_same_batches(local_ray: None, folder: Path) -> None:
     """Same statistics, fingerprint and validation split; per epoch and rank the same images in the same
     batches with the same crops; every image once per epoch across the ranks (and once in evaluation)."""
@@ -201,6 +202,7 @@ def photos(workdir: Path) -> Path:
     return workdir / "photos"
 
 
+@pytest.mark.integration
 def test_random_resized_crops_repeat_from_the_seed_and_within_the_cycle(local_ray: None, photos: Path) -> None:
     from kdray.build import make_guides
     from kdray.distributed import local_context

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from kdray import tag_names as tag
 from kdray.search.unrecorded import adopt, restored_trial_ids, set_aside
 from kdray.store import ModelStore
@@ -46,5 +48,6 @@ def test_runs_of_unknown_trials_are_set_aside_and_taken_over_once_by_equal_value
     assert take("bbbb0003", 6.25) is None  # and its own trial, restarted, finds it by id
 
 
+@pytest.mark.integration
 def test_a_search_killed_before_tune_saved_anything_knows_no_trial(tmp_path: Path) -> None:
     assert restored_trial_ids(tmp_path) == set()

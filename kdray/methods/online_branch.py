@@ -16,7 +16,7 @@ deployable student is an ordinary model of the student architecture.
   exactly when the branches classify from mutually orthogonal feature directions. ``cd_form: gram``:
   ``Σ_{i<j} ‖W_iᵀ W_j‖²_F`` as the public re-implementations compute it (λ_cd ≈ 5e-8 there); it is
   not zero for classifiers in disjoint subspaces and scales with the fourth power of the weights, so
-  weight decay alone moves it more than the term does (issue 18).
+  weight decay alone moves it more than the term does.
 
     L = Σ_b [CE(z_b, y) + r(p)·T²·KL(softmax(z_ens/T) ‖ softmax(z_b/T))] + CE(z_f, y) + λ_cd·CD
 

@@ -104,6 +104,12 @@ class ScalingConfig(Section):
     )
 
     @property
+    def on_ray_train(self) -> bool:
+        """Whether stages train on Ray Train workers (``num_workers >= 1``) rather than in the process running
+        them: the one place the route is decided."""
+        return self.num_workers >= 1
+
+    @property
     def data_shards(self) -> int:
         """How many workers split each epoch's images: every worker under data parallelism, one under branch
         parallelism (every worker reads every batch)."""

@@ -129,7 +129,7 @@ def _trainable(cfg: ExperimentConfig, setup: dict[str, Any]) -> Any:
     from ray import tune
 
     trainable = tune.with_parameters(run_trial, setup=setup)
-    if cfg.scaling.num_workers >= 1:
+    if cfg.scaling.on_ray_train:
         # The trial only launches a TorchTrainer, whose workers hold the CPUs/GPUs. Tune refuses an empty
         # request, so the trial asks for one byte of memory: any CPU share would keep a worker group that
         # needs every CPU of the cluster from ever starting.
@@ -142,7 +142,7 @@ def reuse_actors(cfg: ExperimentConfig) -> bool:
     says. Never for Ray Train trials: their process only waits on a worker group that is new for every trial
     anyway, and one that ASHA stopped inside its TorchTrainer left the next trial in that process without
     results (Ray 2.60)."""
-    return cfg.search.reuse_actors and cfg.scaling.num_workers == 0
+    return cfg.search.reuse_actors and not cfg.scaling.on_ray_train
 
 
 def optuna_url(cfg: ExperimentConfig) -> str:
@@ -276,7 +276,7 @@ def concurrent_slots(cfg: ExperimentConfig) -> int:
     import ray
 
     search, scaling = cfg.search, cfg.scaling
-    if scaling.num_workers >= 1:
+    if scaling.on_ray_train:
         per_worker = {"CPU": 1.0, **scaling.resources_per_worker}
         per_trial = {name: amount * scaling.num_workers for name, amount in per_worker.items()}
     else:

@@ -77,7 +77,7 @@ def train_shared_guides(cfg: ExperimentConfig, dataset: Dataset, tracker: Tracke
         return 0.0
     started = time.perf_counter()
     names = ", ".join(f"{plan.role} {plan.model.name}" for plan in missing)
-    if cfg.scaling.num_workers >= 1:
+    if cfg.scaling.on_ray_train:
         print(f"shared guides first: training {names} on {cfg.scaling.num_workers} Ray Train workers", flush=True)
         train_guides(cfg, missing, parent, None)
     else:

@@ -32,7 +32,6 @@ from typing import Any
 from kdray import tag_names as tag
 from kdray.build import model_info
 from kdray.data import load_dataset
-from kdray.distributed import local_context
 from kdray.engine import TrainingDiverged
 from kdray.run import run_tags
 from kdray.schema import ExperimentConfig
@@ -139,10 +138,9 @@ def _train(
     concurrent trials that need one teacher train it once, and resumed from its checkpoint."""
     import ray.tune
 
-    ctx = local_context(cfg.scaling.use_gpu, cfg.scaling.threads) if cfg.scaling.num_workers == 0 else None
     dataset = load_dataset(cfg.data)
     plans = plan_stages(cfg, dataset.fingerprint(), owner=owner, info=model_info(dataset))
-    runner = StageRunner(cfg, dataset, store, tracker, ctx)
+    runner = StageRunner(cfg, dataset, store, tracker)
     counts = runner.train_guides(plans[:-1], run_id, run_tags(cfg))
     if tag.MODELS_TRAINED not in tracker.tags(run_id):  # a resumed trial's guides were counted before
         tracker.set_tags(run_id, {tag.MODELS_TRAINED: str(counts["trained"]), tag.MODELS_REUSED: str(counts["reused"])})

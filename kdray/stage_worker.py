@@ -1,19 +1,53 @@
-"""A finished stage into the model store, then into its MLflow run: what the process that trained it does last,
-in-process (``kdray.stage_runner``) or as the chief of Ray Train workers (``kdray.launch``)."""
+"""What a process that trains a stage does, on both routes: in this process (``kdray.stage_runner``) or as
+each Ray Train worker (``kdray.launch.stage_worker``). ``train_stage`` loads the guides from the store,
+builds the stage and runs the epoch loop into a sink; ``store_stage`` is what the sink hands the finished
+model to: the model store first, then its MLflow run.
+
+Which route a stage takes is decided once, by ``StageRunner.train`` (``scaling.num_workers``). The model is
+stored from the sink's ``end_stage``, before the last epoch is reported: on Ray the last report can end the
+worker (a Tune scheduler's stop), and the weights exist only on the worker, so storing after the stage
+would mean shipping them back through a Ray checkpoint first.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+
 import kdray
 from kdray import tag_names as tag
-from kdray.build import model_info
+from kdray.build import build_stage, model_info
 from kdray.data import Dataset
-from kdray.engine import FitResult
+from kdray.distributed import WorkerContext
+from kdray.engine import FitResult, fit
 from kdray.given import Stats
 from kdray.models.deploy import Classifier
 from kdray.schema import ExperimentConfig
+from kdray.sinks import StageSink
 from kdray.stages import StagePlan
 from kdray.store import ModelStore, StoredModel
 from kdray.tracking import Tracker
+
+
+def train_stage(
+    cfg: ExperimentConfig,
+    plan: StagePlan,
+    dataset: Dataset,
+    store: ModelStore,
+    tracker: Tracker,
+    run_id: str,
+    ctx: WorkerContext,
+    sink: StageSink,
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+) -> None:
+    """Train ``plan`` in this process (one of ``ctx.world_size`` workers, the method wrapped in DDP by ``wrap``),
+    its guides read from ``store``, every epoch into ``sink``; a continued stage is tagged on its run."""
+    stats = (dataset.mean, dataset.std)
+    guides = [store.load_guide(key, model_info(dataset), stats) for key in plan.guides]
+    fit(build_stage(cfg, plan, dataset, guides, ctx, wrap=wrap), sink)
+    if sink.resumed_from is not None:
+        tracker.set_tags(run_id, {tag.RESUMED_FROM_EPOCH: str(sink.resumed_from)})
 
 
 def store_stage(
