@@ -50,6 +50,11 @@ ROWS: list[Row] = [
     ),
     Row("dkd", ("method.name=dkd",)),
     Row("dkd + LS", ("method.name=dkd", "method.logit_standardization=true")),
+    Row(
+        "dkd + LS, authors' recipe",  # the same flags on DKD: alpha 1 x 9, beta 8 x 9, T 2 (docs/methods.md)
+        ("method.name=dkd", "method.logit_standardization=true", "method.temperature=2", "method.alpha=9",
+         "method.beta=72"),
+    ),  # fmt: skip
     Row("dist", ("method.name=dist",)),
     Row("triplet", ("method.name=triplet",)),
     Row("feature_mixup", ("method.name=feature_mixup",)),

@@ -15,6 +15,17 @@ checkout=$PWD
 data=${DATA:-$checkout/../shared/data/cifar10-train-jpg.tar.gz}
 work=${REPRO_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kdray/takd-table1}
 mkdir -p "$work/logs"
+# A long stage's checkpoint committed by a session that could not finish it (a new machine has no $work):
+# experiments/results/takd_cifar10_plain/checkpoints/stage-<key>.state.pt continues stage <key> where it was.
+for saved in "$checkout"/experiments/results/takd_cifar10_plain/checkpoints/stage-*.state.pt; do
+    [ -e "$saved" ] || continue
+    stage=$(basename "$saved" .state.pt)
+    if [ ! -e "$work/ray/$stage/state.pt" ] && [ ! -e "$work/store/${stage#stage-}" ]; then
+        (cd "$(dirname "$saved")" && sha256sum --quiet -c "$stage.state.pt.sha256")
+        mkdir -p "$work/ray/$stage" && cp "$saved" "$work/ray/$stage/state.pt"
+        echo "== continuing $stage from the committed checkpoint $saved"
+    fi
+done
 cd "$work"
 common=(
     "data.root=$data" "store.path=$work/store" "scaling.storage_path=$work/ray"

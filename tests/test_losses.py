@@ -167,6 +167,21 @@ def test_dkd_terms_match_their_definitions_and_ramp_up() -> None:
     assert late["nckd"].item() == pytest.approx(3.0 * nckd, rel=1e-5)
 
 
+# The LS authors' DKD + LS recipe for resnet32x4 -> resnet8x4 (sunshangquan/logit-standardization-KD: configs/
+# cifar100/dkd/resnet32x4_resnet8x4.yaml with --logit-stand --base-temp 2 --kd-weight 9; tools/train.py multiplies
+# DKD's alpha 1 and beta 8 by the KD weight): alpha 9, beta 72, T 2, CE weight 1, 20 warm-up epochs.
+DKD_LS_RECIPE = {"logit_standardization": True, "temperature": 2.0, "alpha": 9.0, "beta": 72.0, "ce_weight": 1.0}
+
+
+def test_dkd_with_the_ls_authors_recipe_is_their_dkd_plus_ls_loss() -> None:
+    method, s, t, batch = _method("dkd", **DKD_LS_RECIPE)
+    tckd, nckd = _hand_dkd(_standardized_rows(s.tolist()), _standardized_rows(t.tolist()), batch.labels.tolist(), 2.0)
+    terms = method(batch, StepInfo(25, 25, 1, 100))  # past the 20-epoch warm-up
+    assert terms["tckd"].item() == pytest.approx(9.0 * tckd, rel=1e-4)
+    assert terms["nckd"].item() == pytest.approx(72.0 * nckd, rel=1e-4)
+    assert terms["ce"].item() == pytest.approx(F.cross_entropy(s, batch.labels).item(), rel=1e-5)  # raw logits
+
+
 def test_kd_is_tckd_plus_the_non_target_mass_times_nckd() -> None:
     """The paper's decomposition (eq. 4), a second route: for one sample KD = TCKD + (1 − p_t,y)·NCKD."""
     from kdray.methods.losses import decoupled_kl

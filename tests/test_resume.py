@@ -19,9 +19,10 @@ from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow  # end to end: killed drivers and reruns
 
-# Small batches make an epoch last about a second (half a second at batch 32 on Ray Train): once epoch 3 is
-# seen in MLflow, five epochs are left, time enough for the kill to land mid-run.
-EPOCHS = 8
+# Small batches make an epoch last 0.3-1 s (on an idle machine a Ray Train epoch takes 0.3 s): once epoch 3 is
+# seen in MLflow, 17 epochs are left, 5 s or more, time enough for the kill to land mid-run. With 8 epochs an
+# idle machine finished and stored the model before the kill landed, and the rerun reused it.
+EPOCHS = 20
 OVERRIDES = [
     "method.name=none",
     "student.name=resnet8",
