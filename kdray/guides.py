@@ -16,6 +16,9 @@ from torch import nn
 
 from kdray.data import Batch
 from kdray.guide_cache import GuideLookup
+from kdray.models import StagedNet
+from kdray.models.deploy import Restandardize
+from kdray.models.features import forward_features
 
 
 class Guide(nn.Module):
@@ -37,6 +40,19 @@ class Guide(nn.Module):
                 return self.lookup.logits(inputs.images, inputs.views, self.run)
             inputs = inputs.images
         return self.run(inputs)
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Logits, stage outputs and embedding of ``images`` (``kdray.models.features.forward_features``),
+        without gradients and never from the cache (it holds logits only). Plain tensors, not inference tensors: feature losses
+        multiply them with the student's, and autograd may keep them."""
+        model = self.model
+        if isinstance(model, Restandardize):  # a given teacher that expects other input statistics
+            images, model = images * model.scale + model.shift, model.model
+        if not isinstance(model, StagedNet) or not model.stage_names:
+            raise ValueError(f"a feature method needs a guide with stages; {type(model).__name__} has none")
+        self.forward_images += len(images)
+        with torch.no_grad():
+            return forward_features(model, images)
 
     def run(self, images: torch.Tensor) -> torch.Tensor:
         """The model's logits, without autograd."""

@@ -23,7 +23,7 @@ from kdray.build import check_batch_fits, model_info
 from kdray.data import Dataset
 from kdray.distributed import pick_device
 from kdray.methods import METHODS
-from kdray.models import build_model
+from kdray.models import StagedNet, build_model
 from kdray.schema import ConfigError, ExperimentConfig
 from kdray.stages import StagePlan, plan_stages
 
@@ -73,6 +73,7 @@ def check_models(cfg: ExperimentConfig, dataset: Dataset) -> list[StagePlan]:
     batches fit the training split as the workers will shard it; the plans."""
     info = model_info(dataset)
     plans = plan_stages(cfg, dataset.fingerprint(), info=info)
+    models: dict[str, StagedNet] = {}
     for plan in plans:
         if plan.weights is None:
             check_batch_fits(plan.train.batch_size, len(dataset.train), cfg.scaling.data_shards)
@@ -83,7 +84,15 @@ def check_models(cfg: ExperimentConfig, dataset: Dataset) -> list[StagePlan]:
             )
         except ValueError as error:
             raise ConfigError(f"{field}.name: {error}") from None
+        models[plan.key] = model
         method = METHODS[plan.method.name]
+        for key in plan.guides if method.guide_stages else []:
+            guide = next(p for p in plans if p.key == key)
+            if len(models[key].stage_names) < method.guide_stages:
+                raise ConfigError(
+                    f"{guide.role}.name: method '{plan.method.name}' reads the stages of its {guide.role} and "
+                    f"{guide.model.name} has none kdray can address; choose another {guide.role} or method"
+                )
         if len(model.stage_names) < method.student_stages:
             raise ConfigError(
                 f"{field}.name: method '{plan.method.name}' reads {method.student_stages} stage(s) of the student but "

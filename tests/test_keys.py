@@ -74,6 +74,11 @@ DEFAULT_IDENTITIES = {
     "pacemaker": "b3596bbc7f4d27dd3175170b",
     "online_branch": "ced375ff6417ecdc4f8b8144",
     "dml": "27c8d8716caf0d586d0ce2ba",
+    "fitnet": "6b43a328191dda96c8ad2474",
+    "at": "7aac1048660aaadb255988e2",
+    "sp": "e24dfc913d0623dcd5d12967",
+    "rkd": "0559b8ffe1152aef44b339ef",
+    "pkt": "0abc77866e4e5d6b548dc47a",
 }
 
 

@@ -125,3 +125,21 @@ def test_a_diverged_loss_on_the_workers_is_not_retried(local_ray: None, workdir:
         [client.get_experiment_by_name("diverged").experiment_id], "tags.`kdray.role` = 'teacher'"
     )
     assert teacher.info.status == "FAILED" and teacher.data.tags["kdray.error"].startswith("TrainingDiverged: teacher")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fitnet", "at"])
+def test_feature_methods_train_on_two_gloo_workers(local_ray: None, workdir: Path, method: str) -> None:
+    """A feature baseline under DDP: the connector (FitNets' regressor) trains on both workers with the student,
+    the teacher's features are read on each, and the stored student is the student alone."""
+    cfg = load_config(
+        None,
+        [*TWO_CPU_WORKERS, f"method.name={method}", "teacher.name=plane4", "teacher.epochs=1", "student.name=plane2",
+         "train.epochs=1", "scaling.num_workers=2", "tracking.experiment=ray-features"],
+    )  # fmt: skip
+    result = run_experiment(cfg)
+    student = MlflowClient(cfg.tracking.uri).get_run(result.student.run_id)
+    assert student.data.params["world_size"] == "2"
+    assert {"loss/ce", {"fitnet": "loss/hint", "at": "loss/at"}[method]} <= set(student.data.metrics)
+    stored = ModelStore(cfg.store.path).load(result.student.plan.key, ModelInfo(10, 1, 8))
+    assert not any(name.startswith("regressor") for name in stored.state_dict())

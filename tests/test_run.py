@@ -172,6 +172,11 @@ def test_a_failure_while_planning_closes_the_claimed_run_and_frees_its_lease(
         (["method.name=pacemaker", "student.onthefly=true"], {"ce", "kd_pacemaker", "kd_teacher"}),
         (["method.name=online_branch", "method.branches=2"], {"ce", "kd", "ce_fused", "cd"}),
         (["method.name=dml", "method.peers=3"], {"ce", "kd"}),
+        (["method.name=fitnet"], {"ce", "hint"}),
+        (["method.name=at"], {"ce", "at"}),
+        (["method.name=sp"], {"ce", "sp"}),
+        (["method.name=rkd"], {"ce", "rkd_distance", "rkd_angle"}),
+        (["method.name=pkt"], {"ce", "pkt"}),
     ],
 )
 def test_every_method_trains_end_to_end_and_logs_its_terms(workdir: Path, overrides: list[str], terms: set) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 from kdray.data import Batch
 from kdray.distributed import WorkerContext
 from kdray.guides import Guide, as_guides
-from kdray.models import StagedNet
+from kdray.models import ModelInfo, StagedNet
 from kdray.registry import Registry
 from kdray.schema import ExperimentConfig, MethodParams, ModelConfig, TrainConfig
 
@@ -94,6 +94,7 @@ class Method(nn.Module):
     listed: ClassVar[int] = 100  # place in `kdray methods` and every list of methods (ties: as registered)
     uses_assistants: ClassVar[bool] = False  # reads the ``assistants`` section (teacher-assistant chains)
     student_stages: ClassVar[int] = 0  # named stages the student must have (0: logits are all it reads)
+    guide_stages: ClassVar[int] = 0  # named stages every guide must have (feature methods read them)
 
     @classmethod
     def plan_guides(cls, params: MethodParams, planner: Planner) -> list[str]:
@@ -120,9 +121,17 @@ class Method(nn.Module):
         self.guides = nn.ModuleList(as_guides(guides))
         self.params = params
 
+    def connect(self, info: ModelInfo) -> None:
+        """Build the modules that depend on the shapes of the student's and the guides' features (a feature
+        method's connectors), from one probe batch of ``info``'s image shape; called once, before training
+        and before the method moves to its device. Default: none."""
+
     def trainable(self) -> list[nn.Parameter]:
-        """Parameters the optimiser updates (the student; methods with extra modules extend this)."""
-        return [p for p in self.student.parameters() if p.requires_grad]
+        """Parameters the optimiser updates: the student and any module of the method's own (connectors,
+        embedding heads), which train with the student, are checkpointed with it, and are not stored with
+        the model (``deployable``). Frozen guides never are."""
+        guides = {id(p) for p in self.guides.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in guides]
 
     def deployable(self) -> StagedNet:
         """The model that is evaluated, stored and deployed (the student; one branch for multi-branch)."""
