@@ -43,8 +43,8 @@ class Guide(nn.Module):
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Logits, stage outputs and embedding of ``images`` (``kdray.models.features.forward_features``),
-        without gradients and never from the cache (it holds logits only). Plain tensors, not inference tensors: feature losses
-        multiply them with the student's, and autograd may keep them."""
+        without gradients and never from the cache (it holds logits only). Plain tensors, not inference
+        tensors: feature losses multiply them with the student's, and autograd may keep them."""
         model = self.model
         if isinstance(model, Restandardize):  # a given teacher that expects other input statistics
             images, model = images * model.scale + model.shift, model.model
