@@ -8,6 +8,7 @@ expected a reuse sees which setting, guide or data change made the key differ.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,9 +43,20 @@ def why(cfg: ExperimentConfig) -> tuple[list[Verdict], int]:
     dataset = load_dataset(cfg.data)
     plans = plan_stages(cfg, dataset.fingerprint(), owner="kdray-store-why", info=model_info(dataset))
     store = ModelStore(cfg.store.path)
-    entries = [entry for entry in map(store.find, store.keys()) if entry is not None]
+    # Only the metadata is compared: reading it is enough to explain a key, and hashing every stored model's
+    # weights (what ``ModelStore.find`` does before a reuse) would read the whole store.
+    metas = {key: _meta(store, key) for key in store.keys()}  # noqa: SIM118 (a store, not a dict)
+    entries = [StoredModel(key, store.root / key, meta) for key, meta in metas.items() if meta]
     recorded = [entry for entry in entries if entry.meta.get("identity")]
     return [_verdict(plan, store, recorded) for plan in plans], len(entries) - len(recorded)
+
+
+def _meta(store: ModelStore, key: str) -> dict[str, Any] | None:
+    """An entry's metadata, or None where it is missing or unreadable (``kdray store verify`` reports those)."""
+    try:
+        return json.loads((store.root / key / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _verdict(plan: StagePlan, store: ModelStore, recorded: list[StoredModel]) -> Verdict:
