@@ -189,7 +189,7 @@ def build_stage(
     layout = memory_format(ctx, train)
     guides = make_guides(cfg, dataset, ctx, train, guide_models)
     method = METHODS[plan.method.name](student, guides, plan.method)
-    method.connect(info)  # connectors sized from the features, seeded like the student
+    method.connect(info, dataset.train.labels)  # connectors sized from the features, seeded like the student
     method = method.to(ctx.device, memory_format=layout)
     if train.compile:
         for model in (student, *(guide.model for guide in guides)):

@@ -64,3 +64,13 @@ def all_reduce_sum(values: torch.Tensor, ctx: WorkerContext) -> torch.Tensor:
     if ctx.world_size > 1 and dist.is_initialized():
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def all_gather_cat(values: torch.Tensor, ctx: WorkerContext) -> torch.Tensor:
+    """Every worker's ``values`` (each of the same shape), concatenated along the first dimension in rank order
+    (``values`` itself in a single process)."""
+    if ctx.world_size > 1 and dist.is_initialized():
+        parts = [torch.empty_like(values) for _ in range(ctx.world_size)]
+        dist.all_gather(parts, values.contiguous())
+        return torch.cat(parts)
+    return values

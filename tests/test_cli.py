@@ -176,7 +176,7 @@ def test_listings(capsys: pytest.CaptureFixture[str]) -> None:
     listed = {line.split(":")[0] for line in methods.splitlines() if not line.startswith(" ")}
     assert listed == {
         *("none", "kd", "dkd", "dist", "triplet", "feature_mixup", "stkd", "takd", "dgkd", "pacemaker"),
-        *("online_branch", "dml", "fitnet", "at", "sp", "rkd", "pkt"),
+        *("online_branch", "dml", "fitnet", "at", "sp", "rkd", "pkt", "vid", "crd", "reviewkd"),
     }
     assert "method.margin = 5.0" in methods and "method.drop_num = 1" in methods
     _, models, _ = kdray(capsys, "models")

@@ -62,8 +62,28 @@ def test_the_paper_settings_are_all_there() -> None:
         "kd_cifar100_wrn40_2_wrn16_2",
         "kd_imagenet_resnet34_resnet18",
         "logit_baselines_cifar100",
+        *REPDISTILLER_PAIRS,
     }
     assert expected <= names, sorted(expected - names)
+
+
+REPDISTILLER_PAIRS = [
+    f"repdistiller_cifar100_{pair}"
+    for pair in ("resnet56_resnet20", "wrn402_wrn162", "resnet32x4_resnet8x4", "vgg13_vgg8",
+                 "resnet32x4_shufflenetv2", "vgg13_mobilenetv2")
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("stem", REPDISTILLER_PAIRS)
+def test_repdistiller_benchmark_files_quote_every_method_and_search_each_once(stem: str) -> None:
+    text = (REPO / "experiments" / f"{stem}.yaml").read_text()
+    header, raw = text.split("\ndata:")[0], yaml.safe_load(text)
+    for method in ("KD", "FitNet", "AT", "SP", "VID", "RKD", "PKT", "CRD", "ReviewKD", "DKD"):
+        assert re.search(rf"\b{method} \d\d\.\d\d\b", header), method
+    assert raw["train"]["epochs"] == 240 and raw["train"]["milestones"] == [150, 180, 210]
+    methods = raw["search"]["space"]["method.name"]["values"]
+    assert {"fitnet", "at", "sp", "vid", "rkd", "pkt", "crd", "reviewkd"} <= set(methods)
+    assert raw["search"]["num_samples"] == len(methods) and raw["search"]["scheduler"]["name"] == "none"
 
 
 @pytest.mark.parametrize("path", FILES, ids=[path.name for path in FILES])

@@ -79,6 +79,9 @@ DEFAULT_IDENTITIES = {
     "sp": "e24dfc913d0623dcd5d12967",
     "rkd": "0559b8ffe1152aef44b339ef",
     "pkt": "0abc77866e4e5d6b548dc47a",
+    "vid": "180592e794016cdb84a12479",
+    "crd": "8ad6df58f64cbd89276e1be0",
+    "reviewkd": "410b7b34ecb19255baf3814b",
 }
 
 

@@ -128,7 +128,7 @@ def test_a_diverged_loss_on_the_workers_is_not_retried(local_ray: None, workdir:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["fitnet", "at"])
+@pytest.mark.parametrize("method", ["fitnet", "at", "crd"])
 def test_feature_methods_train_on_two_gloo_workers(local_ray: None, workdir: Path, method: str) -> None:
     """A feature baseline under DDP: the connector (FitNets' regressor) trains on both workers with the student,
     the teacher's features are read on each, and the stored student is the student alone."""
@@ -140,6 +140,6 @@ def test_feature_methods_train_on_two_gloo_workers(local_ray: None, workdir: Pat
     result = run_experiment(cfg)
     student = MlflowClient(cfg.tracking.uri).get_run(result.student.run_id)
     assert student.data.params["world_size"] == "2"
-    assert {"loss/ce", {"fitnet": "loss/hint", "at": "loss/at"}[method]} <= set(student.data.metrics)
+    assert {"loss/ce", {"fitnet": "loss/hint", "at": "loss/at", "crd": "loss/crd"}[method]} <= set(student.data.metrics)
     stored = ModelStore(cfg.store.path).load(result.student.plan.key, ModelInfo(10, 1, 8))
-    assert not any(name.startswith("regressor") for name in stored.state_dict())
+    assert not any(name.startswith(("regressor", "memory", "embed")) for name in stored.state_dict())

@@ -8,6 +8,7 @@ epoch, in the same MLflow runs, with every epoch logged exactly once.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
+
+from kdray.tag_names import MODEL_KEY
 
 pytestmark = pytest.mark.slow  # end to end: killed drivers and reruns
 
@@ -82,3 +86,35 @@ def test_rerun_after_driver_kill_resumes_from_the_last_checkpoint(workers: int, 
         steps = sorted(m.step for m in client.get_metric_history(student.info.run_id, metric))
         assert steps == list(range(1, EPOCHS + 1)), (metric, steps)
     assert "test/acc" in student.data.metrics
+
+
+def test_crd_resumed_after_a_kill_trains_exactly_what_an_uninterrupted_run_trains(workdir: Path) -> None:
+    """CRD's memory bank and Z live in the checkpoint: the killed and resumed run stores the very weights of a
+    run never interrupted (the bank of every sample feeds every later step; a bank reset or lost at the resume
+    would change them)."""
+    (workdir / "experiment.yaml").write_text("data: {name: digits}\n")
+    crd = [*OVERRIDES, "method.name=crd", "method.nce_k=256", "teacher.name=plane4", "teacher.epochs=2",
+           "student.name=plane2", "tracking.run_name=crd"]  # fmt: skip
+    stored = {}
+    for name, interrupted in (("killed", True), ("uninterrupted", False)):
+        folder = workdir / name
+        paths = [f"store.path={folder}/store", f"scaling.storage_path={folder}/ray",
+                 f"tracking.uri=sqlite:///{folder}/mlflow.db"]  # fmt: skip
+        folder.mkdir()
+        shutil.copy(workdir / "mlflow.db", folder / "mlflow.db")
+        command = [sys.executable, "-m", "kdray", "train", "experiment.yaml", *crd, *paths]
+        if interrupted:
+            run_until_killed(command, f"sqlite:///{folder}/mlflow.db", after_epoch=3)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+        (student,) = client.search_runs(
+            [client.get_experiment_by_name("resume").experiment_id], "tags.`kdray.role` = 'student'"
+        )
+        if interrupted:
+            assert int(student.data.tags["kdray.resumed_from_epoch"]) >= 2
+        key = student.data.tags[MODEL_KEY]
+        stored[name] = torch.load(folder / "store" / key / "model.pt", weights_only=True)
+    assert stored["killed"].keys() == stored["uninterrupted"].keys()
+    for name, tensor in stored["uninterrupted"].items():
+        assert torch.equal(stored["killed"][name], tensor), name

@@ -177,6 +177,9 @@ def test_a_failure_while_planning_closes_the_claimed_run_and_frees_its_lease(
         (["method.name=sp"], {"ce", "sp"}),
         (["method.name=rkd"], {"ce", "rkd_distance", "rkd_angle"}),
         (["method.name=pkt"], {"ce", "pkt"}),
+        (["method.name=vid"], {"ce", "vid"}),
+        (["method.name=crd"], {"ce", "crd"}),
+        (["method.name=reviewkd"], {"ce", "review"}),
     ],
 )
 def test_every_method_trains_end_to_end_and_logs_its_terms(workdir: Path, overrides: list[str], terms: set) -> None:

@@ -121,10 +121,12 @@ class Method(nn.Module):
         self.guides = nn.ModuleList(as_guides(guides))
         self.params = params
 
-    def connect(self, info: ModelInfo) -> None:
+    def connect(self, info: ModelInfo, train_labels: torch.Tensor) -> None:
         """Build the modules that depend on the shapes of the student's and the guides' features (a feature
-        method's connectors), from one probe batch of ``info``'s image shape; called once, before training
-        and before the method moves to its device. Default: none."""
+        method's connectors, from one probe batch of ``info``'s image shape) or on the training set
+        (``train_labels``, one per sample in the order of ``Batch.index``: CRD's memory bank of every sample);
+        called once, before training, before a checkpoint is restored into them and before the method moves
+        to its device. Default: none."""
 
     def trainable(self) -> list[nn.Parameter]:
         """Parameters the optimiser updates: the student and any module of the method's own (connectors,

@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch import nn
 
 from kdray.data import Batch
 from kdray.methods.base import Method, MethodParams, StepInfo
+from kdray.models import ModelInfo
 from kdray.models.features import forward_features
 
 
@@ -52,6 +54,17 @@ class FeatureMethod(Method):
         teacher = FeaturePass(*self.guide(0).features(batch.images))
         return student, teacher
 
+    def probe(self, info: ModelInfo) -> tuple[FeaturePass, FeaturePass]:
+        """The student's and the teacher's features of a two-image probe batch of ``info``'s shape, in eval mode
+        and without gradients: what a connector is sized from."""
+        probe = torch.zeros(2, info.in_channels, info.image_size, info.image_size)
+        was_training = self.student.training
+        with torch.no_grad():
+            student = FeaturePass(*forward_features(self.student.eval(), probe))
+            teacher = FeaturePass(*self.guide(0).features(probe.to(device_of(self.guide(0)))))
+        self.student.train(was_training)
+        return student, teacher
+
     def feature_terms(self, student: FeaturePass, teacher: FeaturePass) -> dict[str, torch.Tensor]:
         """The method's loss terms, each already weighted (β), by name."""
         raise NotImplementedError
@@ -60,3 +73,8 @@ class FeatureMethod(Method):
         student, teacher = self.passes(batch)
         ce = F.cross_entropy(student.logits, batch.labels)
         return {"ce": self.params.ce_weight * ce, **self.feature_terms(student, teacher)}  # type: ignore[attr-defined]
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Where a module's parameters are."""
+    return next(module.parameters()).device

@@ -76,3 +76,38 @@ def pkt_loss(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-7) ->
 
     p_s, p_t = conditional(student.float().flatten(1)), conditional(teacher.float().flatten(1))
     return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+
+
+def vid_loss(mean: torch.Tensor, target: torch.Tensor, log_scale: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Variational information distillation (Ahn et al. 2019): the negative log-likelihood of the teacher's map
+    under a Gaussian whose mean is the student's regressed map and whose variance ``softplus(log_scale) + eps`` is
+    learned per channel, constants dropped: ``mean(½((μ − t)²/σ² + log σ²))`` over samples, channels, positions."""
+    variance = (F.softplus(log_scale.float()) + eps).view(1, -1, 1, 1)
+    return (0.5 * ((mean.float() - target.float()).pow(2) / variance + variance.log())).mean()
+
+
+def hierarchical_context_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """ReviewKD's HCL (Chen et al. 2021): the MSE of the two maps plus the MSEs of their 4x4, 2x2 and 1x1
+    average-pooled versions (those smaller than the map), weighted 1/2, 1/4, 1/8, the sum divided by the sum of
+    the weights."""
+    student, teacher = student.float(), teacher.float()
+    loss, weight, total = F.mse_loss(student, teacher), 1.0, 1.0
+    for size in (4, 2, 1):
+        if size >= student.shape[-2]:
+            continue
+        weight /= 2
+        pooled = F.mse_loss(F.adaptive_avg_pool2d(student, size), F.adaptive_avg_pool2d(teacher, size))
+        loss, total = loss + weight * pooled, total + weight
+    return loss / total
+
+
+def contrastive_nce_loss(scores: torch.Tensor, dataset_size: int, eps: float = 1e-7) -> torch.Tensor:
+    """CRD's NCE loss (Tian et al. 2020, Eq. 18): ``scores`` [b, 1 + k] are ``exp(v·m/τ)/Z`` of each anchor with
+    its positive (column 0) and its k negatives, the noise distribution uniform over the ``dataset_size``
+    samples (``P_n = 1/N``); ``−(Σ log h(pos) + Σ log(1 − h(neg)))/b``, ``h(x) = x/(x + k·P_n)``."""
+    k = scores.shape[1] - 1
+    noise = k / dataset_size
+    positive, negative = scores[:, 0], scores[:, 1:]
+    log_positive = torch.log(positive / (positive + noise + eps))
+    log_negative = torch.log(noise / (negative + noise + eps))
+    return -(log_positive.sum() + log_negative.sum()) / scores.shape[0]

@@ -23,7 +23,6 @@ from torch import nn
 from kdray.methods.base import METHODS
 from kdray.methods.feature_base import FeatureMethod, FeatureParams, FeaturePass
 from kdray.models import ModelInfo
-from kdray.models.features import forward_features
 
 
 class FitNetParams(FeatureParams):
@@ -68,15 +67,10 @@ class FitNet(FeatureMethod):
     listed = 19
     summary = "Romero et al. 2015: MSE between the teacher's hint-stage features and the student's, regressed"
 
-    def connect(self, info: ModelInfo) -> None:
+    def connect(self, info: ModelInfo, train_labels: torch.Tensor) -> None:
         """The regressor, sized from one probe batch through the student and the teacher."""
         params: FitNetParams = self.params  # type: ignore[assignment]
-        probe = torch.zeros(2, info.in_channels, info.image_size, info.image_size)
-        was_training = self.student.training
-        with torch.no_grad():
-            student = FeaturePass(*forward_features(self.student.eval(), probe))
-            teacher = FeaturePass(*self.guide(0).features(probe.to(_device(self.guide(0)))))
-        self.student.train(was_training)
+        student, teacher = self.probe(info)
         depth = -params.hint_stage
         if depth > min(len(student.stages), len(teacher.stages)):
             raise ValueError(
@@ -91,7 +85,3 @@ class FitNet(FeatureMethod):
         depth = -params.hint_stage
         hinted = self.regressor(student.last(depth)[0])
         return {"hint": params.beta * F.mse_loss(hinted.float(), teacher.last(depth)[0].float())}
-
-
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
