@@ -52,8 +52,13 @@ ROWS: list[Row] = [
     Row("dkd + LS", ("method.name=dkd", "method.logit_standardization=true")),
     Row(
         "dkd + LS, authors' recipe",  # the same flags on DKD: alpha 1 x 9, beta 8 x 9, T 2 (docs/methods.md)
-        ("method.name=dkd", "method.logit_standardization=true", "method.temperature=2", "method.alpha=9",
-         "method.beta=72"),
+        (
+            "method.name=dkd",
+            "method.logit_standardization=true",
+            "method.temperature=2",
+            "method.alpha=9",
+            "method.beta=72",
+        ),
     ),  # fmt: skip
     Row("dist", ("method.name=dist",)),
     Row("triplet", ("method.name=triplet",)),
@@ -66,6 +71,7 @@ ROWS: list[Row] = [
     Row("student alone, 1x3", ("method.name=none", "student.onthefly=true")),
     Row("kd, 1x3", ("method.name=kd", "student.onthefly=true")),
     Row("pacemaker, 1x3", ("method.name=pacemaker", "student.onthefly=true")),
+    *(Row(name, (f"method.name={name}",)) for name in ("fitnet", "at", "sp", "rkd", "pkt", "vid", "crd", "reviewkd")),
 ]
 
 COLUMNS = ("val/acc", "test/acc", "best_epoch/val/acc", "best_epoch/test/acc", "best_epoch")

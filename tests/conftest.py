@@ -23,6 +23,7 @@ from kdray.ray_session import ray_init_options
 from kdray.schema import ExperimentConfig
 from kdray.sinks import MemorySink
 from kdray.stages import StagePlan
+from tests.servers import MlflowServer, Postgres
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-train-jpg.tar.gz"
@@ -48,6 +49,21 @@ def local_ray(_ray_session: None) -> None:
         env = options.setdefault("runtime_env", {}).setdefault("env_vars", {})
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
         ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, **options)
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """An MLflow tracking server on a PostgreSQL database, both real and on loopback, for the whole session
+    (about 30 s to start: initdb, then MLflow's migrations)."""
+    database = Postgres().start()
+    try:
+        server = MlflowServer(database.uri, tmp_path_factory.mktemp("tracking-server")).start()
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        database.stop()
 
 
 @pytest.fixture(scope="session")

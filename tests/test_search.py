@@ -179,6 +179,43 @@ def test_search_over_methods_with_asha_records_one_parent_and_a_child_per_trial(
     assert client.get_run(parent.info.run_id).data.metrics["val/acc"] == best.value
 
 
+@pytest.mark.slow
+def test_a_search_compares_logit_and_feature_methods_each_with_its_own_knobs(local_ray: None, workdir: Path) -> None:
+    """method.name over kd, dkd and three feature methods: every method's defaults first, then draws; a knob only
+    reaches the methods it names, and every trial trains to its end with its method's loss terms."""
+    space = {
+        "method.name": {"kind": "choice", "values": ["kd", "dkd", "fitnet", "at", "crd"]},
+        "method.beta": {"kind": "logfloat", "low": 1, "high": 3000, "methods": ["fitnet", "at"]},
+        "method.hint_stage": {"kind": "int", "low": -2, "high": -1, "methods": ["fitnet"]},
+        "method.nce_k": {"kind": "int", "low": 64, "high": 16384, "methods": ["crd"]},
+    }
+    cfg = load_config(
+        write_experiment(workdir, {"space": space}),
+        [*SMALL, "train.epochs=2", "search.num_samples=7", "search.name=features", "search.scheduler.name=none"],
+    )
+    outcome = run_search(cfg, "unused")
+    trials = runs_by_role(cfg.tracking.uri, cfg.tracking.experiment)["trial"]
+    assert len(trials) == 7 and {run.info.status for run in trials} == {"FINISHED"}
+    knobs = {"fitnet": {"method.beta", "method.hint_stage"}, "at": {"method.beta"}, "crd": {"method.nce_k"}}
+    terms = {"kd": "loss/kd", "dkd": "loss/nckd", "fitnet": "loss/hint", "at": "loss/at", "crd": "loss/crd"}
+    trained = 0
+    for trial in trials:
+        sampled = json.loads(trial.data.tags["kdray.sampled"])
+        method = sampled["method.name"]
+        assert set(sampled) == {"method.name", *knobs.get(method, set())}, sampled
+        assert trial.data.metrics["val/acc"] > 0
+        if trial.data.tags["kdray.reused"] == "false":  # a repeated draw (dkd has no knob here) reuses its student
+            trained += 1
+            assert terms[method] in trial.data.metrics, (method, sorted(trial.data.metrics))
+    assert trained >= 5
+    first = sorted(trials, key=lambda run: run.info.start_time)[:5]
+    defaults = {json.loads(run.data.tags["kdray.sampled"])["method.name"]: run for run in first}
+    assert set(defaults) == {"kd", "dkd", "fitnet", "at", "crd"}  # each method at its defaults first
+    assert json.loads(defaults["at"].data.tags["kdray.sampled"])["method.beta"] == 1000.0
+    assert json.loads(defaults["crd"].data.tags["kdray.sampled"])["method.nce_k"] == 16384
+    assert outcome.report.best is not None
+
+
 def readme_block(section: str, language: str) -> str:
     """The first ``language`` code block under the README heading ``section``, verbatim."""
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -1,0 +1,145 @@
+"""The cluster's tracking path for real: searches and Ray Train runs logging to an `mlflow server` whose backend
+store is PostgreSQL (both started on loopback by the ``tracking_server`` fixture), as on a cluster head.
+
+Counted from the server afterwards, as a user reviewing the search would: every epoch of every trial exactly
+once, with four trials writing at once and with the server gone for 30 s in the middle of a search.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from kdray.data import load_dataset
+from kdray.resolve import load_config
+from kdray.run import run_experiment
+from kdray.search.driver import run_search
+from tests.conftest import TWO_CPU_WORKERS
+from tests.servers import MlflowServer
+
+pytestmark = pytest.mark.slow  # a PostgreSQL cluster and an MLflow server, then searches against them
+
+SMALL = [
+    "teacher.name=plane4", "teacher.epochs=2", "student.name=plane2", "scaling.threads=1", "search.references=false",
+    "search.scheduler.name=none",
+]  # fmt: skip
+
+
+def trial_runs(client: MlflowClient, experiment: str) -> list:
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, experiment
+    runs = client.search_runs([found.experiment_id], max_results=1000)
+    return [run for run in runs if run.data.tags.get("kdray.role") == "trial"]
+
+
+def assert_every_epoch_logged_once(client: MlflowClient, trials: list, epochs: int) -> None:
+    """Each trial's per-epoch metrics hold the steps 1..epochs, each exactly once: nothing lost, nothing twice."""
+    for trial in trials:
+        for metric in ("val/acc", "loss/total", "lr"):
+            steps = sorted(m.step for m in client.get_metric_history(trial.info.run_id, metric))
+            assert steps == list(range(1, epochs + 1)), (trial.info.run_name, metric, steps)
+
+
+def test_four_concurrent_trials_log_every_epoch_once_and_the_student_loads_from_the_server(
+    local_ray: None, workdir: Path, tracking_server: MlflowServer
+) -> None:
+    experiment = "server-concurrent"
+    (workdir / "search.yaml").write_text(
+        json.dumps({"search": {"space": {"method.temperature": {"kind": "logfloat", "low": 1, "high": 8}}}})
+    )
+    cfg = load_config(
+        workdir / "search.yaml",
+        [*SMALL, f"tracking.uri={tracking_server.uri}", f"tracking.experiment={experiment}", "train.epochs=3",
+         "train.batch_size=32", "search.num_samples=4", "search.max_concurrent_trials=4",
+         "search.resources_per_trial={CPU: 0.5}"],
+    )  # fmt: skip
+    outcome = run_search(cfg, "unused")
+    client = MlflowClient(tracking_server.uri)
+    trials = trial_runs(client, experiment)
+    assert len(trials) == 4 and {run.info.status for run in trials} == {"FINISHED"}
+    assert_every_epoch_logged_once(client, trials, epochs=3)
+    starts = sorted(run.info.start_time for run in trials)
+    ends = sorted(run.info.end_time for run in trials)
+    assert starts[-1] < ends[0], "the four trials ran at once"
+    # the registered student loads from the server (its weights through MLflow's artifact proxy) and scores
+    # the logged test accuracy
+    assert outcome.registered is not None
+    mlflow.set_tracking_uri(tracking_server.uri)
+    try:
+        student = mlflow.pytorch.load_model(outcome.registered)
+    finally:
+        mlflow.set_tracking_uri(None)
+    test = load_dataset(cfg.data).test
+    accuracy = (student(test.images.float() / 255).argmax(1) == test.labels).float().mean().item()
+    version = client.get_model_version(*outcome.registered.removeprefix("models:/").split("/"))
+    assert accuracy == pytest.approx(client.get_run(version.run_id).data.metrics["test/acc"])
+
+
+def test_a_two_worker_ray_train_run_logs_to_the_server(
+    local_ray: None, workdir: Path, tracking_server: MlflowServer
+) -> None:
+    cfg = load_config(
+        None,
+        [*TWO_CPU_WORKERS, "teacher.name=plane4", "teacher.epochs=1", "student.name=plane2", "train.epochs=2",
+         f"tracking.uri={tracking_server.uri}", "tracking.experiment=server-ray-train"],
+    )  # fmt: skip
+    result = run_experiment(cfg)
+    client = MlflowClient(tracking_server.uri)
+    student = client.get_run(result.student.run_id)
+    assert student.data.params["world_size"] == "2" and student.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(student.info.run_id, "val/acc")] == [1, 2]
+
+
+def test_a_search_rides_out_the_server_gone_for_30_seconds(workdir: Path, tracking_server: MlflowServer) -> None:
+    """The server stops mid-search and comes back 30 s later on the same address: the trials wait in MLflow's
+    own retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, 7 with doubling back-off: about 4 minutes in all), then
+    every metric arrives, once. A longer outage fails the trial with MLflow's error, and the search resumes
+    (`kdray tune --resume`, docs/reliability.md)."""
+    experiment, epochs = "server-outage", 12
+    (workdir / "search.yaml").write_text(
+        json.dumps({"search": {"space": {"method.temperature": {"kind": "logfloat", "low": 1, "high": 8}}}})
+    )
+    command = [
+        sys.executable, "-m", "kdray", "tune", "search.yaml", *SMALL, f"tracking.uri={tracking_server.uri}",
+        f"tracking.experiment={experiment}", f"train.epochs={epochs}", "train.batch_size=16",
+        "search.num_samples=2", "search.max_concurrent_trials=2", "search.name=outage",
+    ]  # fmt: skip
+    search = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(tracking_server.uri)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(
+            client.get_metric_history(run.info.run_id, "val/acc") for run in _trials_if_any(client, experiment)
+        ):
+            assert search.poll() is None, search.stderr.read()[-3000:]  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "no trial logged an epoch"
+            time.sleep(0.5)
+        tracking_server.stop()
+        gone = time.monotonic()
+        time.sleep(30)
+        assert search.poll() is None, "the search ended while the server was away"
+        tracking_server.start()
+        away = time.monotonic() - gone
+        _, errors = search.communicate(timeout=600)
+    finally:
+        if search.poll() is None:
+            search.kill()
+        if tracking_server.process is None:
+            tracking_server.start()  # the session's other tests need it
+    assert search.returncode == 0, errors[-3000:]
+    assert away >= 30
+    trials = trial_runs(client, experiment)
+    assert len(trials) == 2 and {run.info.status for run in trials} == {"FINISHED"}
+    assert not any("kdray.resumed_from_epoch" in run.data.tags for run in trials)  # waited, never restarted
+    assert_every_epoch_logged_once(client, trials, epochs)
+
+
+def _trials_if_any(client: MlflowClient, experiment: str) -> list:
+    return trial_runs(client, experiment) if client.get_experiment_by_name(experiment) is not None else []
