@@ -6,7 +6,8 @@ finished model to ``store`` (which writes the model store and closes the run); t
 training state of an unfinished stage is kept and who hears about each epoch:
 
 - ``LocalSink``: a file under the stage's checkpoint folder (in-process ``kdray train`` stages and the
-  guides a search trial trains), replaced atomically every ``checkpoint_every`` epochs;
+  guides a search trial trains), replaced atomically every ``checkpoint_every`` epochs; ``BucketSink`` the
+  same as an object, when ``scaling.storage_path`` is a bucket;
 - ``RayTrainSink``: Ray Train reports, with the state as a Ray checkpoint when due (``FailureConfig``
   restarts and a rerun restore it);
 - ``TuneSink``: Ray Tune reports from a trial that trains in its own process (the scheduler reads the
@@ -19,6 +20,7 @@ process (a scheduler stopping the trial) always comes after the model is safe.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -31,6 +33,7 @@ from typing import Any
 
 import torch
 
+from kdray import run_storage
 from kdray.distributed import WorkerContext
 from kdray.engine import FitResult
 from kdray.tracking import MetricLogger
@@ -42,7 +45,7 @@ StoreResult = Callable[[FitResult], None]
 UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError)
 
 
-def read_state(path: str | Path, device: torch.device) -> dict[str, Any] | None:
+def read_state(path: str | Path | io.BytesIO, device: torch.device) -> dict[str, Any] | None:
     """A training state saved by ``keep``, or None (with a warning naming the file) when it cannot be read:
     the stage then starts from its first epoch, with the same seed, rather than failing on every rerun."""
     try:
@@ -127,6 +130,35 @@ class LocalSink(StageSink):
     def end_stage(self, result: FitResult) -> None:
         super().end_stage(result)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class BucketSink(StageSink):
+    """``LocalSink`` on a bucket: the training state is the object ``folder/state.pt``, uploaded whole each time
+    (a reader gets the previous state or the new one); the folder goes once the model is stored."""
+
+    def __init__(
+        self, folder: str, logger: MetricLogger, store: StoreResult | None, every: int, epochs: int,
+        device: torch.device,
+    ) -> None:  # fmt: skip
+        super().__init__(logger, store, every, epochs, device)
+        self.folder = folder
+        self.file = run_storage.join(folder, "state.pt")
+
+    def load(self) -> dict[str, Any] | None:
+        if not run_storage.exists(self.file):
+            return None
+        return read_state(io.BytesIO(run_storage.read_bytes(self.file)), self.device)
+
+    def keep(self, epoch: int, metrics: dict[str, float], state: Callable[[], dict[str, Any]] | None) -> None:
+        if state is None:
+            return
+        buffer = io.BytesIO()
+        torch.save(state(), buffer)
+        run_storage.write_bytes(self.file, buffer.getvalue())
+
+    def end_stage(self, result: FitResult) -> None:
+        super().end_stage(result)
+        run_storage.remove_folder(self.folder)
 
 
 class RayTrainSink(StageSink):

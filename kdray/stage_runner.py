@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from kdray import run_storage
 from kdray import tag_names as tag
 from kdray.build import model_info
 from kdray.data import Dataset, on_device
@@ -27,7 +28,7 @@ from kdray.engine import FitResult, evaluate
 from kdray.given import given_model
 from kdray.models.deploy import restandardized
 from kdray.schema import ExperimentConfig
-from kdray.sinks import LocalSink, StageSink, StoreResult, TuneSink
+from kdray.sinks import BucketSink, LocalSink, StageSink, StoreResult, TuneSink
 from kdray.stage_worker import log_stored_model, store_stage, train_stage
 from kdray.stages import StagePlan
 from kdray.store import ModelStore, StoredModel
@@ -60,8 +61,12 @@ class FileCheckpoints:
     def sink(
         self, cfg: ExperimentConfig, plan: StagePlan, ctx: WorkerContext, logger: MetricLogger, store: StoreResult
     ) -> StageSink:
-        folder = Path(cfg.scaling.storage_path) / self.train_run_name(plan)
-        return LocalSink(folder, logger, store, cfg.scaling.checkpoint_every, plan.train.epochs, ctx.device)
+        root, every = cfg.scaling.storage_path, cfg.scaling.checkpoint_every
+        if run_storage.is_uri(root):
+            folder = run_storage.join(root, self.train_run_name(plan))
+            return BucketSink(folder, logger, store, every, plan.train.epochs, ctx.device)
+        folder = Path(root) / self.train_run_name(plan)
+        return LocalSink(folder, logger, store, every, plan.train.epochs, ctx.device)
 
     def train_run_name(self, plan: StagePlan) -> str:
         return f"stage-{plan.key}"

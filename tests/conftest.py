@@ -23,7 +23,7 @@ from kdray.ray_session import ray_init_options
 from kdray.schema import ExperimentConfig
 from kdray.sinks import MemorySink
 from kdray.stages import StagePlan
-from tests.servers import MlflowServer, Postgres
+from tests.servers import MlflowServer, Postgres, S3Server
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-train-jpg.tar.gz"
@@ -64,6 +64,16 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mlflow
             server.stop()
     finally:
         database.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """An S3-protocol server (moto) on loopback with one bucket, for the whole session."""
+    server = S3Server(tmp_path_factory.mktemp("s3-server")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -120,3 +120,60 @@ class MlflowServer:
             os.killpg(self.process.pid, 15)
             self.process.wait(timeout=30)
         self.process = None
+
+
+class S3Server:
+    """moto's S3-protocol server on loopback with one bucket, and the AWS variables that point boto3, pyarrow
+    (and so Ray's storage) and kdray at it. Credentials are moto's test ones: nothing leaves the machine."""
+
+    bucket = "kdray"
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}", "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+        }  # fmt: skip
+
+    def start(self, timeout: float = 60) -> S3Server:
+        import boto3
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = (self.folder / "server.log").open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **self.env},
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=2):
+                    break
+            except OSError as error:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    log_text = (self.folder / "server.log").read_text()[-2000:]
+                    raise RuntimeError(f"moto server did not start: {log_text}") from error
+                time.sleep(0.3)
+        client = boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+        client.create_bucket(Bucket=self.bucket)
+        return self
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every object key in the bucket under ``prefix``."""
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            self.process.wait(timeout=30)

@@ -24,6 +24,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from kdray import run_storage
 from kdray import tag_names as tag
 from kdray.data import Dataset, load_dataset
 from kdray.preflight import check_decode_cpus, check_models, check_writable
@@ -202,8 +203,7 @@ def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
     except ValueError as error:
         raise ConfigError(f"search.name: {error}") from None
     root = cfg.scaling.storage_path
-    folder = Path(root) / name
-    if "://" not in root and folder.exists():
+    if run_storage.exists(run_storage.join(root, name)):
         raise ConfigError(
             f"search.name: a search called '{name}' exists under {root}; "
             f"continue it with `kdray tune --resume {name}` or choose another name"
@@ -217,8 +217,8 @@ def run_search(cfg: ExperimentConfig, default_name: str) -> SearchOutcome:
     tracker.log_params(parent, flatten(cfg.dump()))
     tracker.set_tags(parent, {tag.OPTUNA_STORAGE: optuna_url(cfg), tag.OPTUNA_STUDY: name})
     tracker.log_text(parent, cfg.to_yaml(), "config.yaml")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / STATE_FILE).write_text(json.dumps({"config": cfg.dump(), "parent_run_id": parent}))
+    state = json.dumps({"config": cfg.dump(), "parent_run_id": parent})
+    run_storage.write_text(run_storage.join(root, name, STATE_FILE), state)
     return _start_tune(cfg, name, parent, tracker, dataset)
 
 
@@ -322,10 +322,11 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
         plain_name(name)  # never a path: the search's folder is read (and Tune's pickles loaded) from it
     except ValueError as error:
         raise ConfigError(f"--resume: {error}") from None
-    state_file = Path(root) / name / STATE_FILE
-    if not state_file.exists():
+    folder = run_storage.join(root, name)
+    state_file = run_storage.join(folder, STATE_FILE)
+    if not run_storage.exists(state_file):
         raise ConfigError(f"--resume {name}: no search of that name under {root} (set --storage to its storage_path)")
-    state = json.loads(state_file.read_text())
+    state = json.loads(run_storage.read_text(state_file))
     cfg = validate_config(state["config"])
     parent = state["parent_run_id"]
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
@@ -333,7 +334,7 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
     close_orphans(tracker, parent, ModelStore(cfg.store.path))
     from ray import tune
 
-    if not tune.Tuner.can_restore(str(Path(root) / name)):
+    if not tune.Tuner.can_restore(folder):
         log.info(
             "search %s: its driver stopped before Tune saved a first state; starting its trials afresh under the "
             "same name and MLflow run (the runs it had opened are taken over or closed)",
@@ -345,9 +346,9 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
         connect_ray(log_to_driver=False)
         setup = {"base": cfg.dump(), "parent_run_id": parent, "search_name": name, "resumed": True}
         tuner = tune.Tuner.restore(
-            str(Path(root) / name), trainable=_trainable(cfg, setup), resume_unfinished=True, resume_errored=True
+            folder, trainable=_trainable(cfg, setup), resume_unfinished=True, resume_errored=True
         )
-        set_aside(tracker, parent, restored_trial_ids(Path(root) / name))
+        set_aside(tracker, parent, restored_trial_ids(folder))
         train_shared_guides(cfg, load_dataset(cfg.data), tracker, parent)  # the rest of any interrupted there
         tuner.fit()
         return _finish(cfg, name, parent, tracker)

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from kdray import run_storage
 from kdray import tag_names as tag
 from kdray.store import ModelStore
 from kdray.tracking import Tracker
@@ -28,11 +29,12 @@ UNRECORDED_WHY = (
 )
 
 
-def restored_trial_ids(folder: Path) -> set[str]:
-    """The ids of the trials in the last state Tune saved under ``folder`` (those a restored search knows)."""
+def restored_trial_ids(folder: str | Path) -> set[str]:
+    """The ids of the trials in the last state Tune saved under ``folder`` (a local folder or a bucket's URI):
+    those a restored search knows."""
     from ray.tune import ExperimentAnalysis
 
-    if not any(folder.glob("experiment_state-*.json")):
+    if not run_storage.names(str(folder), "experiment_state-*.json"):
         return set()  # killed before Tune first saved (while shared guides trained): no trial is known
     quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
     level = quiet.level
