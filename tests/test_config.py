@@ -82,7 +82,7 @@ def test_method_without_name_means_kd(tmp_path: Path) -> None:
         (["method.temperature=-1"], "method.temperature: Input should be greater than 0 (got -1)"),
         (["method.temprature=3"], "method.temprature: unknown key; allowed: name, temperature, alpha"),
         (["student.name=resnet9"], "student.name: unknown model 'resnet9'; choose one of: plane2"),
-        (["method.name=crd"], "method.name: unknown method 'crd'; choose one of: none, kd, dkd, dist, triplet"),
+        (["method.name=cdr"], "method.name: unknown method 'cdr'; choose one of: none, kd, dkd, dist, triplet"),
         (["data.name=mnist"], "data.name: unknown dataset 'mnist'"),
         (["data.name=imagefolder"], "data.root: dataset 'imagefolder' needs data.root"),
         (["data.name=imagefolder", "data.root=/no/such/dir"], "data.root: '/no/such/dir' does not exist"),
