@@ -75,7 +75,10 @@ def test_a_killed_search_resumes_from_object_storage(workdir: Path, s3_server: S
     (search,) = runs(uri, "search")
     assert client.get_run(search.info.run_id).info.status == "FINISHED"
     trials = runs(uri, "trial")
-    assert len(trials) == 4 and {run.info.status for run in trials} == {"FINISHED"}
+    everything = [(r.data.tags.get("kdray.role"), r.data.tags.get("kdray.trial_id"), r.info.status,
+                   r.data.tags.get("kdray.unrecorded")) for r in client.search_runs(
+                       [client.get_experiment_by_name("bucket").experiment_id])]  # fmt: skip
+    assert len(trials) == 4 and {run.info.status for run in trials} == {"FINISHED"}, (everything, done.stdout[-2000:])
     assert len({run.data.tags["kdray.trial_id"] for run in trials}) == 4
     for run in trials:
         if run.info.run_id in finished:  # finished before the kill: not trained again

@@ -487,3 +487,21 @@ def test_a_search_killed_before_tune_saved_its_state_resumes_from_its_first_tria
     runs = runs_by_role(f"sqlite:///{workdir / 'mlflow.db'}", "early")
     assert [run.info.status for run in runs["search"]] == ["FINISHED"]
     assert len([run for run in runs["trial"] if run.info.status == "FINISHED"]) == 2
+
+
+def test_a_searcher_count_ahead_of_the_saved_trials_is_realigned(tmp_path: Path) -> None:
+    """A driver killed between Tune's upload of its trial list and of its searcher's count (a bucket's storage)
+    leaves the count ahead: the resumed search would end short of num_samples. The count is set to the trials
+    of the saved state, and ``finished`` with it; a consistent state is left alone."""
+    import ray.cloudpickle as cloudpickle
+
+    from kdray.search.unrecorded import realign_trial_count
+
+    session = "2026-12-07_02-13-17"
+    (tmp_path / f"experiment_state-{session}.json").write_text(json.dumps({"trial_data": [{}, {}]}))
+    counter = tmp_path / f"search_gen_state-{session}.json"
+    counter.write_bytes(cloudpickle.dumps({"counter": 4, "total_samples": 4, "finished": True, "experiment": None}))
+    assert realign_trial_count(str(tmp_path)) == (4, 2)
+    state = cloudpickle.loads(counter.read_bytes())
+    assert state["counter"] == 2 and state["finished"] is False and state["total_samples"] == 4
+    assert realign_trial_count(str(tmp_path)) is None  # agreeing now: nothing to change

@@ -38,7 +38,7 @@ from kdray.search.report import build_report, publish
 from kdray.search.shared import train_shared_guides
 from kdray.search.space import check_space, default_points, sample
 from kdray.search.trial import run_trial
-from kdray.search.unrecorded import restored_trial_ids, runs_of_trial, set_aside
+from kdray.search.unrecorded import realign_trial_count, restored_trial_ids, runs_of_trial, set_aside
 from kdray.store import ModelStore
 from kdray.tracking import Tracker, flatten
 
@@ -342,6 +342,13 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
         )
         set_aside(tracker, parent, set())
         return _start_tune(cfg, name, parent, tracker, load_dataset(cfg.data), resumed=True)
+    realigned = realign_trial_count(folder)
+    if realigned is not None:
+        log.info(
+            "search %s: its saved state listed %d trials and its searcher had counted %d (the driver died between "
+            "saving the two); the resumed search creates its trials from %d",
+            name, realigned[1], realigned[0], realigned[1],
+        )  # fmt: skip
     with tracker.run(parent, finish=False):  # _finish ends it FINISHED; anything raised, FAILED
         connect_ray(log_to_driver=False)
         setup = {"base": cfg.dump(), "parent_run_id": parent, "search_name": name, "resumed": True}

@@ -45,6 +45,35 @@ def restored_trial_ids(folder: str | Path) -> set[str]:
         quiet.setLevel(level)
 
 
+def realign_trial_count(folder: str) -> tuple[int, int] | None:
+    """Make the searcher's count of trials created agree with the trials of the state it is restored with.
+
+    Tune saves a search's trials (``experiment_state-<session>.json``) and its searcher's count of the trials it
+    created (``search_gen_state-<session>.json``) as two files, uploaded one after the other when the storage is a
+    bucket. A driver killed between the two uploads leaves a count ahead of the trials (trials suggested after
+    the trial list was saved): the restored search would believe them created and end with fewer trials than
+    ``search.num_samples``, saying nothing. The count is set to the trials the restored search knows, so it
+    creates the missing ones. Returns (count before, count after) when it changed anything."""
+    import ray.cloudpickle as cloudpickle
+
+    states = run_storage.names(folder, "experiment_state-*.json")
+    if not states:
+        return None
+    newest = states[-1]  # the names end in the session's start time
+    session = newest.removeprefix("experiment_state-").removesuffix(".json")
+    counter_file = run_storage.join(folder, f"search_gen_state-{session}.json")
+    if not run_storage.exists(counter_file):
+        return None
+    trials = len(json.loads(run_storage.read_text(run_storage.join(folder, newest)))["trial_data"])
+    state = cloudpickle.loads(run_storage.read_bytes(counter_file))
+    if state["counter"] == trials:
+        return None
+    before = state["counter"]
+    state["counter"], state["finished"] = trials, trials >= state["total_samples"]
+    run_storage.write_bytes(counter_file, cloudpickle.dumps(state))
+    return before, trials
+
+
 def runs_of_trial(tracker: Tracker, parent: str, trial_id: str) -> list[Any]:
     """The runs under the search run ``parent`` that Tune trial ``trial_id`` opened or took over (at most one)."""
     return tracker.runs({tag.TRIAL_ID: trial_id, tag.PARENT_RUN_ID: parent})
