@@ -242,16 +242,16 @@ def _store_why(args: argparse.Namespace) -> int:
 
 def _verify_store(args: argparse.Namespace) -> int:
     """``kdray store verify``: one line per entry; exit 1 if an entry is damaged and was left in place."""
-    from kdray.store import ModelStore, entry_problem
+    from kdray.schema.storage import StoreConfig
+    from kdray.store import open_store
 
-    root = Path(args.store or default_store_path()).absolute()
-    if not root.is_dir():
-        raise ConfigError(f"--store {root}: no model store there (give --store, or set KDRAY_STORE_PATH)")
-    store = ModelStore(root)
+    store = open_store(StoreConfig(path=args.store or default_store_path()))
+    if "://" not in store.location and not store.root.is_dir():
+        raise ConfigError(f"--store {store.root}: no model store there (give --store, or set KDRAY_STORE_PATH)")
     damaged = 0
     keys = store.keys()
     for key in keys:
-        problem = entry_problem(root / key)
+        problem = store.problem(key)
         if problem is None:
             print(f"ok       {key}")
             continue
@@ -259,7 +259,8 @@ def _verify_store(args: argparse.Namespace) -> int:
         aside = store.quarantine(key) if args.repair else None
         print(f"{'moved' if aside else 'damaged':<8} {key}  {problem}" + (f" -> {aside}" if aside else ""))
     verdict = ", moved to .quarantine/" if args.repair else ", left in place (--repair moves them aside)"
-    print(f"{len(keys)} entries in {root}: {len(keys) - damaged} intact, {damaged} damaged{verdict if damaged else ''}")
+    counts = f"{len(keys) - damaged} intact, {damaged} damaged{verdict if damaged else ''}"
+    print(f"{len(keys)} entries in {store.location}: {counts}")
     return 1 if damaged and not args.repair else 0
 
 

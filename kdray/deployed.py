@@ -16,7 +16,7 @@ from kdray.data import Dataset, eval_batches, on_device
 from kdray.models import ModelInfo
 from kdray.models.deploy import Classifier
 from kdray.schema import ConfigError, DataConfig, ExperimentConfig
-from kdray.store import ModelStore
+from kdray.store import open_store
 
 STORE_KEY = re.compile(r"^[0-9a-f]{24}$")
 
@@ -38,7 +38,7 @@ def load_classifier(name: str, cfg: ExperimentConfig) -> Classifier:
 
 
 def _from_store(key: str, cfg: ExperimentConfig) -> Classifier:
-    store = ModelStore(cfg.store.path)
+    store = open_store(cfg.store)
     stored = store.find(key)
     if stored is None:
         raise ConfigError(f"{key}: no such model in the store at {cfg.store.path} (set store.path)")

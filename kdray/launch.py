@@ -29,7 +29,7 @@ from kdray.schema import ConfigError, ExperimentConfig
 from kdray.sinks import RayTrainSink
 from kdray.stage_worker import store_stage, train_stage
 from kdray.stages import StagePlan
-from kdray.store import ModelStore
+from kdray.store import open_store
 from kdray.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def stage_worker(config: dict[str, Any]) -> None:
     run_id = config["run_id"]
     ctx = ray_train_context(cfg.scaling.threads)
     dataset = load_dataset(cfg.data)
-    store = ModelStore(cfg.store.path)
+    store = open_store(cfg.store)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if ctx.is_chief else NullTracker()
     nodes: list[str | None] = [None] * ctx.world_size
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())

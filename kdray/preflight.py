@@ -26,6 +26,7 @@ from kdray.methods import METHODS
 from kdray.models import StagedNet, build_model
 from kdray.schema import ConfigError, ExperimentConfig
 from kdray.stages import StagePlan, plan_stages
+from kdray.store import check_bucket
 
 
 def check_device(cfg: ExperimentConfig) -> None:
@@ -36,10 +37,13 @@ def check_device(cfg: ExperimentConfig) -> None:
 
 
 def check_writable(cfg: ExperimentConfig) -> None:
-    """Every folder kdray writes (the model store, the image cache, the guide-output cache, the local Ray
-    storage, a sqlite MLflow store) must take a write before Ray or MLflow start: an unwritable sqlite file
-    otherwise retries for minutes, a read-only store or cache fails after training began."""
-    _writable(Path(cfg.store.path), "store.path")
+    """Every folder kdray writes (the model store, or the bucket that holds it, the image cache, the guide-output
+    cache, the local Ray storage, a sqlite MLflow store) must take a write before Ray or MLflow start: an
+    unwritable sqlite file otherwise retries for minutes, a read-only store or cache fails after training began."""
+    if "://" in cfg.store.path:
+        check_bucket(cfg.store.path)
+    else:
+        _writable(Path(cfg.store.path), "store.path")
     _writable(Path(cfg.data.cache_dir), "data.cache_dir")
     if cfg.guide_cache.enabled and cfg.guide_cache.path is not None:
         _writable(Path(cfg.guide_cache.path), "guide_cache.path")

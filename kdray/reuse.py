@@ -8,7 +8,6 @@ expected a reuse sees which setting, guide or data change made the key differ.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,7 @@ from kdray.build import model_info
 from kdray.data import load_dataset
 from kdray.schema import ExperimentConfig
 from kdray.stages import StagePlan, plan_stages
-from kdray.store import ModelStore, StoredModel
+from kdray.store import ModelStore, StoredModel, open_store
 
 
 @dataclass(frozen=True)
@@ -42,21 +41,13 @@ def why(cfg: ExperimentConfig) -> tuple[list[Verdict], int]:
     kdray recorded identities: they are still reused when their key matches, but cannot be compared)."""
     dataset = load_dataset(cfg.data)
     plans = plan_stages(cfg, dataset.fingerprint(), owner="kdray-store-why", info=model_info(dataset))
-    store = ModelStore(cfg.store.path)
+    store = open_store(cfg.store)
     # Only the metadata is compared: reading it is enough to explain a key, and hashing every stored model's
     # weights (what ``ModelStore.find`` does before a reuse) would read the whole store.
-    metas = {key: _meta(store, key) for key in store.keys()}  # noqa: SIM118 (a store, not a dict)
+    metas = {key: store.meta(key) for key in store.keys()}  # noqa: SIM118 (a store, not a dict)
     entries = [StoredModel(key, store.root / key, meta) for key, meta in metas.items() if meta]
     recorded = [entry for entry in entries if entry.meta.get("identity")]
     return [_verdict(plan, store, recorded) for plan in plans], len(entries) - len(recorded)
-
-
-def _meta(store: ModelStore, key: str) -> dict[str, Any] | None:
-    """An entry's metadata, or None where it is missing or unreadable (``kdray store verify`` reports those)."""
-    try:
-        return json.loads((store.root / key / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _verdict(plan: StagePlan, store: ModelStore, recorded: list[StoredModel]) -> Verdict:

@@ -23,7 +23,7 @@ from kdray.preflight import check_decode_cpus, check_device, check_models, check
 from kdray.schema import ExperimentConfig
 from kdray.stage_runner import StageOutcome, StageRunner
 from kdray.stages import plan_stages
-from kdray.store import ModelStore, model_key
+from kdray.store import ModelStore, StoreLock, model_key, open_store
 from kdray.tracking import Tracker, flatten
 from kdray.ui import view_hint
 
@@ -89,7 +89,7 @@ def run_experiment(
     dataset = load_dataset(cfg.data)
     check_models(cfg, dataset)
     check_decode_cpus(cfg, dataset)
-    store = ModelStore(cfg.store.path)
+    store = open_store(cfg.store)
     tags = {**run_tags(cfg), tag.CONFIG_HASH: model_key(cfg.dump())}
     name = run_name(cfg)
     parent, continuing, lease = claim_run(tracker, store, name, {**tags, tag.ROLE: role}, parent_run_id)
@@ -124,11 +124,12 @@ def run_experiment(
 
 def claim_run(
     tracker: Tracker, store: ModelStore, name: str, tags: dict[str, str], parent_run_id: str | None
-) -> tuple[str, bool, filelock.BaseFileLock]:
+) -> tuple[str, bool, StoreLock]:
     """The experiment's parent run, and whether it continues an unfinished one, with the run's lease held.
 
     The newest unfinished run of this name and config is continued, unless another live process holds its
-    lease (a lock file in the model store, released by the OS when that process dies): then this process
+    lease (a lock file in the model store, released by the OS when that process dies; in a bucket, a lease
+    that expires once its holder stops renewing it): then this process
     opens its own run. Finding and leasing happen under one lock per config, so two processes started
     together never both take the same run."""
     lookup = {tag.ROLE: tags[tag.ROLE], tag.CONFIG_HASH: tags[tag.CONFIG_HASH]}

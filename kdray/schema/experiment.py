@@ -64,8 +64,15 @@ class ExperimentConfig(Section):
 
     @property
     def guide_cache_folder(self) -> Path:
-        """Where the guide-output cache lives: ``guide_cache.path``, else inside the model store."""
-        return Path(self.guide_cache.path or Path(self.store.path) / GUIDE_OUTPUTS_FOLDER)
+        """Where the guide-output cache lives: ``guide_cache.path``, else inside the model store's folder, or for a
+        store in a bucket in the node's own cache folder (``data.cache_dir``): the cache is read row by row at every
+        batch, which a memory-mapped local file serves and a bucket would turn into a request per batch
+        (docs/cluster.md)."""
+        if self.guide_cache.path:
+            return Path(self.guide_cache.path)
+        if "://" in self.store.path:
+            return Path(self.data.cache_dir) / GUIDE_OUTPUTS_FOLDER
+        return Path(self.store.path) / GUIDE_OUTPUTS_FOLDER
 
     @model_validator(mode="after")
     def _sync_batchnorm_needs_gpu_workers(self) -> ExperimentConfig:

@@ -23,12 +23,27 @@ class TrackingConfig(Section):
     run_name: PlainName | None = Field(None, description="Name of the parent run (default: method-student).")
 
 
+def store_location(path: str) -> str:
+    """A local folder or an ``s3://`` bucket: no other URI can hold a model store."""
+    if "://" in path and not path.startswith("s3://"):
+        raise ValueError(f"{path.split('://')[0]}:// cannot hold a model store; give a folder or s3://bucket/prefix")
+    return path
+
+
 class StoreConfig(Section):
-    path: AbsolutePath = Field(
+    path: Annotated[AbsolutePath, AfterValidator(store_location)] = Field(
         default_factory=default_store_path,
         validate_default=True,
-        description="Model store: trained models by content hash (default: $KDRAY_STORE_PATH, else .kdray/store); "
-        "a file system every node reaches, with working file locks, on several nodes.",
+        description="Model store: trained models by content hash (default: $KDRAY_STORE_PATH, else .kdray/store). "
+        "On several nodes: a folder every node reaches with working file locks (NFSv4), or s3://bucket/prefix "
+        "(entries published by conditional writes, locks as leases in the bucket; docs/cluster.md).",
+    )
+    lease_seconds: float = Field(
+        60.0,
+        ge=2,
+        le=3600,
+        description="s3:// stores: a lock's term; a holder renews it every third of it, and a dead holder's lock is "
+        "taken over once it is this old.",
     )
     reuse: bool = Field(
         True, description="false: every run (every search trial) trains its own teacher and assistants (a baseline)."

@@ -39,7 +39,7 @@ from kdray.search.shared import train_shared_guides
 from kdray.search.space import check_space, default_points, sample
 from kdray.search.trial import run_trial
 from kdray.search.unrecorded import realign_trial_count, restored_trial_ids, runs_of_trial, set_aside
-from kdray.store import ModelStore
+from kdray.store import ModelStore, open_store
 from kdray.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
     parent = state["parent_run_id"]
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     tracker.reopen(parent)
-    close_orphans(tracker, parent, ModelStore(cfg.store.path))
+    close_orphans(tracker, parent, open_store(cfg.store))
     from ray import tune
 
     if not tune.Tuner.can_restore(folder):

@@ -27,7 +27,7 @@ from kdray.schema import ExperimentConfig
 from kdray.search.space import corners, trial_config
 from kdray.stage_runner import StageRunner
 from kdray.stages import StagePlan, plan_stages
-from kdray.store import ModelStore
+from kdray.store import open_store
 from kdray.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def train_shared_guides(cfg: ExperimentConfig, dataset: Dataset, tracker: Tracke
     size is part of it)."""
     import ray
 
-    store = ModelStore(cfg.store.path)
+    store = open_store(cfg.store)
     missing = [plan for plan in shared_guides(cfg, dataset) if store.find(plan.key) is None]
     if not missing:
         return 0.0
@@ -107,5 +107,5 @@ def train_guides(
     """Each of ``plans`` the store lacks, under its store lock (a trial of another search may be training
     it), resumed from its checkpoint after an interruption, in a new run under ``parent``."""
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
-    runner = StageRunner(cfg, dataset or load_dataset(cfg.data), ModelStore(cfg.store.path), tracker, ctx)
+    runner = StageRunner(cfg, dataset or load_dataset(cfg.data), open_store(cfg.store), tracker, ctx)
     runner.train_guides(plans, parent, {**run_tags(cfg), tag.SHARED_GUIDE: "true"})

@@ -39,7 +39,7 @@ from kdray.search.space import trial_config, trial_label
 from kdray.search.unrecorded import TRIAL_ROLE, adopt, runs_of_trial
 from kdray.stage_runner import StageRunner, TuneTrial
 from kdray.stages import plan_stages
-from kdray.store import ModelStore
+from kdray.store import ModelStore, open_store
 from kdray.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     cfg = trial_config(setup["base"], config["overrides"])
     trial_id = ray.tune.get_context().get_trial_id()
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
-    store = ModelStore(cfg.store.path)
+    store = open_store(cfg.store)
     label = trial_label(cfg.method.name, config["overrides"], trial_id)
     if setup.get("resumed"):
         adopt(tracker, store, setup["parent_run_id"], trial_id, config["overrides"], label)

@@ -1,4 +1,4 @@
-"""The model store: every trained model under a content hash of what produced it.
+"""The model store in a folder: every trained model under a content hash of what produced it.
 
 A model's key hashes its identity: architecture, data fingerprint and split, training recipe,
 method and hyperparameters, the keys of the models that taught it, and the seed. A later run that
@@ -117,7 +117,8 @@ class ModelStore:
     def lock(self, key: str) -> filelock.FileLock:
         """An inter-process lock for producing entry ``key``: concurrent search trials that need the same
         teacher or assistant take it, and all but the first find the entry when they get it. (File locks
-        need a file system that honours them; on a cluster, a shared POSIX file system such as NFSv4.)
+        need a file system that honours them; on a cluster, a shared POSIX file system such as NFSv4, or a
+        store in a bucket, whose locks are leases: ``kdray.store.bucket``.)
         One lock object per file in a process, so it is re-entrant: a lookup under the lock may take it
         again to quarantine a damaged entry."""
         folder = self.root / ".locks"
@@ -167,16 +168,8 @@ class ModelStore:
     ) -> StoredModel:
         """Write an entry atomically (files flushed to disk, the metadata with the weights' hash last, then one
         rename); if another writer got there first with an intact entry, keep theirs."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{key}-"))
+        staging = self.stage_entry(key, state_dict, config_yaml, meta)
         try:
-            weights = staging / "model.pt"
-            torch.save({name: tensor.detach().cpu() for name, tensor in state_dict.items()}, weights)
-            with weights.open("rb+") as handle:
-                os.fsync(handle.fileno())
-            _write_synced(staging / "config.yaml", config_yaml.encode())
-            record = {"key": key, **meta, "weights_sha256": file_digest(weights)}
-            _write_synced(staging / "meta.json", json.dumps(record, indent=2, sort_keys=True).encode())
             try:
                 os.replace(staging, self.root / key)
             except OSError:  # an entry is there: theirs if intact, else it is quarantined now and ours goes in
@@ -188,11 +181,44 @@ class ModelStore:
         assert stored is not None
         return stored
 
+    def stage_entry(
+        self, key: str, state_dict: dict[str, torch.Tensor], config_yaml: str, meta: dict[str, Any]
+    ) -> Path:
+        """A complete entry in a hidden staging folder of the store (the caller moves it into place or removes it):
+        the weights, the config and, last, the metadata with the weights' SHA-256, each flushed to disk."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{key}-"))
+        weights = staging / "model.pt"
+        torch.save({name: tensor.detach().cpu() for name, tensor in state_dict.items()}, weights)
+        with weights.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        _write_synced(staging / "config.yaml", config_yaml.encode())
+        record = {"key": key, **meta, "weights_sha256": file_digest(weights)}
+        _write_synced(staging / "meta.json", json.dumps(record, indent=2, sort_keys=True).encode())
+        return staging
+
+    def problem(self, key: str) -> str | None:
+        """Why entry ``key`` cannot be trusted, or None if it checks out (``kdray store verify``)."""
+        return entry_problem(self.root / key)
+
+    def meta(self, key: str) -> dict[str, Any] | None:
+        """An entry's recorded metadata, unchecked (its weights are not read), or None where it is missing or
+        unreadable: enough to explain a key (``kdray store why``) without reading the whole store."""
+        try:
+            return json.loads((self.root / key / "meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    @property
+    def location(self) -> str:
+        """Where the store is, as a user names it."""
+        return str(self.root)
+
     def load(self, key: str, info: ModelInfo) -> StagedNet:
         """Build the stored architecture and load its weights (never executes pickled code)."""
         stored = self.find(key)
         if stored is None:
-            raise FileNotFoundError(f"model {key} is not in the store at {self.root}")
+            raise FileNotFoundError(f"model {key} is not in the store at {self.location}")
         spec = stored.meta["model"]
         model = build_model(
             spec["name"], replace(info, onthefly=spec.get("onthefly", False), batchnorm=spec.get("batchnorm", True))
@@ -207,6 +233,6 @@ class ModelStore:
         teacher that expects other statistics (``meta["input_stats"]``) gets its inputs re-standardised."""
         stored = self.find(key)
         if stored is None:
-            raise FileNotFoundError(f"model {key} is not in the store at {self.root}")
+            raise FileNotFoundError(f"model {key} is not in the store at {self.location}")
         own = stored.meta["input_stats"]
         return restandardized(self.load(key, info), data_stats, (own["mean"], own["std"]))
