@@ -144,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     # What the libraries tell their own users is noise to a kdray user: MLflow configures its loggers from
-    # this variable when imported, Optuna announces every in-memory study, Ray its token authentication.
+    # this variable when imported, Optuna announces every in-memory study, Ray its token authentication, boto3
+    # where it found the bucket's credentials.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for noisy, level in (("alembic", logging.WARNING), ("urllib3", logging.WARNING), ("optuna", logging.WARNING),
-                         ("ray._private.authentication", logging.ERROR)):  # fmt: skip
+                         ("ray._private.authentication", logging.ERROR), ("botocore", logging.WARNING)):  # fmt: skip
         logging.getLogger(noisy).setLevel(level)
     if not sys.stderr.isatty():  # Ray colours the dashboard URL it logs: escape codes in a log file
         logging.getLogger("ray._private.worker").addFilter(_plain_text)
