@@ -19,6 +19,7 @@ from kdray.data import DATASETS
 from kdray.ladders import assistant_candidates, pick_assistants
 from kdray.methods import METHODS, params_model
 from kdray.models import require_model
+from kdray.models.families import sized_name
 from kdray.schema import DEFAULT_METHOD, ConfigError, DataConfig, ExperimentConfig, MethodParams, SearchParam, has_field
 from kdray.schema.errors import one_line
 
@@ -101,7 +102,7 @@ def _with_dataset_defaults(data: dict[str, Any]) -> dict[str, Any]:
 
 def _check_registered(cfg: ExperimentConfig) -> ExperimentConfig:
     """The checks that ask a registry, in the order of the sections; the config with its data root resolved."""
-    cfg = cfg.model_copy(update={"data": _resolved_data(cfg.data)})
+    cfg = cfg.model_copy(update={"data": _resolved_data(cfg.data), **_sized_models(cfg)})
     for field, name in [
         ("teacher.name", cfg.teacher.name),
         ("student.name", cfg.student.name),
@@ -117,6 +118,22 @@ def _check_registered(cfg: ExperimentConfig) -> ExperimentConfig:
     _check_search_methods(cfg)
     _check_search_fields(cfg)
     return cfg
+
+
+def _sized_models(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The teacher and student whose ``depth``/``width`` are set, with those folded into their name."""
+    sized: dict[str, Any] = {}
+    for role in ("teacher", "student"):
+        section = getattr(cfg, role)
+        if section.depth is None and section.width is None:
+            continue
+        try:
+            name = sized_name(section.name, section.depth, section.width)
+        except ValueError as error:
+            knob = "depth" if section.depth is not None else "width"
+            raise ConfigError(f"{role}.{knob}: {error}") from None
+        sized[role] = section.model_copy(update={"name": name, "depth": None, "width": None})
+    return sized
 
 
 def _resolved_data(data: DataConfig) -> DataConfig:

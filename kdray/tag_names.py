@@ -37,6 +37,10 @@ BEST_RUN_ID = "kdray.best_run_id"
 BEST_CONFIG = "kdray.best_config"
 WINNER = "kdray.winner"  # "true" on the best trial's run
 REGISTERED_MODEL = "kdray.registered_model"  # the Model Registry version of the best student
+COST_SOURCE = "kdray.cost_source"  # "measured": this trial measured its student's cost; "reused": read it back
+COST_TARGET = "kdray.cost_target"  # the CPU (and threads) the latency was measured on
+PARETO = "kdray.pareto"  # "true" on a trial on the search's Pareto front, "false" on a dominated or infeasible one
+PARETO_MODEL = "kdray.pareto_model"  # the Model Registry name whose versions are the front's students
 
 # MLflow's own
 PARENT_RUN_ID = "mlflow.parentRunId"

@@ -280,6 +280,10 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         return str(mlflow.register_model(f"models:/{model_id}", name).version)
 
+    def tag_model_version(self, name: str, version: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, value)
+
 
 class NullTracker(Tracker):
     """Records nothing and finds nothing: for code that runs without a tracking store."""

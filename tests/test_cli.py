@@ -126,7 +126,7 @@ def test_a_typo_inside_a_search_range_names_the_key_and_what_is_allowed(
     assert code == 2
     assert err.strip().splitlines() == [
         "kdray: config error: search.space.method.temperature.hihg: unknown key; allowed: kind, low, high, values, "
-        "methods"
+        "step, methods"
     ]
 
 

@@ -3,6 +3,7 @@ timm's and a user's own (``kdray.models.registry``)."""
 
 # isort: off
 from kdray.models import plane, resnet, wrn, vgg, mobilenetv2, shufflenet  # noqa: F401  (registration, listing order)
+from kdray.models import families  # noqa: F401  (reads sized names: resnet20_w0.5)
 
 # isort: on
 from kdray.models.registry import (

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import inspect
 import sys
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from types import ModuleType
 
@@ -28,12 +29,19 @@ ENTRY_POINT_GROUP = "kdray.models"
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
+# Readers of sized names of kdray's families (``resnet20_w0.5``): each returns the architecture, or None for a
+# name that is not one of its sizes. ``kdray.models.families`` adds its reader when imported.
+SIZED: list[Callable[[str], ModelSpec | None]] = []
 
 
 def model_spec(name: str) -> ModelSpec:
     """The architecture called ``name`` (see the module docstring); ValueError naming the choices otherwise."""
     if name in MODELS:
         return MODELS[name]
+    for reader in SIZED:
+        sized = reader(name)
+        if sized is not None:
+            return sized
     return _outside_spec(name)
 
 

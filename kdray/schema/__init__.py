@@ -21,7 +21,7 @@ from kdray.schema.fields import (
     plain_name,
 )
 from kdray.schema.models import AssistantsConfig, ModelConfig, TeacherConfig
-from kdray.schema.search import SamplerConfig, SchedulerConfig, SearchConfig, SearchParam
+from kdray.schema.search import COST_METRICS, Constraint, SamplerConfig, SchedulerConfig, SearchConfig, SearchParam
 from kdray.schema.storage import GuideCacheConfig, StoreConfig, TrackingConfig
 from kdray.schema.training import ScalingConfig, TrainConfig
 
@@ -36,6 +36,8 @@ __all__ = [
     "GuideCacheConfig",
     "MethodParams",
     "ModelConfig",
+    "COST_METRICS",
+    "Constraint",
     "SamplerConfig",
     "ScalingConfig",
     "SchedulerConfig",

@@ -12,6 +12,9 @@ from kdray.schema.fields import EPOCHS_MAX, SEED_MAX, Section, weights_source
 
 class ModelConfig(Section):
     in_weights = frozenset({"name", "onthefly", "batchnorm"})
+    # Folded into the name when the config is resolved (resnet8 + depth 20 + width 0.5 = resnet20_w0.5), which
+    # then carries them into the store key: kdray.models.families.
+    not_in_weights = frozenset({"depth", "width"})
 
     name: str = Field(
         "resnet8",
@@ -20,12 +23,26 @@ class ModelConfig(Section):
     )
     onthefly: bool = Field(False, description="Replace every 3x3 convolution by a 1x3 one (Pacemaker's student).")
     batchnorm: bool = Field(True, description="BatchNorm layers (false: none, e.g. to compare worker counts).")
+    depth: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Resize within the name's family (resnet: 6n+2, wrn: 6n+4, plane: 2-10); "
+        "folded into the name (resnet8 + depth 20 = resnet20). Searchable: student.depth.",
+    )
+    width: float | None = Field(
+        None,
+        gt=0,
+        le=64,
+        description="Width multiplier within the name's family (resnet, mobilenetv2; wrn: the widen "
+        "factor; shufflenetv2: 0.5/1/1.5/2); folded into the name (resnet20 + width 0.5 = resnet20_w0.5).",
+    )
 
 
 class TeacherConfig(ModelConfig):
     # A trained teacher is keyed as a ModelConfig (its architecture) with its own recipe: epochs, lr and seed
     # enter the key through the recipe it is trained with; a given one is keyed by its weights' hash.
-    not_in_weights = frozenset({"epochs", "lr", "seed", "weights", "input_mean", "input_std"})
+    not_in_weights = frozenset({"epochs", "lr", "seed", "weights", "input_mean", "input_std", "depth", "width"})
 
     name: str = Field("resnet20", description="Teacher architecture (as student.name).")
     epochs: int | None = Field(None, ge=1, le=EPOCHS_MAX, description="Teacher training epochs; null = train.epochs.")

@@ -31,8 +31,9 @@ from kdray.preflight import check_decode_cpus, check_models, check_writable
 from kdray.ray_session import connect_ray
 from kdray.resolve import validate_config
 from kdray.run import run_experiment, run_tags
-from kdray.schema import ConfigError, ExperimentConfig, SamplerConfig, absolute_path, plain_name
+from kdray.schema import COST_METRICS, ConfigError, ExperimentConfig, SamplerConfig, absolute_path, plain_name
 from kdray.search.findings import REFERENCE_NAMES, SearchReport, study_of
+from kdray.search.objectives import ObjectiveSearch, allow_metrics_at_completion
 from kdray.search.progress import SearchProgress
 from kdray.search.report import build_report, publish
 from kdray.search.shared import train_shared_guides
@@ -58,14 +59,36 @@ class SearchOutcome:
 
 
 def make_sampler(sampler: SamplerConfig) -> Any:
-    """Optuna's seeded TPE (default), Gaussian-process or random sampler."""
+    """Optuna's seeded TPE (default; one or several objectives), Gaussian-process, NSGA-II or random sampler. The
+    first three prefer trials that meet the constraints ``ObjectiveSearch`` sets on them."""
     import optuna
 
     if sampler.name == "gp":
         return optuna.samplers.GPSampler(seed=sampler.seed)
+    if sampler.name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=sampler.seed)
     if sampler.name == "random":
         return optuna.samplers.RandomSampler(seed=sampler.seed)
     return optuna.samplers.TPESampler(seed=sampler.seed)
+
+
+def make_searcher(cfg: ExperimentConfig, parent: str) -> Any:
+    """Ray Tune's ``OptunaSearch`` over the space (define-by-run), the default points first; with several
+    objectives ``ObjectiveSearch`` (their cost metrics read from the trials' runs, constraints to the sampler)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = cfg.search
+    common = {
+        "space": partial(sample, space={k: v.model_dump() for k, v in search.space.items()}, method=cfg.method.name),
+        "points_to_evaluate": default_points(cfg),
+    }
+    if not search.objectives:
+        return OptunaSearch(metric=search.metric, mode=search.mode, sampler=make_sampler(search.sampler), **common)
+    return ObjectiveSearch(
+        uri=cfg.tracking.uri, experiment=cfg.tracking.experiment, parent=parent,
+        constraints=search.parsed_constraints, metric=[o.metric for o in search.objectives],
+        mode=[o.mode for o in search.objectives], sampler=make_sampler(search.sampler), **common,
+    )  # fmt: skip
 
 
 def make_scheduler(cfg: ExperimentConfig) -> Any:
@@ -230,19 +253,13 @@ def _start_tune(
     root = cfg.scaling.storage_path
     with tracker.run(parent, finish=False):  # _finish ends it FINISHED; anything raised, FAILED
         from ray import tune
-        from ray.tune.search.optuna import OptunaSearch
 
         connect_ray(log_to_driver=False)
         setup = {"base": cfg.dump(), "parent_run_id": parent, "search_name": name, "resumed": resumed}
         search = cfg.search
         watch = progress(cfg, name)  # first: it quiets Optuna, which announces the searcher's study
-        searcher = OptunaSearch(
-            space=partial(sample, space={k: v.model_dump() for k, v in search.space.items()}, method=cfg.method.name),
-            metric=search.metric,
-            mode=search.mode,
-            points_to_evaluate=default_points(cfg),
-            sampler=make_sampler(search.sampler),
-        )
+        searcher = make_searcher(cfg, parent)
+        allow_metrics_at_completion(cfg)
         tuner = tune.Tuner(
             _trainable(cfg, setup),
             tune_config=tune.TuneConfig(
@@ -357,6 +374,7 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
         )
         set_aside(tracker, parent, restored_trial_ids(folder))
         train_shared_guides(cfg, load_dataset(cfg.data), tracker, parent)  # the rest of any interrupted there
+        allow_metrics_at_completion(cfg)
         tuner.fit()
         return _finish(cfg, name, parent, tracker)
 
@@ -387,22 +405,87 @@ def _finish(cfg: ExperimentConfig, name: str, parent: str, tracker: Tracker) -> 
     for run in tracker.runs_under(parent, role="trial"):
         if run.info.status == "RUNNING":  # its trial is over (the search is): nothing will close it
             end_stopped(tracker, run.info.run_id, "not finished when the search ended")
-    references = {}
-    for method in cfg.search.references:
-        label = f"reference: {REFERENCE_NAMES.get(method, method)}"
-        log.info("%s (%s at its defaults, %d epochs, as a baseline)", label, method, cfg.train.epochs)
-        raw = {**cfg.dump(), "method": {"name": method}, "assistants": {}, "search": {}}
-        raw["tracking"] = {**raw["tracking"], "run_name": label}
-        result = run_experiment(validate_config(raw), parent_run_id=parent, role="reference")
-        references[method] = result.student.metrics.get(cfg.search.metric, math.nan)
-    report = build_report(tracker, parent, cfg, references)
+    references: dict[str, float] = {}
+    points: list[dict[str, Any]] = []
+    if cfg.search.objectives:  # the references of every architecture on the front: how far distillation moved it
+        points = front_references(cfg, tracker, parent, build_report(tracker, parent, cfg, {}, []))
+    else:
+        for method in cfg.search.references:
+            result = run_reference(cfg, parent, method, cfg.student.name)
+            references[method] = result.student.metrics.get(cfg.search.metric, math.nan)
+    report = build_report(tracker, parent, cfg, references, points)
     publish(tracker, parent, report)
     save_study(report, cfg, name)
     registered = None
-    if cfg.search.register_model:
+    if cfg.search.register_model and cfg.search.objectives:
+        registered = register_front(tracker, parent, report, f"{cfg.tracking.experiment}-pareto")
+    elif cfg.search.register_model:
         registered = register_best(tracker, parent, report, f"{cfg.tracking.experiment}-student")
     tracker.end_run(parent)
     return SearchOutcome(name, parent, cfg.tracking.uri, report, registered, optuna_url(cfg))
+
+
+def run_reference(cfg: ExperimentConfig, parent: str, method: str, student: str) -> Any:
+    """``method`` at its defaults on the ``student`` architecture, with the search's budget, nested under it."""
+    label = f"reference: {REFERENCE_NAMES.get(method, method)}" + (f", {student}" if cfg.search.objectives else "")
+    log.info("%s (%s at its defaults, %d epochs, as a baseline)", label, method, cfg.train.epochs)
+    raw = {**cfg.dump(), "method": {"name": method}, "assistants": {}, "search": {}}
+    raw["student"] = {**raw["student"], "name": student}
+    raw["tracking"] = {**raw["tracking"], "run_name": label}
+    return run_experiment(validate_config(raw), parent_run_id=parent, role="reference")
+
+
+def front_references(
+    cfg: ExperimentConfig, tracker: Tracker, parent: str, report: SearchReport
+) -> list[dict[str, Any]]:
+    """Each reference method on each architecture of the front; each point with the architecture's cost (the
+    front trial's: measured once per architecture), tagged on its run for ``kdray report``."""
+    rows = {row.run_id: row for row in report.rows}
+    costs = {}
+    for run_id in report.front:
+        costs.setdefault(rows[run_id].model, {k: v for k, v in rows[run_id].values.items() if k in COST_METRICS})
+    points = []
+    for model, cost in costs.items():
+        for method in cfg.search.references:
+            result = run_reference(cfg, parent, method, model)
+            tracker.set_tags(result.parent_run_id, {tag.PARETO_MODEL: model})
+            tracker.log_metrics(result.parent_run_id, cost, step=0)
+            values = {k: v for k, v in result.student.metrics.items() if k.startswith("val/")} | cost
+            points.append({"method": method, "model": model, "values": values})
+    return points
+
+
+def register_front(tracker: Tracker, parent: str, report: SearchReport, name: str) -> str | None:
+    """Every front member's student as a version of ``name`` (best first by the first objective), its
+    architecture, objectives and cost as the version's tags; ``models:/name`` tagged on the search run."""
+    rows = {row.run_id: row for row in report.rows}
+    registered = []
+    for run_id in report.front:
+        row = rows[run_id]
+        model_id = student_model_id(tracker, row.run_id)
+        if model_id is None:
+            continue
+        version = tracker.register_model(model_id, name)
+        point = report.point(row)
+        tags = {"trial": row.name, "architecture": row.model, "method": row.method}
+        tags |= {metric: f"{value:.6g}" for metric, value in point.items() if metric in (*COST_METRICS, report.metric)}
+        tracker.tag_model_version(name, version, tags)
+        registered.append(f"models:/{name}/{version}")
+    if not registered:
+        return None
+    tracker.set_tags(parent, {tag.PARETO_MODEL: name, tag.REGISTERED_MODEL: registered[0]})
+    log.info("front of %d students registered as versions of %s", len(registered), name)
+    return registered[0]
+
+
+def student_model_id(tracker: Tracker, run_id: str) -> str | None:
+    """The logged model of a trial's student: its own, or that of the run it reused."""
+    tags = tracker.tags(run_id)
+    model_id = tags.get(tag.MODEL_ID)
+    source = tags.get(tag.SOURCE_RUN_ID, "")
+    if not model_id and tracker.has_run(source):  # reused a model logged by an earlier run of this store
+        model_id = tracker.tags(source).get(tag.MODEL_ID)
+    return model_id or None
 
 
 def register_best(tracker: Tracker, parent: str, report: SearchReport, name: str) -> str | None:
@@ -411,11 +494,7 @@ def register_best(tracker: Tracker, parent: str, report: SearchReport, name: str
     for row in report.ranked:
         if row.status != "FINISHED":
             continue  # a trial stopped early stored no student
-        tags = tracker.tags(row.run_id)
-        model_id = tags.get(tag.MODEL_ID)
-        source = tags.get(tag.SOURCE_RUN_ID, "")
-        if not model_id and tracker.has_run(source):  # reused a model logged by an earlier run of this store
-            model_id = tracker.tags(source).get(tag.MODEL_ID)
+        model_id = student_model_id(tracker, row.run_id)
         if model_id:
             uri = f"models:/{name}/{tracker.register_model(model_id, name)}"
             tracker.set_tags(parent, {tag.REGISTERED_MODEL: uri})

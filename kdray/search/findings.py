@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdray.schema import ExperimentConfig, SearchParam
+from kdray.schema import Constraint, ExperimentConfig, SearchParam
+from kdray.schema.search import Objective
 from kdray.search.space import optuna_name
 
 REFERENCE_NAMES = {"none": "student alone", "kd": "default KD"}  # the baselines a search trains (references)
@@ -26,6 +27,8 @@ class TrialRow:
     value: float  # the search metric at the trial's last epoch (nan if none)
     epochs: int
     note: str = ""
+    model: str = ""  # the student's architecture (searchable with student.name/depth/width)
+    values: dict[str, float] = field(default_factory=dict)  # its last val/* metrics and its cost (kdray.cost)
 
 
 @dataclass
@@ -38,6 +41,14 @@ class SearchReport:
     timing: dict[str, float] = field(default_factory=dict)  # the search run's search/* metrics (utilisation)
     markdown: str = ""
     plots: dict[str, bytes] = field(default_factory=dict)
+    objectives: list[Objective] = field(default_factory=list)  # several: the search gives back a Pareto front
+    constraints: list[Constraint] = field(default_factory=list)
+    front: list[str] = field(default_factory=list)  # run ids of the trials on it, best first by the first objective
+    reference_points: list[dict[str, Any]] = field(default_factory=list)  # per front architecture: method, values
+
+    def point(self, row: TrialRow) -> dict[str, float]:
+        """The row's values of every metric an objective or constraint can name."""
+        return {**row.values, self.metric: row.value}
 
     @property
     def ranked(self) -> list[TrialRow]:
@@ -58,11 +69,12 @@ def study_of(report: SearchReport, cfg: ExperimentConfig, storage: Any = None, n
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "a new study created in memory" at every report
     space = cfg.search.space
     searched = "method.name" in space
-    study = optuna.create_study(
-        storage=storage, study_name=name, direction="maximize" if report.mode == "max" else "minimize"
-    )
+    objectives = report.objectives or [Objective(metric=report.metric, mode=report.mode)]
+    directions = ["maximize" if o.mode == "max" else "minimize" for o in objectives]
+    study = optuna.create_study(storage=storage, study_name=name, directions=directions)
     for row in report.rows:
-        if not math.isfinite(row.value):
+        values = [report.point(row).get(o.metric, math.nan) for o in objectives]
+        if not all(math.isfinite(v) for v in values) or (report.objectives and row.status != "FINISHED"):
             continue
         params: dict[str, Any] = {}
         distributions: dict[str, Any] = {}
@@ -72,7 +84,14 @@ def study_of(report: SearchReport, cfg: ExperimentConfig, storage: Any = None, n
             name = "method.name" if key == "method.name" else optuna_name(key, row.method, searched)
             params[name] = value
             distributions[name] = _distribution(space[key])
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=row.value))
+        # with its constraints, so that study.best_trials is the feasible front, the report's
+        excess = {c.text: c.excess(report.point(row).get(c.metric, math.inf)) for c in report.constraints}
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params, distributions=distributions, values=values, constraints=excess or None,
+                user_attrs={"run_id": row.run_id},
+            )
+        )  # fmt: skip
     return study
 
 
@@ -82,5 +101,5 @@ def _distribution(param: SearchParam) -> Any:
     if param.kind == "choice":
         return d.CategoricalDistribution(param.values)
     if param.kind == "int":
-        return d.IntDistribution(int(param.low), int(param.high))  # type: ignore[arg-type]
-    return d.FloatDistribution(param.low, param.high, log=param.kind == "logfloat")  # type: ignore[arg-type]
+        return d.IntDistribution(int(param.low), int(param.high), step=int(param.step or 1))  # type: ignore[arg-type]
+    return d.FloatDistribution(param.low, param.high, log=param.kind == "logfloat", step=param.step)  # type: ignore[arg-type]

@@ -57,7 +57,36 @@ def figures(report: SearchReport, cfg: ExperimentConfig) -> dict[str, Figure]:
         drawn["metric_vs_params"] = _panels(report, scored, varied, cfg)
     if "assistants.depth" in varied:
         drawn["chain_depth"] = _panels(report, scored, ["assistants.depth"], cfg)
+    if report.objectives:
+        drawn["pareto_front"] = _front(report)
     return drawn
+
+
+def _front(report: SearchReport) -> Figure:
+    """The first objective against the second: every finished trial (grey: dominated or infeasible), the front
+    as a step line through its members, and the references of the front's architectures as labelled points."""
+    first, second = report.objectives[0], report.objectives[1]
+    figure, (axes,) = _new_figure()
+    finished = [row for row in report.rows if row.status == "FINISHED" and math.isfinite(row.value)]
+    on_front = [row for row in finished if row.run_id in report.front]
+    off = [row for row in finished if row.run_id not in report.front]
+    for rows, color, label in ((off, "lightgrey", "dominated or infeasible"), (on_front, "tab:red", "front")):
+        points = [(report.point(row).get(second.metric, math.nan), row.value) for row in rows]
+        axes.scatter([x for x, _ in points], [y for _, y in points], s=36, color=color, label=label, zorder=2)
+    line = sorted((report.point(row).get(second.metric, math.nan), row.value) for row in on_front)
+    if len(line) > 1:
+        axes.step([x for x, _ in line], [y for _, y in line], where="post", color="tab:red", linewidth=1)
+    for point in report.reference_points:
+        x, y = point["values"].get(second.metric, math.nan), point["values"].get(first.metric, math.nan)
+        marker = "s" if point["method"] == "none" else "^"
+        axes.scatter([x], [y], marker=marker, color="black", s=30, zorder=3)
+        axes.annotate(f"{REFERENCE_NAMES.get(point['method'], point['method'])}, {point['model']}", (x, y),
+                      fontsize=7, xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    axes.set_xlabel(f"{second.metric} ({second.mode})")
+    axes.set_ylabel(f"{first.metric} ({first.mode})")
+    axes.set_title("Pareto front")
+    axes.legend(fontsize=8)
+    return figure
 
 
 def to_png(drawn: dict[str, Figure]) -> dict[str, bytes]:

@@ -18,9 +18,11 @@ import yaml
 
 from kdray import tag_names as tag
 from kdray.resolve import validate_config
-from kdray.schema import ConfigError, ExperimentConfig
+from kdray.schema import COST_METRICS, ConfigError, ExperimentConfig
 from kdray.search.findings import REFERENCE_NAMES, SearchReport, TrialRow
+from kdray.search.pareto import front
 from kdray.search.plots import figures, to_png
+from kdray.search.space import default_points
 from kdray.tracking import Tracker, download_text, find_search_run
 from kdray.ui import existing_store
 
@@ -42,6 +44,7 @@ def collect(tracking: Tracker, parent: str, metric: str) -> list[TrialRow]:
     for run in tracking.runs_under(parent, role="trial"):
         history = tracking.metric_history(run.info.run_id, metric)
         tags = run.data.tags
+        values = {k: v for k, v in run.data.metrics.items() if k.startswith("val/") or k in COST_METRICS}
         rows.append(
             TrialRow(
                 run_id=run.info.run_id,
@@ -52,16 +55,24 @@ def collect(tracking: Tracker, parent: str, metric: str) -> list[TrialRow]:
                 value=history[-1].value if history else math.nan,
                 epochs=history[-1].step if history else 0,
                 note=tags.get(tag.STOPPED) or tags.get(tag.ERROR, ""),
+                model=run.data.params.get("student.name", ""),
+                values=values,
             )
         )
     return rows
 
 
 def build_report(
-    tracking: Tracker, parent: str, cfg: ExperimentConfig, references: dict[str, float] | None = None
+    tracking: Tracker,
+    parent: str,
+    cfg: ExperimentConfig,
+    references: dict[str, float] | None = None,
+    reference_points: list[dict[str, Any]] | None = None,
 ) -> SearchReport:
     search = cfg.search
     rows = collect(tracking, parent, search.metric)
+    if references is None and search.objectives:  # `kdray report`: the references are per front architecture
+        references = {}
     if references is None:  # `kdray report`: read them from the reference runs
         references = {}
         for run in tracking.runs_under(parent, role="reference"):
@@ -82,9 +93,62 @@ def build_report(
     counts["models_trained_first"] = sum(run.data.tags.get(tag.REUSED) == "false" for run in shared)
     timing = {k: v for k, v in tracking.latest_metrics(parent).items() if k.startswith("search/")}
     report = SearchReport(search.metric, search.mode, rows, references, counts, timing)
+    if search.objectives:
+        report.objectives, report.constraints = list(search.objectives), search.parsed_constraints
+        finished = {row.run_id: report.point(row) for row in report.ranked if row.status == "FINISHED"}
+        report.front = front(finished, report.objectives, report.constraints)
+        report.reference_points = (
+            reference_points if reference_points is not None else _reference_points(tracking, parent)
+        )
     report.markdown = render_markdown(report, cfg)
     report.plots = to_png(figures(report, cfg))
     return report
+
+
+def _reference_points(tracking: Tracker, parent: str) -> list[dict[str, Any]]:
+    """The references trained per front architecture (``kdray report``): method, architecture and values."""
+    points = []
+    for run in tracking.runs_under(parent, role="reference"):
+        students = tracking.runs_under(run.info.run_id, role="student")
+        if students and run.data.tags.get(tag.PARETO_MODEL):
+            values = {k: v for k, v in students[-1].data.metrics.items() if k.startswith("val/")}
+            values |= {k: v for k, v in run.data.metrics.items() if k in COST_METRICS}
+            points.append({"method": run.data.tags.get("method", "?"), "model": run.data.tags[tag.PARETO_MODEL],
+                           "values": values})  # fmt: skip
+    return points
+
+
+def front_markdown(report: SearchReport) -> list[str]:
+    """The Pareto front as a table (architecture, method and values, every objective, the cost), what it leaves
+    out, and how far distillation moved it: each front architecture's references at the same budget."""
+    objectives = [o.metric for o in report.objectives]
+    shown = list(dict.fromkeys([*objectives, *(m for m in ("params", "macs", "latency_ms") if m not in objectives)]))
+    bounds = ", ".join(c.text for c in report.constraints) or "none"
+    rows = {row.run_id: row for row in report.rows}
+    lines = [
+        f"## Pareto front: {' vs '.join(f'{o.metric} ({o.mode})' for o in report.objectives)}",
+        "",
+        f"Constraints: {bounds}. {len(report.front)} trials on the front; every other finished trial is dominated "
+        "or breaks a constraint (tagged `kdray.pareto=false`).",
+        "",
+        "| trial | architecture | method | sampled | " + " | ".join(shown) + " |",
+        "| --- | --- | --- | --- | " + " | ".join("---" for _ in shown) + " |",
+    ]
+    for run_id in report.front:
+        row = rows[run_id]
+        point = report.point(row)
+        sampled = ", ".join(f"{k}={_short(v)}" for k, v in row.sampled.items() if k != "method.name")
+        cells = [_short(point.get(metric, math.nan)) for metric in shown]
+        lines.append(f"| {row.name} | {row.model} | {row.method} | {sampled} | " + " | ".join(cells) + " |")
+    if report.reference_points:
+        lines += ["", "References on the front's architectures (same budget):", "",
+                  "| architecture | reference | " + " | ".join(shown) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in shown) + " |"]  # fmt: skip
+        for point in report.reference_points:
+            label = REFERENCE_NAMES.get(point["method"], point["method"])
+            cells = [_short(point["values"].get(metric, math.nan)) for metric in shown]
+            lines.append(f"| {point['model']} | {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def render_markdown(report: SearchReport, cfg: ExperimentConfig) -> str:
@@ -94,10 +158,13 @@ def render_markdown(report: SearchReport, cfg: ExperimentConfig) -> str:
     if best is not None:
         lines += [f"**Best**: {best.name}, {metric} = {best.value:.4f} after {best.epochs} epochs", ""]
         lines += ["```yaml", *(f"{k}: {v}" for k, v in {"method.name": best.method, **best.sampled}.items()), "```", ""]
-    # The first trial of each method is its default point (points_to_evaluate are evaluated first).
+    # The first trial of each method is its default point (points_to_evaluate are evaluated first), where it has one
+    # (a default outside the searched range, or a searched field without a default, has none).
+    with_defaults = {point.get("method.name", cfg.method.name) for point in default_points(cfg)}
     defaults: dict[str, TrialRow] = {}
     for row in report.rows:
-        defaults.setdefault(row.method, row)
+        if row.method in with_defaults:
+            defaults.setdefault(row.method, row)
     comparison = ["| reference | " + metric + " | best − reference |", "| --- | --- | --- |"]
     for method, row in defaults.items():
         comparison.append(_versus(f"defaults of {method}: {row.name}, {row.epochs} epochs", row.value, best))
@@ -106,6 +173,7 @@ def render_markdown(report: SearchReport, cfg: ExperimentConfig) -> str:
         comparison.append(_versus(f"{label}, same budget", value, best))
     lines += comparison + [""]
     lines += _verdicts(report) + [""] if best is not None and report.references else []
+    lines += front_markdown(report) if report.objectives else []
     lines += [
         "| rank | trial | method | sampled | " + metric + " | epochs | status |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -202,6 +270,11 @@ def publish(tracking: Tracker, parent: str, report: SearchReport) -> None:
             },
         )
     mark_winner(tracking, report)
+    if report.objectives:
+        for row in report.rows:
+            if row.status == "FINISHED" and math.isfinite(row.value):
+                tracking.set_tags(row.run_id, {tag.PARETO: str(row.run_id in report.front).lower()})
+        metrics["pareto/points"] = float(len(report.front))
     for method, value in report.references.items():
         if math.isfinite(value):
             metrics[f"reference_{method}/{report.metric}"] = value

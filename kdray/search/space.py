@@ -59,8 +59,8 @@ def suggest(trial: Any, name: str, param: SearchParam) -> Any:
     if param.kind == "choice":
         return trial.suggest_categorical(name, param.values)
     if param.kind == "int":
-        return trial.suggest_int(name, int(param.low), int(param.high))  # type: ignore[arg-type]
-    return trial.suggest_float(name, param.low, param.high, log=param.kind == "logfloat")
+        return trial.suggest_int(name, int(param.low), int(param.high), step=int(param.step or 1))  # type: ignore[arg-type]
+    return trial.suggest_float(name, param.low, param.high, log=param.kind == "logfloat", step=param.step)
 
 
 def sample(trial: Any, space: dict[str, Any], method: str) -> dict[str, Any]:
@@ -121,7 +121,10 @@ def within(param: SearchParam, value: Any) -> bool:
     """Whether ``value`` is one the searched parameter can take."""
     if param.kind == "choice":
         return value in (param.values or [])
-    return value is not None and param.low is not None and param.high is not None and param.low <= value <= param.high
+    if value is None or param.low is None or param.high is None or not param.low <= value <= param.high:
+        return False
+    steps = (value - param.low) / param.step if param.step else 0.0
+    return abs(steps - round(steps)) < 1e-9  # on the grid
 
 
 def check_space(cfg: ExperimentConfig) -> None:
@@ -134,6 +137,7 @@ def check_space(cfg: ExperimentConfig) -> None:
             f"search.scheduler.grace_period: {scheduler.grace_period} epochs exceed the {max_t} a trial runs "
             "(train.epochs or search.scheduler.max_t); lower it"
         )
+    check_objectives(cfg)
     base = cfg.dump()
     for overrides in corners(cfg):
         try:
@@ -141,6 +145,19 @@ def check_space(cfg: ExperimentConfig) -> None:
         except ConfigError as error:
             method, (key, value) = overrides["method.name"], list(overrides.items())[-1]
             raise ConfigError(f"search.space.{key}: {value!r} is invalid for method {method} ({error})") from None
+
+
+def check_objectives(cfg: ExperimentConfig) -> None:
+    """One line, before anything starts, for constraints without objectives or a scheduler that cannot serve
+    several objectives (``kdray.search.objectives``)."""
+    search = cfg.search
+    if search.constraints and not search.objectives:
+        raise ConfigError("search.constraints: bound the front of several objectives; give search.objectives too")
+    if search.objectives and search.scheduler.name == "asha":
+        raise ConfigError(
+            "search.scheduler: ASHA stops trials on one metric, which would stop students that could be on the front "
+            "of several objectives; set search.scheduler.name=none"
+        )
 
 
 def corners(cfg: ExperimentConfig) -> list[dict[str, Any]]:

@@ -27,18 +27,21 @@ import logging
 import math
 import os
 import socket
+from dataclasses import replace
 from typing import Any
 
 from kdray import tag_names as tag
 from kdray.build import model_info
+from kdray.cost import cost_on_target
 from kdray.data import load_dataset
 from kdray.engine import TrainingDiverged
+from kdray.models import ModelInfo
 from kdray.run import run_tags
 from kdray.schema import ExperimentConfig
 from kdray.search.space import trial_config, trial_label
 from kdray.search.unrecorded import TRIAL_ROLE, adopt, runs_of_trial
 from kdray.stage_runner import StageRunner, TuneTrial
-from kdray.stages import plan_stages
+from kdray.stages import StagePlan, plan_stages
 from kdray.store import ModelStore, open_store
 from kdray.tracking import Tracker, flatten
 
@@ -146,6 +149,21 @@ def _train(
         tracker.set_tags(run_id, {tag.MODELS_TRAINED: str(counts["trained"]), tag.MODELS_REUSED: str(counts["reused"])})
     student = plans[-1]
     tracker.set_tags(run_id, {tag.MODEL_KEY: student.key})
+    if cfg.search.measures_cost:
+        log_cost(cfg, student, model_info(dataset), tracker, run_id)
     outcome = runner.run(student, run_id, TuneTrial(trial_name))
     if outcome.reused:  # an identical trial already trained this student: its result is this one's
         ray.tune.report({**outcome.metrics, "epoch": student.train.epochs})
+
+
+def log_cost(cfg: ExperimentConfig, student: StagePlan, info: ModelInfo, tracker: Tracker, run_id: str) -> None:
+    """The student's cost (``kdray.cost``: params, MACs, latency, throughput) on the trial's run, before it
+    trains: measured once per architecture and machine, read back by every later trial (tag ``kdray.cost_source``).
+    The driver's searcher reads it from the run to score the trial (``kdray.search.objectives``)."""
+    shape = replace(info, onthefly=student.model.onthefly, batchnorm=student.model.batchnorm)
+    cost, measured = cost_on_target(student.model.name, shape, cfg.search.cost, cfg.data.cache_dir)
+    tracker.log_metrics(run_id, cost.metrics(), step=0)
+    tracker.set_tags(run_id, {
+        tag.COST_SOURCE: "measured" if measured else "reused",
+        tag.COST_TARGET: f"{cost.target}, {cost.threads} thread(s), batch 1 and {cost.batch}",
+    })  # fmt: skip
