@@ -138,7 +138,7 @@ def front_markdown(report: SearchReport) -> list[str]:
         row = rows[run_id]
         point = report.point(row)
         sampled = ", ".join(f"{k}={_short(v)}" for k, v in row.sampled.items() if k != "method.name")
-        cells = [_short(point.get(metric, math.nan)) for metric in shown]
+        cells = [_cell(metric, point.get(metric, math.nan)) for metric in shown]
         lines.append(f"| {row.name} | {row.model} | {row.method} | {sampled} | " + " | ".join(cells) + " |")
     if report.reference_points:
         lines += ["", "References on the front's architectures (same budget):", "",
@@ -146,7 +146,7 @@ def front_markdown(report: SearchReport) -> list[str]:
                   "| --- | --- | " + " | ".join("---" for _ in shown) + " |"]  # fmt: skip
         for point in report.reference_points:
             label = REFERENCE_NAMES.get(point["method"], point["method"])
-            cells = [_short(point["values"].get(metric, math.nan)) for metric in shown]
+            cells = [_cell(metric, point["values"].get(metric, math.nan)) for metric in shown]
             lines.append(f"| {point['model']} | {label} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -235,6 +235,15 @@ def _versus(label: str, value: float, best: TrialRow | None) -> str:
         return f"| {label} | - | - |"
     gain = f"{best.value - value:+.4f}" if best is not None else "-"
     return f"| {label} | {value:.4f} | {gain} |"
+
+
+def _cell(metric: str, value: float) -> str:
+    """A front table's cell: counts whole with thousands separators, milliseconds to the microsecond."""
+    if not math.isfinite(value):
+        return "-"
+    if metric in ("params", "macs", "throughput"):
+        return f"{value:,.0f}"
+    return f"{value:.3f}" if metric.endswith("_ms") else f"{value:.4f}"
 
 
 def _short(value: Any) -> str:
