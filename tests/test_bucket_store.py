@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,3 +193,22 @@ def test_two_processes_sharing_only_a_bucket_train_the_shared_teacher_once(
         assert list((tmp_path / node / "cache" / "kdray" / "store-mirrors").glob("*/*/model.pt"))  # its mirror
     assert sorted(reused) == ["false", "true"]  # trained once, loaded once
     assert not Bucket(bucket_uri).names(".locks")  # every lease given back
+
+
+def test_two_processes_of_a_node_mirroring_one_entry_both_succeed(
+    bucket_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second to install an entry into the node's mirror finds the first one's copy in its way (a rename cannot
+    replace a folder that is not empty): the same entry, intact, is as good; another one is an error."""
+    from kdray.store import bucket as bucket_store
+
+    writer, node = _node(bucket_uri, tmp_path, "a"), _node(bucket_uri, tmp_path, "b")
+    _save(writer)
+    assert node.find("k") is not None  # b's mirror holds the entry now
+    raw = (tmp_path / "b" / "mirror" / "k" / "meta.json").read_bytes()
+    staging = tmp_path / "staging"
+    shutil.copytree(tmp_path / "b" / "mirror" / "k", staging)
+    monkeypatch.setattr(bucket_store.shutil, "rmtree", lambda *args, **kwargs: None)  # the other process won
+    bucket_store._install(staging, tmp_path / "b" / "mirror" / "k", raw)
+    with pytest.raises(OSError):
+        bucket_store._install(staging, tmp_path / "b" / "mirror" / "k", raw + b" ")

@@ -96,7 +96,7 @@ class BucketStore(ModelStore):
         except (ValueError, KeyError, TypeError):
             return f"{self.location}/{key}/meta.json is unreadable or records no content hash"
         entry = self.root / key
-        if entry.is_dir() and (entry / "meta.json").read_bytes() == raw and entry_problem(entry) is None:
+        if _mirrored(entry, raw):
             return None
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(os.path.join(self.root, f".{key}-download-{os.getpid()}-{time.monotonic_ns()}"))
@@ -113,8 +113,7 @@ class BucketStore(ModelStore):
             problem = entry_problem(staging)
             if problem is not None:
                 return problem.replace(str(staging / "model.pt"), f"{self.location}/{weights_name(key, recorded)}")
-            shutil.rmtree(entry, ignore_errors=True)
-            os.replace(staging, entry)
+            _install(staging, entry, raw)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return None
@@ -170,8 +169,7 @@ class BucketStore(ModelStore):
             if published is None and self.find(key) is None:  # theirs was damaged: quarantined now, ours goes in
                 published = self.bucket.put(f"{key}/meta.json", raw, if_none_match=True)
             if published is not None:
-                shutil.rmtree(self.root / key, ignore_errors=True)
-                os.replace(staging, self.root / key)
+                _install(staging, self.root / key, raw)
             elif (self.meta(key) or {}).get("weights_sha256") != sha256:  # another writer's entry stands
                 self.bucket.delete(weights_name(key, sha256))  # ours is not needed (same bytes: the same object)
         finally:
@@ -179,6 +177,25 @@ class BucketStore(ModelStore):
         stored = self.find(key)
         assert stored is not None
         return stored
+
+
+def _mirrored(entry: Path, raw: bytes) -> bool:
+    """Whether the mirror's ``entry`` is the intact copy of the bucket entry whose metadata is ``raw``."""
+    try:
+        return (entry / "meta.json").read_bytes() == raw and entry_problem(entry) is None
+    except OSError:  # not there, or being replaced by another process of this node
+        return False
+
+
+def _install(staging: Path, entry: Path, raw: bytes) -> None:
+    """Put a checked copy into the mirror in place of whatever is there; another process of the node that installed
+    the same entry meanwhile is as good (a rename cannot replace a folder that is not empty)."""
+    shutil.rmtree(entry, ignore_errors=True)
+    try:
+        os.replace(staging, entry)
+    except OSError:
+        if not _mirrored(entry, raw):
+            raise
 
 
 def check_bucket(uri: str) -> None:
