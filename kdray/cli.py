@@ -290,7 +290,11 @@ def _tune(cfg: ExperimentConfig | None, default_name: str | None, resume: str | 
     print(f"  view it with:   {view_hint(uri)}")
     print(f"  print it again: kdray report {outcome.name} --tracking-uri {uri}")
     print(f"  optuna study:   optuna-dashboard {outcome.optuna_storage}  (study {outcome.name})")
-    if outcome.registered:
+    if outcome.registered and outcome.report.objectives:
+        name = outcome.registered.removeprefix("models:/").rsplit("/", 1)[0]
+        print(f"  front students: {len(outcome.report.front)} versions of models:/{name}, the most accurate first "
+              f"({outcome.registered}; mlflow.pytorch.load_model; kdray evaluate / export)")  # fmt: skip
+    elif outcome.registered:
         print(f"  best student:   {outcome.registered}  (mlflow.pytorch.load_model; kdray evaluate / export)")
     return 0
 
