@@ -31,11 +31,18 @@ def three_nodes(node_homes: list[Path], s3_server: S3Server) -> Iterator[Cluster
     """A head without CPUs and two 1-CPU worker nodes, each with its own HOME and, as a cluster's nodes are
     configured (docs/cluster.md), the AWS variables of the bucket: kdray ships no credentials to the nodes."""
     ray.shutdown()  # the session's local instance, if a test started it (the next one that needs it restarts it)
+    # A local ray.init() earlier in the session turned Ray's token authentication on (RAY_AUTH_MODE=token in this
+    # process) and wrote the token to ~/.ray/auth_token: a raylet with another HOME is pointed at that file.
+    token = {"RAY_AUTH_TOKEN_PATH": str(Path.home() / ".ray" / "auth_token")}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    for home in node_homes:  # the raylet's environment, which its workers inherit
-        node_env = {**s3_server.env, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")}
-        cluster.add_node(num_cpus=1, env_vars=node_env)
-    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        for home in node_homes:  # the raylet's environment, which its workers inherit
+            node_env = {**s3_server.env, **token, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")}
+            cluster.add_node(num_cpus=1, env_vars=node_env)
+        ray.init(address=cluster.address, log_to_driver=False)
+    except BaseException:
+        cluster.shutdown()  # never leave a half-started cluster to the session's later Ray tests
+        raise
     yield cluster
     ray.shutdown()
     cluster.shutdown()
