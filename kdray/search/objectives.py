@@ -15,7 +15,6 @@ accuracy at an early rung although its latency could put it on the front, so it 
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -24,8 +23,6 @@ from ray.tune.search.optuna import OptunaSearch
 from kdray.schema import COST_METRICS, Constraint, ExperimentConfig
 from kdray.search.unrecorded import runs_of_trial
 from kdray.tracking import Tracker
-
-log = logging.getLogger(__name__)
 
 
 def allow_metrics_at_completion(cfg: ExperimentConfig) -> None:
