@@ -191,11 +191,11 @@ def test_a_search_compares_logit_and_feature_methods_each_with_its_own_knobs(loc
     }
     cfg = load_config(
         write_experiment(workdir, {"space": space}),
-        [*SMALL, "train.epochs=2", "search.num_samples=7", "search.name=features", "search.scheduler.name=none"],
-    )
+        [*SMALL, "train.epochs=1", "search.num_samples=6", "search.name=features", "search.scheduler.name=none"],
+    )  # the five defaults, then one draw
     outcome = run_search(cfg, "unused")
     trials = runs_by_role(cfg.tracking.uri, cfg.tracking.experiment)["trial"]
-    assert len(trials) == 7 and {run.info.status for run in trials} == {"FINISHED"}
+    assert len(trials) == 6 and {run.info.status for run in trials} == {"FINISHED"}
     knobs = {"fitnet": {"method.beta", "method.hint_stage"}, "at": {"method.beta"}, "crd": {"method.nce_k"}}
     terms = {"kd": "loss/kd", "dkd": "loss/nckd", "fitnet": "loss/hint", "at": "loss/at", "crd": "loss/crd"}
     trained = 0
@@ -495,13 +495,53 @@ def test_a_searcher_count_ahead_of_the_saved_trials_is_realigned(tmp_path: Path)
     of the saved state, and ``finished`` with it; a consistent state is left alone."""
     import ray.cloudpickle as cloudpickle
 
-    from kdray.search.unrecorded import realign_trial_count
+    from kdray.search.unrecorded import align_searcher_with_trials
 
     session = "2026-12-07_02-13-17"
     (tmp_path / f"experiment_state-{session}.json").write_text(json.dumps({"trial_data": [{}, {}]}))
     counter = tmp_path / f"search_gen_state-{session}.json"
     counter.write_bytes(cloudpickle.dumps({"counter": 4, "total_samples": 4, "finished": True, "experiment": None}))
-    assert realign_trial_count(str(tmp_path)) == (4, 2)
+    realigned = align_searcher_with_trials(str(tmp_path))
+    assert realigned is not None and (realigned.count_before, realigned.count_after, realigned.unseen) == (4, 2, ())
     state = cloudpickle.loads(counter.read_bytes())
     assert state["counter"] == 2 and state["finished"] is False and state["total_samples"] == 4
-    assert realign_trial_count(str(tmp_path)) is None  # agreeing now: nothing to change
+    assert align_searcher_with_trials(str(tmp_path)) is None  # agreeing now: nothing to change
+
+
+def test_saved_trials_the_saved_searcher_never_saw_are_left_out_of_the_restored_search(tmp_path: Path) -> None:
+    """The other way round (found by tests/test_object_storage.py): the trial list uploaded after a trial was
+    created, the searcher's pickle before. Restored as is, the searcher meets a result of a trial it has no
+    Optuna trial for and the resumed search dies (``KeyError`` in ``OptunaSearch.on_trial_result``). The unseen
+    trial is dropped from the list and the count; the restored searcher then takes every result of the list."""
+    import ray.cloudpickle as cloudpickle
+    from ray.tune.search.optuna import OptunaSearch
+
+    from kdray.search.unrecorded import align_searcher_with_trials
+
+    session = "2026-12-07_15-20-00"
+    searcher = OptunaSearch(space={"t": optuna.distributions.FloatDistribution(1, 8)}, metric="acc", mode="max")
+    for trial_id in ("aaaa0001", "aaaa0002"):
+        searcher.suggest(trial_id)
+    searcher.save(str(tmp_path / f"searcher-state-{session}.pkl"))
+    listed = ["aaaa0001", "aaaa0002", "aaaa0003"]  # the third created after the searcher was saved
+    trial_data = [[json.dumps({"trial_id": trial_id, "stub": False}), json.dumps({"num_failures": 0})]
+                  for trial_id in listed]  # fmt: skip
+    (tmp_path / f"experiment_state-{session}.json").write_text(json.dumps({"trial_data": trial_data, "stats": {}}))
+    counter = tmp_path / f"search_gen_state-{session}.json"
+    counter.write_bytes(cloudpickle.dumps({"counter": 3, "total_samples": 4, "finished": False, "experiment": None}))
+
+    realigned = align_searcher_with_trials(str(tmp_path))
+
+    assert realigned is not None and realigned.unseen == ("aaaa0003",)
+    assert (realigned.count_before, realigned.count_after) == (3, 2)
+    saved = json.loads((tmp_path / f"experiment_state-{session}.json").read_text())
+    assert [json.loads(entry[0])["trial_id"] for entry in saved["trial_data"]] == listed[:2]
+    assert saved["stats"] == {}  # the rest of Tune's state is kept
+    assert cloudpickle.loads(counter.read_bytes())["counter"] == 2
+    restored = OptunaSearch(metric="acc", mode="max")
+    restored.restore(str(tmp_path / f"searcher-state-{session}.pkl"))
+    for entry in saved["trial_data"]:
+        restored.on_trial_result(json.loads(entry[0])["trial_id"], {"acc": 0.5, "training_iteration": 1})
+    with pytest.raises(KeyError):  # what the resumed search died of before
+        restored.on_trial_result("aaaa0003", {"acc": 0.5, "training_iteration": 1})
+    assert align_searcher_with_trials(str(tmp_path)) is None

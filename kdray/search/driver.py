@@ -35,11 +35,11 @@ from kdray.schema import COST_METRICS, ConfigError, ExperimentConfig, SamplerCon
 from kdray.search.findings import REFERENCE_NAMES, SearchReport, study_of
 from kdray.search.objectives import ObjectiveSearch, allow_metrics_at_completion
 from kdray.search.progress import SearchProgress
-from kdray.search.report import build_report, publish
+from kdray.search.report import build_report, gather_report, publish
 from kdray.search.shared import train_shared_guides
 from kdray.search.space import check_space, default_points, sample
 from kdray.search.trial import run_trial
-from kdray.search.unrecorded import realign_trial_count, restored_trial_ids, runs_of_trial, set_aside
+from kdray.search.unrecorded import align_searcher_with_trials, restored_trial_ids, runs_of_trial, set_aside
 from kdray.store import ModelStore, open_store
 from kdray.tracking import Tracker, flatten
 
@@ -359,12 +359,12 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
         )
         set_aside(tracker, parent, set())
         return _start_tune(cfg, name, parent, tracker, load_dataset(cfg.data), resumed=True)
-    realigned = realign_trial_count(folder)
+    realigned = align_searcher_with_trials(folder)
     if realigned is not None:
         log.info(
-            "search %s: its saved state listed %d trials and its searcher had counted %d (the driver died between "
-            "saving the two); the resumed search creates its trials from %d",
-            name, realigned[1], realigned[0], realigned[1],
+            "search %s: its saved trial list and searcher were out of step (the driver died between saving them); "
+            "trials the searcher never saw, to be drawn again: %s; trials created: %d (it had counted %d)",
+            name, ", ".join(realigned.unseen) or "none", realigned.count_after, realigned.count_before,
         )  # fmt: skip
     with tracker.run(parent, finish=False):  # _finish ends it FINISHED; anything raised, FAILED
         connect_ray(log_to_driver=False)
@@ -408,7 +408,7 @@ def _finish(cfg: ExperimentConfig, name: str, parent: str, tracker: Tracker) -> 
     references: dict[str, float] = {}
     points: list[dict[str, Any]] = []
     if cfg.search.objectives:  # the references of every architecture on the front: how far distillation moved it
-        points = front_references(cfg, tracker, parent, build_report(tracker, parent, cfg, {}, []))
+        points = front_references(cfg, tracker, parent, gather_report(tracker, parent, cfg, {}, []))
     else:
         for method in cfg.search.references:
             result = run_reference(cfg, parent, method, cfg.student.name)

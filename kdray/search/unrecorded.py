@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +46,34 @@ def restored_trial_ids(folder: str | Path) -> set[str]:
         quiet.setLevel(level)
 
 
-def realign_trial_count(folder: str) -> tuple[int, int] | None:
-    """Make the searcher's count of trials created agree with the trials of the state it is restored with.
+@dataclass(frozen=True)
+class Realignment:
+    """What ``align_searcher_with_trials`` changed: the searcher's trial count before and after, and the trials
+    of the saved list that the saved searcher had never seen (left out of the restored search)."""
 
-    Tune saves a search's trials (``experiment_state-<session>.json``) and its searcher's count of the trials it
-    created (``search_gen_state-<session>.json``) as two files, uploaded one after the other when the storage is a
-    bucket. A driver killed between the two uploads leaves a count ahead of the trials (trials suggested after
-    the trial list was saved): the restored search would believe them created and end with fewer trials than
-    ``search.num_samples``, saying nothing. The count is set to the trials the restored search knows, so it
-    creates the missing ones. Returns (count before, count after) when it changed anything."""
+    count_before: int
+    count_after: int
+    unseen: tuple[str, ...]
+
+
+def align_searcher_with_trials(folder: str) -> Realignment | None:
+    """Make the searcher's saved state and the saved trial list agree before ``Tuner.restore`` reads them.
+
+    Tune saves a search's trials (``experiment_state-<session>.json``), its searcher's count of the trials it
+    created (``search_gen_state-<session>.json``) and the searcher itself (``searcher-state-<session>.pkl``,
+    Optuna's trials by Tune trial id) as separate files, uploaded one after the other when the storage is a
+    bucket. A driver killed between the uploads leaves them out of step, and either way the resumed search
+    goes wrong:
+
+    - a list with trials the searcher never saw: the restored searcher fails on the first result of one
+      (``KeyError`` in ``OptunaSearch.on_trial_result``) and the resumed search dies. Those trials are left out
+      of the restored list; their MLflow runs are set aside as unrecorded, and the searcher, back at its saved
+      state, draws their values again, so a new trial takes the run over (module docstring);
+    - a count ahead of the list (trials suggested after the list was saved): the restored search would
+      believe them created and end with fewer trials than ``search.num_samples``, saying nothing. The count is
+      set to the trials the restored search knows, so it creates the missing ones.
+
+    Returns what it changed, or None when the state was consistent."""
     import ray.cloudpickle as cloudpickle
 
     states = run_storage.names(folder, "experiment_state-*.json")
@@ -62,16 +82,31 @@ def realign_trial_count(folder: str) -> tuple[int, int] | None:
     newest = states[-1]  # the names end in the session's start time
     session = newest.removeprefix("experiment_state-").removesuffix(".json")
     counter_file = run_storage.join(folder, f"search_gen_state-{session}.json")
+    searcher_file = run_storage.join(folder, f"searcher-state-{session}.pkl")
     if not run_storage.exists(counter_file):
         return None
-    trials = len(json.loads(run_storage.read_text(run_storage.join(folder, newest)))["trial_data"])
-    state = cloudpickle.loads(run_storage.read_bytes(counter_file))
-    if state["counter"] == trials:
+    state_file = run_storage.join(folder, newest)
+    experiment = json.loads(run_storage.read_text(state_file))
+    unseen: tuple[str, ...] = ()
+    if run_storage.exists(searcher_file):
+        seen = set(cloudpickle.loads(run_storage.read_bytes(searcher_file)).get("_ot_trials", {}))
+        kept = [entry for entry in experiment["trial_data"] if _trial_id(entry) in seen]
+        unseen = tuple(_trial_id(entry) for entry in experiment["trial_data"] if _trial_id(entry) not in seen)
+        if unseen:
+            run_storage.write_text(state_file, json.dumps({**experiment, "trial_data": kept}))
+    trials = len(experiment["trial_data"]) - len(unseen)
+    counter = cloudpickle.loads(run_storage.read_bytes(counter_file))
+    before = counter["counter"]
+    if before == trials and not unseen:
         return None
-    before = state["counter"]
-    state["counter"], state["finished"] = trials, trials >= state["total_samples"]
-    run_storage.write_bytes(counter_file, cloudpickle.dumps(state))
-    return before, trials
+    counter["counter"], counter["finished"] = trials, trials >= counter["total_samples"]
+    run_storage.write_bytes(counter_file, cloudpickle.dumps(counter))
+    return Realignment(before, trials, unseen)
+
+
+def _trial_id(entry: list[str]) -> str:
+    """The Tune trial id of one ``trial_data`` entry of a saved experiment state (trial JSON, runtime JSON)."""
+    return json.loads(entry[0])["trial_id"]
 
 
 def runs_of_trial(tracker: Tracker, parent: str, trial_id: str) -> list[Any]:
