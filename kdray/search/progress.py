@@ -32,8 +32,9 @@ class TrialLine:
 @dataclass
 class SearchProgress(Callback):
     """Prints the status table on trial start, result (at most every ``every_s``), stop, completion and error,
-    and at least every ``heartbeat_s`` while trials run. Tune pickles it with the search, so a resumed search
-    (``kdray tune --resume``) continues the same table."""
+    and at least every ``heartbeat_s`` while trials run. Tune pickles it with the search as it was when the search
+    started, so a resumed search (``kdray tune --resume``) gets it back empty and with the first start's clock:
+    ``setup`` restarts the clock and the first step rebuilds the table from the trials Tune restored."""
 
     name: str
     metric: str
@@ -46,11 +47,34 @@ class SearchProgress(Callback):
     lines: dict[str, TrialLine] = field(default_factory=dict)
     started: float = field(default_factory=time.time)  # wall time: the callback is pickled with the search
     printed: float = field(default_factory=time.time)  # the first heartbeat waits for something to show
+    epochs_before: int = 0  # epochs the restored trials had trained before this start: not on this clock
+    restored: bool = False  # whether the table holds the trials Tune knew when this start began
 
     def __post_init__(self) -> None:
         super().__init__()
 
     # --- Tune's callback hooks ------------------------------------------------------------------------
+
+    def setup(self, **info: Any) -> None:
+        """Each start of the search, a resumed one included: the clock starts now, the table is rebuilt."""
+        self.started = self.printed = time.time()
+        self.lines.clear()
+        self.epochs_before, self.restored = 0, False
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.restored:
+            return
+        self.restored = True
+        for trial in trials:  # none on a fresh start; on a resumed one, each with where it had got to
+            line = self._line(trial)
+            result = trial.last_result or {}
+            line.epoch = int(result.get("epoch", 0))
+            line.value = float(result.get(self.metric, math.nan))
+            if trial.status == "TERMINATED":
+                line.status = "done" if line.epoch >= self.budget else "stopped early"
+            elif trial.status == "ERROR":
+                line.status = "failed"
+        self.epochs_before = sum(line.epoch for line in self.lines.values())
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._line(trial).status = "running"
@@ -121,8 +145,8 @@ class SearchProgress(Callback):
 
     def _time_left(self, elapsed: float) -> str:
         """At most: the epochs still possible at the rate so far (ASHA stops some trials earlier)."""
-        done = sum(line.epoch for line in self.lines.values())
-        if done == 0:
+        done = sum(line.epoch for line in self.lines.values()) - self.epochs_before
+        if done <= 0:
             return "?"
         open_epochs = sum(
             self.budget - line.epoch for line in self.lines.values() if line.status in ("running", "pending")
