@@ -119,15 +119,21 @@ class BucketStore(ModelStore):
         return None
 
     def problem(self, key: str) -> str | None:
-        raw = self.bucket.get(f"{key}/meta.json")
+        return self._problem(key, self.bucket.get(f"{key}/meta.json"))
+
+    def _problem(self, key: str, raw: bytes | None) -> str | None:
+        """What is wrong with the entry whose ``meta.json`` reads ``raw`` (None: missing), or None."""
         if raw is None:
             return f"{self.location}/{key}/meta.json is missing"
         return self._mirror(key, raw)
 
     def quarantine(self, key: str) -> Path | None:  # type: ignore[override]
-        """Move a damaged entry of the bucket aside (see ``_quarantine_in_bucket``); where it went, or None."""
-        raw = self.bucket.get(f"{key}/meta.json") if is_key(key) else None
-        problem = self.problem(key) if is_key(key) else None
+        """Move a damaged entry of the bucket aside (see ``_quarantine_in_bucket``); where it went, or None. The
+        metadata is read once: what is judged is what must still be there when the entry is moved."""
+        if not is_key(key):
+            return None
+        raw = self.bucket.get(f"{key}/meta.json")
+        problem = self._problem(key, raw)
         if problem is None:
             return None
         aside = self._quarantine_in_bucket(key, raw, problem)
