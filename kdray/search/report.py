@@ -69,6 +69,22 @@ def build_report(
     references: dict[str, float] | None = None,
     reference_points: list[dict[str, Any]] | None = None,
 ) -> SearchReport:
+    """The search's report, rendered (markdown and plots). ``None`` references are read from the tracking store."""
+    report = gather_report(tracking, parent, cfg, references, reference_points)
+    report.markdown = render_markdown(report, cfg)
+    report.plots = to_png(figures(report, cfg))
+    return report
+
+
+def gather_report(
+    tracking: Tracker,
+    parent: str,
+    cfg: ExperimentConfig,
+    references: dict[str, float] | None = None,
+    reference_points: list[dict[str, Any]] | None = None,
+) -> SearchReport:
+    """The report's rows, counts and (with objectives) front, not rendered: what the driver needs to know which
+    architectures to train references for, without drawing plots it would throw away."""
     search = cfg.search
     rows = collect(tracking, parent, search.metric)
     if references is None and search.objectives:  # `kdray report`: the references are per front architecture
@@ -100,8 +116,6 @@ def build_report(
         report.reference_points = (
             reference_points if reference_points is not None else _reference_points(tracking, parent)
         )
-    report.markdown = render_markdown(report, cfg)
-    report.plots = to_png(figures(report, cfg))
     return report
 
 
