@@ -127,15 +127,25 @@ def test_a_diverged_loss_on_the_workers_is_not_retried(local_ray: None, workdir:
     assert teacher.info.status == "FAILED" and teacher.data.tags["kdray.error"].startswith("TrainingDiverged: teacher")
 
 
+@pytest.fixture(scope="module")
+def feature_teacher_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One model store for the feature methods' runs: the first trains their (identical) teacher on the two
+    workers, the others read it back and start only their student's worker group."""
+    return tmp_path_factory.mktemp("feature-teacher-store")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["fitnet", "at", "crd"])
-def test_feature_methods_train_on_two_gloo_workers(local_ray: None, workdir: Path, method: str) -> None:
+def test_feature_methods_train_on_two_gloo_workers(
+    local_ray: None, workdir: Path, feature_teacher_store: Path, method: str
+) -> None:
     """A feature baseline under DDP: the connector (FitNets' regressor) trains on both workers with the student,
     the teacher's features are read on each, and the stored student is the student alone."""
     cfg = load_config(
         None,
         [*TWO_CPU_WORKERS, f"method.name={method}", "teacher.name=plane4", "teacher.epochs=1", "student.name=plane2",
-         "train.epochs=1", "scaling.num_workers=2", "tracking.experiment=ray-features"],
+         "train.epochs=1", "scaling.num_workers=2", "tracking.experiment=ray-features",
+         f"store.path={feature_teacher_store}"],
     )  # fmt: skip
     result = run_experiment(cfg)
     student = MlflowClient(cfg.tracking.uri).get_run(result.student.run_id)
