@@ -68,6 +68,7 @@ class StageSink:
         self.epochs = epochs
         self.device = device
         self.resumed_from: int | None = None
+        self.logged = 0  # the last epoch given to the logger
 
     def restore(self) -> dict[str, Any] | None:
         """The last saved state, its epochs replayed to the logger (which skips what the run holds)."""
@@ -75,17 +76,27 @@ class StageSink:
         if state is not None:
             self.resumed_from = state["epoch"]
             for epoch, metrics in enumerate(state["history"], start=1):
-                self.logger.log_metrics(metrics, step=epoch)
+                self._log(epoch, metrics)
         return state
 
     def end_epoch(self, epoch: int, metrics: dict[str, float], state: Callable[[], dict[str, Any]]) -> None:
-        self.logger.log_metrics(metrics, step=epoch)
+        self._log(epoch, metrics)
         # After the last epoch the stored model replaces the training state.
         self.keep(epoch, metrics, state if epoch % self.every == 0 and epoch < self.epochs else None)
 
     def end_stage(self, result: FitResult) -> None:
+        """The last epoch's metrics, then the model. Storing the model ends the stage's run FINISHED, and the
+        last epoch's ``end_epoch`` comes after it (``fit``): a process killed between the two left a finished run
+        without its last epoch, and a resumed search reported the epoch before's accuracy as the trial's."""
+        self._log(len(result.history), result.history[-1])
         if self.store is not None:
             self.store(result)
+
+    def _log(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Each epoch once, in order (the last one reaches both ``end_stage`` and ``end_epoch``)."""
+        if epoch > self.logged:
+            self.logger.log_metrics(metrics, step=epoch)
+            self.logged = epoch
 
     def load(self) -> dict[str, Any] | None:
         raise NotImplementedError

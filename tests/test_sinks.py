@@ -50,3 +50,28 @@ def test_an_unreadable_checkpoint_is_set_aside_and_the_stage_starts_over(
     assert "state.pt is unreadable" in warning and "training this stage from its first epoch" in warning
     assert not (tmp_path / "stage" / "state.pt").exists()
     assert len(list((tmp_path / "stage").glob("state.unreadable-*.pt"))) == 1  # kept, out of the way
+
+
+@pytest.mark.integration
+def test_the_last_epoch_is_logged_before_the_model_is_stored(workdir: Path) -> None:
+    """Storing the model ends the stage's run FINISHED, and ``fit`` hands the model over before the last
+    epoch's report. Its metrics must already be logged then: a trial process killed right after the store left
+    a finished run without them, and the resumed search reported the epoch before's accuracy as the trial's
+    (found by tests/test_search.py::test_killed_search_driver_resumes_and_completes_without_duplicate_runs)."""
+    from kdray.build import build_stage
+    from kdray.data import load_dataset
+    from kdray.distributed import local_context
+    from kdray.engine import fit
+    from kdray.resolve import load_config
+    from kdray.stages import plan_stages
+
+    cfg = load_config(None, ["train.epochs=2", "student.name=plane2", "method.name=none", "train.batch_size=64"])
+    data = load_dataset(cfg.data)
+    (plan,) = plan_stages(cfg, data.fingerprint())
+    logger = Epochs()
+    logged_when_stored: list[int] = []
+    local = LocalSink(workdir / "stage", logger, lambda result: logged_when_stored.extend(logger.steps), every=1,
+                      epochs=2, device=torch.device("cpu"))  # fmt: skip
+    fit(build_stage(cfg, plan, data, [], local_context(False)), local)
+    assert logged_when_stored == [1, 2]
+    assert logger.steps == [1, 2]  # the last epoch once, not again from its end_epoch
