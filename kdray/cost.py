@@ -7,7 +7,9 @@ latency and throughput as an exported model on a stated CPU.
 - **Latency** is that of the student exported with TorchScript (``torch.jit.trace`` then ``torch.jit.freeze``,
   what a CPU deployment runs), in inference mode, on ``cost.threads`` threads: ``cost.warmup`` runs first, not
   counted, then the median of ``cost.repeats`` timed runs at batch 1 (``latency_ms``, with its 10th and 90th
-  percentiles) and at the throughput batch (``throughput``, images/s).
+  percentiles) and at the throughput batch (``throughput``, images/s). Other work on the machine stretches the
+  slow tail first: a round whose 90th percentile is over ``NOISY`` times its median is timed again, up to
+  ``ROUNDS`` rounds, the least disturbed (lowest median) is kept, and one still disturbed is named in a warning.
 - **Once per architecture.** A measurement is kept in ``<data.cache_dir>/costs/<key>.json``, the key hashing
   what decides it (the architecture and its code version, the input shape, batch, threads, repeats, torch's
   version and the CPU's model name), and measured under a file lock, so concurrent trials of one architecture on
@@ -19,10 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +82,12 @@ def count_macs(model: torch.nn.Module, example: torch.Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
+log = logging.getLogger(__name__)
+
+NOISY = 1.5  # a 90th percentile above this many medians: the round was disturbed by other work
+ROUNDS = 3
+
+
 def _timed(model: Any, batch: torch.Tensor, warmup: int, repeats: int) -> list[float]:
     """Seconds of each of ``repeats`` runs after ``warmup`` untimed ones."""
     with torch.inference_mode():
@@ -89,6 +99,27 @@ def _timed(model: Any, batch: torch.Tensor, warmup: int, repeats: int) -> list[f
             model(batch)
             times.append(time.perf_counter() - started)
     return times
+
+
+def spread(times: list[float]) -> float:
+    """The 90th percentile over the median: about 1.1 on a quiet machine, several times that beside a training."""
+    return statistics.quantiles(times, n=10)[-1] / statistics.median(times)
+
+
+def least_disturbed(run: Callable[[], list[float]], name: str) -> list[float]:
+    """The times of the round of ``run`` with the lowest median, stopping at the first quiet one (``NOISY``);
+    a warning names ``name`` when none was quiet."""
+    rounds: list[list[float]] = []
+    while len(rounds) < ROUNDS and (not rounds or spread(rounds[-1]) > NOISY):
+        rounds.append(run())
+    best = min(rounds, key=statistics.median)
+    if spread(best) > NOISY:
+        log.warning(
+            "cost of %s: latency disturbed by other work on this machine in %d rounds (90th percentile %.1fx the "
+            "median); it is kept for this machine: remove it from <data.cache_dir>/costs to measure it again",
+            name, len(rounds), spread(best),
+        )  # fmt: skip
+    return best
 
 
 def measure(name: str, info: ModelInfo, cost: CostConfig) -> Cost:
@@ -105,7 +136,7 @@ def measure(name: str, info: ModelInfo, cost: CostConfig) -> Cost:
             # CPU deployment without an ONNX runtime runs: the student is measured as it is shipped.
             warnings.simplefilter("ignore", FutureWarning)
             exported = torch.jit.freeze(torch.jit.trace(model, example))
-        single = _timed(exported, example, cost.warmup, cost.repeats)
+        single = least_disturbed(lambda: _timed(exported, example, cost.warmup, cost.repeats), name)
         batch = torch.randn(cost.batch, *example.shape[1:])
         batched = _timed(exported, batch, cost.warmup, cost.repeats)
     finally:
