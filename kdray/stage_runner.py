@@ -183,8 +183,12 @@ class StageRunner:
                 self.tracker.set_tags(run_id, {tag.MODEL_ID: here[0].data.tags[tag.MODEL_ID]})
             else:
                 log_stored_model(self.tracker, run_id, self.store, stored, self.dataset)
-        logged = self.tracker.latest_metrics(run_id)  # a restored trial's run may hold them already
-        missing = {k: v for k, v in stored.meta["metrics"].items() if k not in logged}
+        # A restored trial's run may hold them already. One that holds only some epochs of its own (its process
+        # died, then an identical trial stored the model) gets the stored model's as its last epoch: its latest
+        # val/* must be the model's it now stands for, not those of its own unfinished training.
+        logged = self.tracker.latest_metrics(run_id)
+        partly = self.tracker.logged_until(run_id) < plan.train.epochs
+        missing = {k: v for k, v in stored.meta["metrics"].items() if partly or k not in logged}
         self.tracker.log_metrics(run_id, missing, step=plan.train.epochs)
         self.tracker.end_run(run_id)
         return StageOutcome(plan, stored, run_id, True, stored.meta["metrics"])

@@ -215,3 +215,29 @@ def test_a_chain_at_depth_0_trains_kds_student_in_a_run_that_holds_its_own_confi
     assert run.info.status == "FINISHED" and not outcome.reused
     assert run.data.params["method.name"] == "takd" and run.data.tags["kdray.stage.method.name"] == "kd"
     assert run.data.params["guides"] == teacher.key  # what the trial's config did not hold is a param
+
+
+@pytest.mark.integration
+def test_a_run_with_epochs_of_its_own_that_reuses_a_stored_model_ends_with_the_models_metrics(workdir: Path) -> None:
+    """A trial's run that logged an epoch before its process died, and whose student an identical trial then
+    stored, reuses it: its last val/acc must be the stored model's (a search ranks trials by it), at the last
+    epoch, not its own epoch 1's."""
+    cfg = load_config(
+        None,
+        ["method.name=none", "student.name=plane2", "train.epochs=2", "train.batch_size=64",
+         "tracking.experiment=reuse-partial"],
+    )  # fmt: skip
+    dataset = load_dataset(cfg.data)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    store = ModelStore(cfg.store.path)
+    runner = StageRunner(cfg, dataset, store, tracker, local_context(False))
+    (student,) = plan_stages(cfg, dataset.fingerprint(), owner="t", info=model_info(dataset))
+    trained = runner.run(student, tracker.start_run("first", {}))
+    partial = tracker.start_run("second", {})
+    tracker.log_metrics(partial, {"val/acc": 0.125, "val/loss": 2.0}, step=1)  # its own epoch 1, then it died
+    outcome = runner.run(student, partial)
+    client = MlflowClient(cfg.tracking.uri)
+    history = [(m.step, m.value) for m in client.get_metric_history(partial, "val/acc")]
+    assert outcome.reused and not trained.reused
+    assert history == [(1, 0.125), (2, store.find(student.key).meta["metrics"]["val/acc"])]
+    assert client.get_run(partial).data.metrics["val/acc"] == trained.metrics["val/acc"] != 0.125
