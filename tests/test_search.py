@@ -495,6 +495,11 @@ def test_a_search_killed_before_tune_saved_its_state_resumes_from_its_first_tria
     assert len([run for run in runs["trial"] if run.info.status == "FINISHED"]) == 2
 
 
+def saved_trials(*trial_ids: str) -> list[list[str]]:
+    """``trial_data`` of a saved Tune experiment state: per trial its JSON and its runtime JSON."""
+    return [[json.dumps({"trial_id": trial_id}), json.dumps({"num_failures": 0})] for trial_id in trial_ids]
+
+
 def test_a_searcher_count_ahead_of_the_saved_trials_is_realigned(tmp_path: Path) -> None:
     """A driver killed between Tune's upload of its trial list and of its searcher's count (a bucket's storage)
     leaves the count ahead: the resumed search would end short of num_samples. The count is set to the trials
@@ -504,7 +509,7 @@ def test_a_searcher_count_ahead_of_the_saved_trials_is_realigned(tmp_path: Path)
     from kdray.search.unrecorded import align_searcher_with_trials
 
     session = "2026-12-07_02-13-17"
-    (tmp_path / f"experiment_state-{session}.json").write_text(json.dumps({"trial_data": [{}, {}]}))
+    (tmp_path / f"experiment_state-{session}.json").write_text(json.dumps({"trial_data": saved_trials("a1", "b2")}))
     counter = tmp_path / f"search_gen_state-{session}.json"
     counter.write_bytes(cloudpickle.dumps({"counter": 4, "total_samples": 4, "finished": True, "experiment": None}))
     realigned = align_searcher_with_trials(str(tmp_path))
@@ -530,9 +535,9 @@ def test_saved_trials_the_saved_searcher_never_saw_are_left_out_of_the_restored_
         searcher.suggest(trial_id)
     searcher.save(str(tmp_path / f"searcher-state-{session}.pkl"))
     listed = ["aaaa0001", "aaaa0002", "aaaa0003"]  # the third created after the searcher was saved
-    trial_data = [[json.dumps({"trial_id": trial_id, "stub": False}), json.dumps({"num_failures": 0})]
-                  for trial_id in listed]  # fmt: skip
-    (tmp_path / f"experiment_state-{session}.json").write_text(json.dumps({"trial_data": trial_data, "stats": {}}))
+    (tmp_path / f"experiment_state-{session}.json").write_text(
+        json.dumps({"trial_data": saved_trials(*listed), "stats": {}})
+    )
     counter = tmp_path / f"search_gen_state-{session}.json"
     counter.write_bytes(cloudpickle.dumps({"counter": 3, "total_samples": 4, "finished": False, "experiment": None}))
 

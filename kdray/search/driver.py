@@ -35,7 +35,7 @@ from kdray.schema import COST_METRICS, ConfigError, ExperimentConfig, SamplerCon
 from kdray.search.findings import REFERENCE_NAMES, SearchReport, study_of
 from kdray.search.objectives import ObjectiveSearch, allow_metrics_at_completion
 from kdray.search.progress import SearchProgress
-from kdray.search.report import build_report, gather_report, publish
+from kdray.search.report import gather_report, publish, rendered
 from kdray.search.shared import train_shared_guides
 from kdray.search.space import check_space, default_points, sample
 from kdray.search.trial import run_trial
@@ -413,7 +413,7 @@ def _finish(cfg: ExperimentConfig, name: str, parent: str, tracker: Tracker) -> 
         for method in cfg.search.references:
             result = run_reference(cfg, parent, method, cfg.student.name)
             references[method] = result.student.metrics.get(cfg.search.metric, math.nan)
-    report = build_report(tracker, parent, cfg, references, points)
+    report = rendered(gather_report(tracker, parent, cfg, references, points), cfg)
     publish(tracker, parent, report)
     save_study(report, cfg, name)
     registered = None

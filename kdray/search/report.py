@@ -62,15 +62,8 @@ def collect(tracking: Tracker, parent: str, metric: str) -> list[TrialRow]:
     return rows
 
 
-def build_report(
-    tracking: Tracker,
-    parent: str,
-    cfg: ExperimentConfig,
-    references: dict[str, float] | None = None,
-    reference_points: list[dict[str, Any]] | None = None,
-) -> SearchReport:
-    """The search's report, rendered (markdown and plots). ``None`` references are read from the tracking store."""
-    report = gather_report(tracking, parent, cfg, references, reference_points)
+def rendered(report: SearchReport, cfg: ExperimentConfig) -> SearchReport:
+    """``report`` with its markdown and plots drawn (``gather_report`` leaves them out)."""
     report.markdown = render_markdown(report, cfg)
     report.plots = to_png(figures(report, cfg))
     return report
@@ -83,8 +76,9 @@ def gather_report(
     references: dict[str, float] | None = None,
     reference_points: list[dict[str, Any]] | None = None,
 ) -> SearchReport:
-    """The report's rows, counts and (with objectives) front, not rendered: what the driver needs to know which
-    architectures to train references for, without drawing plots it would throw away."""
+    """The report's rows, counts and (with objectives) front, not yet rendered (``rendered``): the driver needs
+    the front to know which architectures to train references for before it draws anything. ``None``
+    references are read from the tracking store (``kdray report``)."""
     search = cfg.search
     rows = collect(tracking, parent, search.metric)
     if references is None and search.objectives:  # `kdray report`: the references are per front architecture
@@ -326,4 +320,4 @@ def report_by_name(name: str, tracking_uri: str | None) -> SearchReport:
         raise ConfigError(f"no search called '{name}' in the MLflow store {uri} (give --tracking-uri?)")
     run, experiment = found
     cfg = validate_config(yaml.safe_load(download_text(uri, run.info.run_id, "config.yaml")))
-    return build_report(Tracker(uri, experiment), run.info.run_id, cfg)
+    return rendered(gather_report(Tracker(uri, experiment), run.info.run_id, cfg), cfg)

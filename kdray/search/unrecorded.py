@@ -87,14 +87,16 @@ def align_searcher_with_trials(folder: str) -> Realignment | None:
         return None
     state_file = run_storage.join(folder, newest)
     experiment = json.loads(run_storage.read_text(state_file))
-    unseen: tuple[str, ...] = ()
+    listed = {_trial_id(entry): entry for entry in experiment["trial_data"]}
     if run_storage.exists(searcher_file):
         seen = set(cloudpickle.loads(run_storage.read_bytes(searcher_file)).get("_ot_trials", {}))
-        kept = [entry for entry in experiment["trial_data"] if _trial_id(entry) in seen]
-        unseen = tuple(_trial_id(entry) for entry in experiment["trial_data"] if _trial_id(entry) not in seen)
-        if unseen:
-            run_storage.write_text(state_file, json.dumps({**experiment, "trial_data": kept}))
-    trials = len(experiment["trial_data"]) - len(unseen)
+    else:
+        seen = set(listed)
+    unseen = tuple(trial_id for trial_id in listed if trial_id not in seen)
+    if unseen:
+        kept = [entry for trial_id, entry in listed.items() if trial_id in seen]
+        run_storage.write_text(state_file, json.dumps({**experiment, "trial_data": kept}))
+    trials = len(listed) - len(unseen)
     counter = cloudpickle.loads(run_storage.read_bytes(counter_file))
     before = counter["counter"]
     if before == trials and not unseen:
