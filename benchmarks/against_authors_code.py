@@ -2,10 +2,11 @@
 
     git clone https://github.com/sunshangquan/logit-standardization-KD ls-kd      # LS, with mdistiller's KD/DKD
     git clone https://github.com/hunto/image_classification_sota dist-kd          # DIST (hunto/DIST_KD's code)
-    python benchmarks/against_authors_code.py --ls-repo ls-kd --dist-repo dist-kd
+    git clone https://github.com/i13abe/Triplet-Loss-for-Knowledge-Distillation triplet-kd
+    python benchmarks/against_authors_code.py --ls-repo ls-kd --dist-repo dist-kd --triplet-repo triplet-kd
 
 For each recipe of the CPU methods table (kd, kd + LS at kd's defaults and at the LS authors' recipe, dkd, dkd +
-LS at its authors' recipe, dist) it builds the kdray method, runs it on fixed random logits and labels, and
+LS at its authors' recipe, dist, triplet) it builds the kdray method, runs it on fixed random logits and labels, and
 runs the authors' own loss functions, imported from their checkouts (nothing of theirs is copied here), on the
 same tensors with the same weights. It prints the total loss of each and the largest difference of the
 gradients with respect to the student's logits. The losses are compared whole, CE included, so a weight that
@@ -70,12 +71,19 @@ def kdray_loss(name: str, params: dict[str, Any]) -> Loss:
     return loss
 
 
-def authors_losses(ls_repo: Path, dist_repo: Path) -> dict[str, tuple[Loss, str, dict[str, Any]]]:
+def hardest_negatives(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each sample's hardest negative: the other-class student output closest to its teacher output."""
+    distances = torch.cdist(teacher, student.detach())
+    return distances.masked_fill(labels[:, None] == labels[None, :], torch.inf).argmin(dim=1)
+
+
+def authors_losses(ls_repo: Path, dist_repo: Path, triplet_repo: Path) -> dict[str, tuple[Loss, str, dict[str, Any]]]:
     """Each recipe: the authors' loss (their functions, their way of weighting them) and kdray's parameters."""
     distillers = ls_repo / "mdistiller" / "distillers"
     kd = load_module("mdistiller_distillers", distillers, "KD").kd_loss
     dkd = load_module("mdistiller_distillers", distillers, "DKD").dkd_loss
     dist_module = load_module("image_classification_losses", dist_repo / "lib" / "models" / "losses", "dist_kd")
+    triplet_kl = load_module("triplet_kd_utils", triplet_repo / "utils", "kldivloss").KLDivLoss(reduction="batchmean")
 
     def kd_recipe(ce_weight: float, kd_weight: float, temperature: float, stand: bool) -> Loss:
         # mdistiller's KD.forward_train: ce_weight * CE + kd_weight * kd_loss(s, t, T, logit_stand)
@@ -93,6 +101,15 @@ def authors_losses(ls_repo: Path, dist_repo: Path) -> dict[str, tuple[Loss, str,
         dist = dist_module.DIST(beta=1.0, gamma=1.0, tau=4.0)
         return lambda s, t, y, epoch: F.cross_entropy(s, y) + 2.0 * dist(s, t)
 
+    def triplet_recipe() -> Loss:
+        # student.py: KLDivLoss(batchmean) on T = 1 + LAMBDA 1 * CE + TriLAMBDA 2 * TripletMarginLoss(margin 5)(teacher
+        # output, student output, the student's output on another class's image). Their negative is an extra image
+        # of another class; kdray takes it from the batch, so both get the batch's hardest one (mining: hardest).
+        triplet = nn.TripletMarginLoss(margin=5.0)
+        return lambda s, t, y, epoch: (
+            triplet_kl(s, t) + F.cross_entropy(s, y) + 2.0 * triplet(t, s, s[hardest_negatives(s, t, y)])
+        )
+
     ls_kd = {"ce_weight": 0.1, "kd_weight": 9.0, "temperature": 2.0, "logit_standardization": True}
     ls_dkd = {"logit_standardization": True, "temperature": 2.0, "alpha": 9.0, "beta": 72.0, "ce_weight": 1.0}
     return {
@@ -102,6 +119,7 @@ def authors_losses(ls_repo: Path, dist_repo: Path) -> dict[str, tuple[Loss, str,
         "dkd (alpha 1, beta 8, T 4)": (dkd_recipe(1.0, 8.0, 4.0, 20, False), "dkd", {}),
         "dkd + LS, authors' recipe": (dkd_recipe(9.0, 72.0, 2.0, 20, True), "dkd", ls_dkd),
         "dist (beta = gamma = 2, tau 4)": (dist_recipe(), "dist", {}),
+        "triplet (margin 5, w 2, KL at T 1)": (triplet_recipe(), "triplet", {"mining": "hardest"}),
     }
 
 
@@ -126,12 +144,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ls-repo", type=Path, required=True, help="checkout of sunshangquan/logit-standardization-KD")
     parser.add_argument("--dist-repo", type=Path, required=True, help="a checkout of hunto/image_classification_sota")
+    parser.add_argument("--triplet-repo", type=Path, required=True, help="checkout of i13abe/Triplet-Loss-for-KD")
     parser.add_argument("--tolerance", type=float, default=1e-5, help="largest relative difference accepted")
     args = parser.parse_args()
     torch.set_default_dtype(torch.float32)
     failed = False
     print(f"{'recipe':34} {'classes':>7} {'epoch':>5} {'authors':>12} {'kdray':>12} {'rel. diff':>9} {'grad diff':>9}")
-    for recipe, (theirs, name, params) in authors_losses(args.ls_repo, args.dist_repo).items():
+    for recipe, (theirs, name, params) in authors_losses(args.ls_repo, args.dist_repo, args.triplet_repo).items():
         for classes in (10, 100):
             for epoch in (5, 30):  # inside and past DKD's 20-epoch warm-up
                 their_value, our_value, grad_gap = compare(theirs, kdray_loss(name, params), classes, epoch, classes)
