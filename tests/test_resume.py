@@ -2,7 +2,8 @@
 
 In process and on Ray Train, the rerun finds the unfinished MLflow run of the same name and config
 and the stage's checkpoints under ``scaling.storage_path``; it resumes after the last checkpointed
-epoch, in the same MLflow runs, with every epoch logged exactly once.
+epoch, in the same MLflow runs, with every epoch logged exactly once. In process, the resumed run trains
+exactly what an uninterrupted one trains (CRD, whose memory bank of every sample lives in the checkpoint).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import Run
 
 from kdray.tag_names import MODEL_KEY
 
@@ -64,23 +66,19 @@ def run_until_killed(command: list[str], uri: str, after_epoch: int) -> None:
         process.wait()
 
 
-@pytest.mark.parametrize("workers", [0, 1], ids=["in_process", "ray_train"])
-def test_rerun_after_driver_kill_resumes_from_the_last_checkpoint(workers: int, workdir: Path) -> None:
-    (workdir / "experiment.yaml").write_text("data: {name: digits}\n")
-    command = [sys.executable, "-m", "kdray", "train", "experiment.yaml", *OVERRIDES, f"scaling.num_workers={workers}"]
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    run_until_killed(command, uri, after_epoch=3)
-    client = MlflowClient(uri)
+def student_run(client: MlflowClient) -> Run:
     (student,) = client.search_runs(
         [client.get_experiment_by_name("resume").experiment_id], "tags.`kdray.role` = 'student'"
     )
-    assert student.info.status == "RUNNING"  # the driver died without closing it
+    return student
 
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
-    assert len(runs) == 2 and {run.info.status for run in runs} == {"FINISHED"}  # continued, not duplicated
-    student = client.get_run(student.info.run_id)
+
+def assert_continued(client: MlflowClient, killed: Run, runs: int) -> None:
+    """The rerun closed every run, opened none beside the ``runs`` of one uninterrupted command, and continued
+    the killed student run (not from scratch), each epoch logged once."""
+    every = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert len(every) == runs and {run.info.status for run in every} == {"FINISHED"}  # continued, not duplicated
+    student = client.get_run(killed.info.run_id)
     assert int(student.data.tags["kdray.resumed_from_epoch"]) >= 2  # not from scratch
     for metric in ("val/acc", "loss/total"):
         steps = sorted(m.step for m in client.get_metric_history(student.info.run_id, metric))
@@ -88,10 +86,23 @@ def test_rerun_after_driver_kill_resumes_from_the_last_checkpoint(workers: int, 
     assert "test/acc" in student.data.metrics
 
 
-def test_crd_resumed_after_a_kill_trains_exactly_what_an_uninterrupted_run_trains(workdir: Path) -> None:
+def test_rerun_after_driver_kill_resumes_on_ray_train_from_the_last_checkpoint(workdir: Path) -> None:
+    (workdir / "experiment.yaml").write_text("data: {name: digits}\n")
+    command = [sys.executable, "-m", "kdray", "train", "experiment.yaml", *OVERRIDES, "scaling.num_workers=1"]
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    run_until_killed(command, uri, after_epoch=3)
+    client = MlflowClient(uri)
+    killed = student_run(client)
+    assert killed.info.status == "RUNNING"  # the driver died without closing it
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_continued(client, killed, runs=2)  # the parent and the student
+
+
+def test_crd_resumed_in_process_after_a_kill_trains_exactly_what_an_uninterrupted_run_trains(workdir: Path) -> None:
     """CRD's memory bank and Z live in the checkpoint: the killed and resumed run stores the very weights of a
     run never interrupted (the bank of every sample feeds every later step; a bank reset or lost at the resume
-    would change them)."""
+    would change them). The in-process driver's rerun continues its MLflow runs as on Ray Train."""
     (workdir / "experiment.yaml").write_text("data: {name: digits}\n")
     crd = [*OVERRIDES, "method.name=crd", "method.nce_k=256", "teacher.name=plane4", "teacher.epochs=2",
            "student.name=plane2", "tracking.run_name=crd"]  # fmt: skip
@@ -103,17 +114,16 @@ def test_crd_resumed_after_a_kill_trains_exactly_what_an_uninterrupted_run_train
         folder.mkdir()
         shutil.copy(workdir / "mlflow.db", folder / "mlflow.db")
         command = [sys.executable, "-m", "kdray", "train", "experiment.yaml", *crd, *paths]
+        client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
         if interrupted:
             run_until_killed(command, f"sqlite:///{folder}/mlflow.db", after_epoch=3)
+            killed = student_run(client)
+            assert killed.info.status == "RUNNING"  # the driver died without closing it
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
         assert done.returncode == 0, done.stderr[-3000:]
-        client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
-        (student,) = client.search_runs(
-            [client.get_experiment_by_name("resume").experiment_id], "tags.`kdray.role` = 'student'"
-        )
         if interrupted:
-            assert int(student.data.tags["kdray.resumed_from_epoch"]) >= 2
-        key = student.data.tags[MODEL_KEY]
+            assert_continued(client, killed, runs=3)  # the parent, the teacher and the student
+        key = student_run(client).data.tags[MODEL_KEY]
         stored[name] = torch.load(folder / "store" / key / "model.pt", weights_only=True)
     assert stored["killed"].keys() == stored["uninterrupted"].keys()
     for name, tensor in stored["uninterrupted"].items():

@@ -392,16 +392,15 @@ def test_killed_search_driver_resumes_and_completes_without_duplicate_runs(workd
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 1], ids=["in-process", "ray-train"])
-def test_a_search_killed_while_its_shared_teacher_trains_resumes_the_teacher(workdir: Path, workers: int) -> None:
+def test_a_search_killed_while_its_shared_teacher_trains_resumes_the_teacher(workdir: Path) -> None:
     """The shared teacher, trained before the trials, keeps its checkpoint in the search's storage (absolute,
     decided on the driver), so after a kill -9 of the driver, `kdray tune --resume` continues the teacher from
-    its last epoch in a new run; the run the dead driver left RUNNING is closed KILLED with the reason. The same
-    holds when trials train on Ray Train worker groups (``scaling.num_workers=1``), and so the teacher too."""
+    its last epoch in a new run; the run the dead driver left RUNNING is closed KILLED with the reason. In
+    process, as trials train by default; a Ray Train stage's checkpoints live in the same storage and resume
+    the same way after a killed driver (tests/test_resume.py)."""
     file = write_experiment(workdir, {"space": {"method.temperature": {"kind": "float", "low": 1, "high": 8}}})
     overrides = [
         *SMALL,
-        f"scaling.num_workers={workers}",
         "teacher.epochs=40",
         "train.epochs=1",
         "train.batch_size=16",  # 0.3 s per teacher epoch: the kill lands mid-teacher, the teacher outlives it
@@ -440,13 +439,12 @@ def test_a_search_killed_while_its_shared_teacher_trains_resumes_the_teacher(wor
             [sys.executable, "-m", "kdray", "tune", "--resume", "mid-teacher"],
             stdout=subprocess.DEVNULL, stderr=(workdir / "resume.err").open("w"),
         )  # fmt: skip
-        if workers == 0:  # what a killed driver leaves behind is checked once; the Ray Train variant checks resume
-            # Ray's dashboard and runtime-env agents see their raylet die within seconds, then spend about a
-            # minute failing to report it to the dead GCS before they exit
-            deadline = time.monotonic() + 240
-            while (left := {pid for pid in started if alive(pid)}) and time.monotonic() < deadline:
-                time.sleep(1)
-            assert len(started) > 5 and not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left]
+        # Ray's dashboard and runtime-env agents see their raylet die within seconds, then spend about a minute
+        # failing to report it to the dead GCS before they exit
+        deadline = time.monotonic() + 240
+        while (left := {pid for pid in started if alive(pid)}) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert len(started) > 5 and not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left]
     except BaseException:
         if resume is not None:
             resume.kill()

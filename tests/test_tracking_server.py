@@ -2,7 +2,7 @@
 store is PostgreSQL (both started on loopback by the ``tracking_server`` fixture), as on a cluster head.
 
 Counted from the server afterwards, as a user reviewing the search would: every epoch of every trial exactly
-once, with four trials writing at once and with the server gone for 30 s in the middle of a search.
+once, with four trials writing at once and the server gone for 30 s in the middle of their search.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from kdray.data import load_dataset
 from kdray.resolve import load_config
 from kdray.run import run_experiment
-from kdray.search.driver import run_search
+from kdray.tag_names import REGISTERED_MODEL
 from tests.conftest import TWO_CPU_WORKERS
 from tests.servers import MlflowServer
 
@@ -47,41 +47,6 @@ def assert_every_epoch_logged_once(client: MlflowClient, trials: list, epochs: i
             assert steps == list(range(1, epochs + 1)), (trial.info.run_name, metric, steps)
 
 
-def test_four_concurrent_trials_log_every_epoch_once_and_the_student_loads_from_the_server(
-    local_ray: None, workdir: Path, tracking_server: MlflowServer
-) -> None:
-    experiment = "server-concurrent"
-    (workdir / "search.yaml").write_text(
-        json.dumps({"search": {"space": {"method.temperature": {"kind": "logfloat", "low": 1, "high": 8}}}})
-    )
-    cfg = load_config(
-        workdir / "search.yaml",
-        [*SMALL, f"tracking.uri={tracking_server.uri}", f"tracking.experiment={experiment}", "train.epochs=3",
-         "train.batch_size=32", "search.num_samples=4", "search.max_concurrent_trials=4",
-         "search.resources_per_trial={CPU: 0.5}"],
-    )  # fmt: skip
-    outcome = run_search(cfg, "unused")
-    client = MlflowClient(tracking_server.uri)
-    trials = trial_runs(client, experiment)
-    assert len(trials) == 4 and {run.info.status for run in trials} == {"FINISHED"}
-    assert_every_epoch_logged_once(client, trials, epochs=3)
-    starts = sorted(run.info.start_time for run in trials)
-    ends = sorted(run.info.end_time for run in trials)
-    assert starts[-1] < ends[0], "the four trials ran at once"
-    # the registered student loads from the server (its weights through MLflow's artifact proxy) and scores
-    # the logged test accuracy
-    assert outcome.registered is not None
-    mlflow.set_tracking_uri(tracking_server.uri)
-    try:
-        student = mlflow.pytorch.load_model(outcome.registered)
-    finally:
-        mlflow.set_tracking_uri(None)
-    test = load_dataset(cfg.data).test
-    accuracy = (student(test.images.float() / 255).argmax(1) == test.labels).float().mean().item()
-    version = client.get_model_version(*outcome.registered.removeprefix("models:/").split("/"))
-    assert accuracy == pytest.approx(client.get_run(version.run_id).data.metrics["test/acc"])
-
-
 def test_a_two_worker_ray_train_run_logs_to_the_server(
     local_ray: None, workdir: Path, tracking_server: MlflowServer
 ) -> None:
@@ -97,20 +62,24 @@ def test_a_two_worker_ray_train_run_logs_to_the_server(
     assert [m.step for m in client.get_metric_history(student.info.run_id, "val/acc")] == [1, 2]
 
 
-def test_a_search_rides_out_the_server_gone_for_30_seconds(workdir: Path, tracking_server: MlflowServer) -> None:
-    """The server stops mid-search and comes back 30 s later on the same address: the trials wait in MLflow's
-    own retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, 7 with doubling back-off: about 4 minutes in all), then
-    every metric arrives, once. A longer outage fails the trial with MLflow's error, and the search resumes
-    (`kdray tune --resume`, docs/reliability.md)."""
+def test_four_concurrent_trials_ride_out_the_server_gone_for_30_seconds(
+    workdir: Path, tracking_server: MlflowServer
+) -> None:
+    """Four trials write at once; the server stops mid-search and comes back 30 s later on the same address: the
+    trials wait in MLflow's own retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, 7 with doubling back-off: about 4
+    minutes in all), then every metric arrives, once, and the registered student loads from the server. A longer
+    outage fails the trial with MLflow's error, and the search resumes (`kdray tune --resume`,
+    docs/reliability.md)."""
     experiment, epochs = "server-outage", 12
     (workdir / "search.yaml").write_text(
         json.dumps({"search": {"space": {"method.temperature": {"kind": "logfloat", "low": 1, "high": 8}}}})
     )
-    command = [
-        sys.executable, "-m", "kdray", "tune", "search.yaml", *SMALL, f"tracking.uri={tracking_server.uri}",
-        f"tracking.experiment={experiment}", f"train.epochs={epochs}", "train.batch_size=16",
-        "search.num_samples=2", "search.max_concurrent_trials=2", "search.name=outage",
+    overrides = [
+        *SMALL, f"tracking.uri={tracking_server.uri}", f"tracking.experiment={experiment}", f"train.epochs={epochs}",
+        "train.batch_size=16", "search.num_samples=4", "search.max_concurrent_trials=4",
+        "search.resources_per_trial={CPU: 0.5}", "search.name=outage",
     ]  # fmt: skip
+    command = [sys.executable, "-m", "kdray", "tune", "search.yaml", *overrides]
     search = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     client = MlflowClient(tracking_server.uri)
     try:
@@ -136,9 +105,29 @@ def test_a_search_rides_out_the_server_gone_for_30_seconds(workdir: Path, tracki
     assert search.returncode == 0, errors[-3000:]
     assert away >= 30
     trials = trial_runs(client, experiment)
-    assert len(trials) == 2 and {run.info.status for run in trials} == {"FINISHED"}
+    assert len(trials) == 4 and {run.info.status for run in trials} == {"FINISHED"}
     assert not any("kdray.resumed_from_epoch" in run.data.tags for run in trials)  # waited, never restarted
     assert_every_epoch_logged_once(client, trials, epochs)
+    starts = sorted(run.info.start_time for run in trials)
+    ends = sorted(run.info.end_time for run in trials)
+    assert starts[-1] < ends[0], "the four trials ran at once"
+    # the registered student loads from the server (its weights through MLflow's artifact proxy) and scores
+    # the logged test accuracy
+    (parent,) = [
+        run
+        for run in client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        if run.data.tags.get("kdray.role") == "search"
+    ]
+    registered = parent.data.tags[REGISTERED_MODEL]
+    mlflow.set_tracking_uri(tracking_server.uri)
+    try:
+        student = mlflow.pytorch.load_model(registered)
+    finally:
+        mlflow.set_tracking_uri(None)
+    test = load_dataset(load_config(workdir / "search.yaml", overrides).data).test
+    accuracy = (student(test.images.float() / 255).argmax(1) == test.labels).float().mean().item()
+    version = client.get_model_version(*registered.removeprefix("models:/").split("/"))
+    assert accuracy == pytest.approx(client.get_run(version.run_id).data.metrics["test/acc"])
 
 
 def _trials_if_any(client: MlflowClient, experiment: str) -> list:
