@@ -9,17 +9,24 @@ from __future__ import annotations
 import os
 from typing import Any
 
-# Train V2 holds at most one unread report per worker and its controller reads them every
-# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), so each per-epoch report could block a worker for
-# up to 2 s: on digits that tripled a 15-epoch run (27 s of reports for 6 s of training). A quarter
-# second costs the controller a few polls a second. kdray's Ray job sets it for its own actors (the
-# Train controller among them); the user's own setting of the variable wins.
-REPORT_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+# Environment variables kdray's Ray job sets for its own actors (the Train controller among them); the
+# user's own setting of a variable wins.
+JOB_ENV = {
+    # Train V2 holds at most one unread report per worker and its controller reads them every
+    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), so each per-epoch report could block a worker for
+    # up to 2 s: on digits that tripled a 15-epoch run (27 s of reports for 6 s of training). A quarter
+    # second costs the controller a few polls a second.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    # Ray 2.60 starts a PreemptionWatcher actor (one more Python process, about 2 s of CPU) with every worker
+    # group, to hand node-drain notices to a training function that reads ray.train.get_preemption_info().
+    # kdray's does not: it checkpoints every epoch and resumes after a lost node like after any failure.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
 
 
 def ray_init_options() -> dict[str, Any]:
     """What kdray's Ray job needs besides the address: environment variables for Ray's own actors."""
-    env = {key: value for key, value in REPORT_POLL.items() if key not in os.environ}
+    env = {key: value for key, value in JOB_ENV.items() if key not in os.environ}
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 

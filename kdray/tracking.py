@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -242,14 +243,17 @@ class Tracker:
         import mlflow
         import numpy as np
         import torch
-        import torchvision
         from mlflow.models import infer_signature
 
         example = np.random.default_rng(0).random((1, *image_shape), dtype=np.float32)
         model = model.cpu().eval()
         with torch.no_grad():
             logits = model(torch.from_numpy(example)).numpy()
-        versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "kdray": kdray.__version__}
+        versions = {
+            "torch": torch.__version__,
+            "torchvision": metadata.version("torchvision"),
+            "kdray": kdray.__version__,
+        }
         requirements = [f"{package}=={version.split('+')[0]}" for package, version in versions.items()]
         mlflow.set_tracking_uri(self.uri)
         quiet = logging.getLogger("mlflow.pytorch")

@@ -25,6 +25,22 @@ def test_digits_splits_are_disjoint_stratified_and_uint8(workdir: Path) -> None:
     assert data.mean[0] == pytest.approx(data.train.images.float().mean().item() / 255, rel=1e-5)
 
 
+def test_digits_are_scikit_learns_own() -> None:
+    """kdray reads scikit-learn's digits file without importing ``sklearn.datasets``: the splits are those of
+    ``load_digits``' images and labels, to the byte, so a scikit-learn that moves or changes the file fails here."""
+    from sklearn.datasets import load_digits
+
+    from kdray.data.sources import DATASETS
+
+    bunch = load_digits()
+    images = torch.from_numpy(np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None])
+    train, test = stratified_split(Split(images, torch.from_numpy(bunch.target.astype(np.int64))), 0.2, seed=0)
+    raw = DATASETS["digits"].load(None, load_config(None).data)
+    assert raw.classes == [str(name) for name in bunch.target_names]
+    for ours, theirs in ((raw.train, train), (raw.test, test)):
+        assert torch.equal(ours.images, theirs.images) and torch.equal(ours.labels, theirs.labels)
+
+
 def test_stratified_split_is_seeded_and_keeps_proportions() -> None:
     labels = torch.tensor([0] * 80 + [1] * 20)
     split = Split(torch.zeros(100, 1, 8, 8, dtype=torch.uint8), labels)

@@ -32,8 +32,8 @@ def _hang(signum: int, frame: object) -> None:
 
 
 def test_trials_on_ray_train_free_their_workers_when_asha_stops_them(local_ray: None, workdir: Path) -> None:
-    # The first trial runs the file's lr (0.05, the top of the range); the sampled ones are far lower and
-    # learn visibly less by the first rung, so ASHA stops trials whatever the noise of these tiny runs.
+    # The first trial runs the file's lr (0.05, the top of the range); the seeded sampler's next draw is far
+    # lower and learns visibly less by the first rung, so ASHA stops it whatever the noise of these tiny runs.
     space = {"train.lr": {"kind": "logfloat", "low": 1e-5, "high": 0.05}}
     # The teacher keeps its own lr, so all trials share it; a 1-worker teacher is the in-process one (same
     # store key), trained here first so that the trials' worker groups train students only.
@@ -46,7 +46,7 @@ def test_trials_on_ray_train_free_their_workers_when_asha_stops_them(local_ray: 
             "teacher.lr=0.05",
             "scaling.num_workers=1",
             "train.epochs=3",
-            "search.num_samples=3",
+            "search.num_samples=2",
             "search.max_concurrent_trials=1",
             "search.metric=val/loss",
             "search.mode=min",
@@ -68,12 +68,12 @@ def test_trials_on_ray_train_free_their_workers_when_asha_stops_them(local_ray: 
     errors = [run.data.tags.get("kdray.error") for run in trials if run.data.tags.get("kdray.error")]
     stopped = [run for run in trials if "stopped by ASHA" in run.data.tags.get("kdray.stopped", "")]
     # ASHA's stop reaches a Ray Train trial as an error from its TorchTrainer: still a stop, not a failure
-    assert len(trials) == 3 and statuses == {"FINISHED"} and 0 < len(stopped) < 3, (statuses, errors)
+    assert len(trials) == 2 and statuses == {"FINISHED"} and len(stopped) == 1, (statuses, errors)
     # every trial trained on a Ray Train worker group of one
     for run in trials:
         assert run.data.params["world_size"] == "1"
         assert run.data.tags["kdray.models_reused"] == "1"  # the teacher trained before the search
-    assert outcome.report.counts["trials"] == 3
+    assert outcome.report.counts["trials"] == 2
     # nothing is left holding the CPU once the search is over
     deadline = time.monotonic() + 60
     cpus = ray.cluster_resources()["CPU"]

@@ -1,5 +1,6 @@
-"""The cluster's tracking path for real: searches and Ray Train runs logging to an `mlflow server` whose backend
-store is PostgreSQL (both started on loopback by the ``tracking_server`` fixture), as on a cluster head.
+"""The cluster's tracking path for real: a search logging to an `mlflow server` whose backend store is
+PostgreSQL (both started on loopback by the ``tracking_server`` fixture), as on a cluster head. A two-worker Ray
+Train run logging to it: tests/test_ray_train.py's worker-failure test.
 
 Counted from the server afterwards, as a user reviewing the search would: every epoch of every trial exactly
 once, with four trials writing at once and the server gone for 30 s in the middle of their search.
@@ -19,9 +20,7 @@ from mlflow import MlflowClient
 
 from kdray.data import load_dataset
 from kdray.resolve import load_config
-from kdray.run import run_experiment
 from kdray.tag_names import REGISTERED_MODEL
-from tests.conftest import TWO_CPU_WORKERS
 from tests.servers import MlflowServer
 
 pytestmark = pytest.mark.slow  # a PostgreSQL cluster and an MLflow server, then searches against them
@@ -45,21 +44,6 @@ def assert_every_epoch_logged_once(client: MlflowClient, trials: list, epochs: i
         for metric in ("val/acc", "loss/total", "lr"):
             steps = sorted(m.step for m in client.get_metric_history(trial.info.run_id, metric))
             assert steps == list(range(1, epochs + 1)), (trial.info.run_name, metric, steps)
-
-
-def test_a_two_worker_ray_train_run_logs_to_the_server(
-    local_ray: None, workdir: Path, tracking_server: MlflowServer
-) -> None:
-    cfg = load_config(
-        None,
-        [*TWO_CPU_WORKERS, "teacher.name=plane4", "teacher.epochs=1", "student.name=plane2", "train.epochs=2",
-         f"tracking.uri={tracking_server.uri}", "tracking.experiment=server-ray-train"],
-    )  # fmt: skip
-    result = run_experiment(cfg)
-    client = MlflowClient(tracking_server.uri)
-    student = client.get_run(result.student.run_id)
-    assert student.data.params["world_size"] == "2" and student.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(student.info.run_id, "val/acc")] == [1, 2]
 
 
 def test_four_concurrent_trials_ride_out_the_server_gone_for_30_seconds(
