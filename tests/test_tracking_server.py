@@ -54,7 +54,7 @@ def test_four_concurrent_trials_ride_out_the_server_gone_for_30_seconds(
     minutes in all), then every metric arrives, once, and the registered student loads from the server. A longer
     outage fails the trial with MLflow's error, and the search resumes (`kdray tune --resume`,
     docs/reliability.md)."""
-    experiment, epochs = "server-outage", 12
+    experiment, epochs = "server-outage", 6
     (workdir / "search.yaml").write_text(
         json.dumps({"search": {"space": {"method.temperature": {"kind": "logfloat", "low": 1, "high": 8}}}})
     )
