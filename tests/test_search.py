@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -324,43 +325,104 @@ def test_bad_search_space_is_refused_before_anything_starts(bare_workdir: Path) 
     assert not (bare_workdir / "mlflow.db").exists() and not (bare_workdir / ".kdray").exists()
 
 
+def start_tune(*args: str, err: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``kdray tune ARGS`` in its own process group, as a user's terminal starts it; its stderr goes to ``err``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdray", "tune", *args],
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=err.open("w"),
+    )
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen[bytes], err: Path, seconds: float = 300) -> None:
+    """Poll ``condition`` until it holds; fail at once with the driver's stderr (``err``) if it ends first."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, err.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no progress: {err.read_text()[-3000:]}"
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
-def test_killed_search_driver_resumes_and_completes_without_duplicate_runs(workdir: Path) -> None:
-    """kill -9 of the driver, then ``kdray tune --resume``: every trial ends with exactly one run. Tune saves its
-    state only once here (a checkpoint period of a day), before the third trial starts, so the kill always
-    leaves a run of a trial Tune does not know; the restored searcher draws its values again under a new
-    trial id, and that trial must take the run over, not open a second one."""
+def test_a_search_killed_three_times_resumes_each_time_and_ends_with_one_run_per_trial(workdir: Path) -> None:
+    """``kill -9`` of the driver at the three moments that leave different state, each followed by
+    ``kdray tune --resume``; the last resume runs to the end. One search, so four driver starts, not six:
+
+    1. after the search opened (its run, its folder) but before Tune saved a first state: the resume starts
+       the trials afresh under the same name and MLflow run, instead of Ray's traceback;
+    2. while the shared teacher trains, before the trials: its checkpoint is in the search's storage
+       (absolute, decided on the driver), so the next resume continues it from its last epoch in a new run;
+       the run the dead driver left RUNNING is closed KILLED with the reason, and every process of the dead
+       driver's Ray instance exits while the next driver runs;
+    3. at the third trial, Tune having saved its state once (a checkpoint period of a day, so only at its first
+       step): the kill leaves a run of a trial Tune does not know; the restored searcher draws its values
+       again under a new trial id, and that trial must take the run over, not open a second one.
+    """
     file = write_experiment(workdir, {"space": {"method.temperature": {"kind": "float", "low": 1, "high": 8}}})
     overrides = [
         *SMALL,
+        "teacher.epochs=40",
         "train.epochs=2",
+        "train.batch_size=16",  # 0.3 s per teacher epoch: kill 2 lands mid-teacher, the teacher outlives it
         "search.num_samples=4",
         "search.name=killed",
         "search.scheduler.name=none",
         "tracking.experiment=killed",
     ]
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kdray", "tune", str(file), *overrides],
-        env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "86400"},
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    client = MlflowClient(uri)
     state = workdir / ".kdray" / "ray" / "killed"
-    deadline = time.monotonic() + 300
+
+    def runs() -> dict[str, list]:
+        return runs_by_role(uri, "killed") if client.get_experiment_by_name("killed") else {}
+
+    def teacher_epochs() -> int:
+        teachers = runs().get("teacher", [])
+        return max((m.step for r in teachers for m in client.get_metric_history(r.info.run_id, "val/acc")), default=0)
+
+    # 1. before Tune saved
+    first = start_tune(str(file), *overrides, err=workdir / "first.err")
     try:
-        while len(runs_by_role(uri, "killed").get("trial", [])) < 3:  # 2 slots: the third is started after the save
-            assert process.poll() is None, process.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "no progress"
-            time.sleep(0.5)
+        wait_for(lambda: (state / "kdray-search.json").exists(), first, workdir / "first.err", 120)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    before = {run.data.tags["kdray.trial_id"]: run for run in runs_by_role(uri, "killed")["trial"]}
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    for saved in state.glob("experiment_state-*.json"):  # if Tune got that far, the kill came a moment later
+        saved.unlink()
+
+    # 2. mid-teacher: the driver alone is killed, as `kill -9 PID` does
+    second = start_tune("--resume", "killed", err=workdir / "second.err")
+    third: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for(lambda: teacher_epochs() >= 3, second, workdir / "second.err")
+        started = process_tree(second.pid) - {second.pid}  # Ray's processes, Tune's trial, its workers
+        second.kill()
+        second.wait()
+        # 3. at once, while the dead driver's processes wind down; Tune saves once, at its first step. Ray's
+        # dashboard and runtime-env agents see their raylet die within seconds, then spend about a minute
+        # failing to report it to the dead GCS before they exit
+        third = start_tune("--resume", "killed", err=workdir / "third.err", env={"TUNE_GLOBAL_CHECKPOINT_S": "86400"})
+        deadline = time.monotonic() + 300
+        while (left := {pid for pid in started if alive(pid)}) or third.returncode is None:
+            if third.returncode is None and len(runs().get("trial", [])) >= 3:
+                os.killpg(third.pid, signal.SIGKILL)
+                third.wait()
+            assert third.poll() is None or third.returncode < 0, (workdir / "third.err").read_text()[-3000:]
+            assert time.monotonic() < deadline, [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left]
+            time.sleep(0.2)
+        assert len(started) > 5
+    finally:
+        for process in (second, third):
+            if process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    before = {run.data.tags["kdray.trial_id"]: run for run in runs()["trial"]}
     known = restored_trial_ids(state)
     lost = set(before) - known
-    assert len(known) == 2 and len(lost) >= 1
+    assert len(known) == 2 and len(lost) >= 1  # 2 slots: the third trial is started after Tune's one save
 
     done = subprocess.run(
         [sys.executable, "-m", "kdray", "tune", "--resume", "killed"], capture_output=True, text=True, timeout=600
@@ -368,129 +430,33 @@ def test_killed_search_driver_resumes_and_completes_without_duplicate_runs(workd
     assert done.returncode == 0, done.stderr[-3000:]
     # piped output reads as plain text: the live table continues, no escape codes (Ray colours its URL)
     assert "search killed: 4/4 trials ended" in done.stdout and "\x1b[" not in done.stdout + done.stderr
-    after = runs_by_role(uri, "killed")
+    assert "Traceback" not in done.stderr
+    after = runs()
     assert len(after["search"]) == 1 and after["search"][0].info.status == "FINISHED"
     trial_ids = [run.data.tags["kdray.trial_id"] for run in after["trial"]]
     assert len(trial_ids) == len(set(trial_ids)) == 4  # num_samples trials, one run each
     assert "unrecorded_trial" not in after  # every run Tune lost was taken over by the trial that drew its values
-    assert {run.info.status for run in after["trial"]} <= {"FINISHED"}
+    assert {run.info.status for run in after["trial"]} == {"FINISHED"}
     by_run = {run.info.run_id: run for run in after["trial"]}
     for trial_id in lost:
         run = by_run[before[trial_id].info.run_id]
         assert run.data.tags["kdray.first_trial_id"] == trial_id and run.data.tags["kdray.trial_id"] not in before
         assert run.data.tags["kdray.sampled"] == before[trial_id].data.tags["kdray.sampled"]
         assert run.info.run_name.endswith(f"({run.data.tags['kdray.trial_id']})")
-    client = MlflowClient(uri)
     for run in after["trial"]:
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/acc"))
         assert steps == [1, 2], (run.info.run_name, steps)  # resumed trials: no repeats, no gaps
-    # nothing is left RUNNING, the teacher was trained once, ahead of the trials, and no trial counts it trained:
-    # a trial run again after the restore reports what it found and keeps its tags
-    assert not [run.info.run_name for runs in after.values() for run in runs if run.info.status == "RUNNING"]
-    assert len(after["teacher"]) == 1 and after["teacher"][0].data.tags["kdray.shared_guide"] == "true"
+    # the teacher: killed mid-way (closed KILLED with the reason), continued from its checkpoint in a new run,
+    # trained once in all, ahead of the trials; no trial counts it trained (a trial run again after the
+    # restore reports what it found and keeps its tags); nothing is left RUNNING
+    teachers = sorted(after["teacher"], key=lambda run: run.info.start_time)
+    killed, resumed = teachers[-2:]
+    assert [run.info.status for run in teachers] == ["KILLED"] * (len(teachers) - 1) + ["FINISHED"]
+    assert "interrupted" in killed.data.tags["kdray.error"]
+    assert int(resumed.data.tags["kdray.resumed_from_epoch"]) >= 3
+    assert resumed.data.tags["kdray.shared_guide"] == "true"
     assert sum(int(run.data.tags["kdray.models_trained"]) for run in after["trial"]) == 0
-
-
-@pytest.mark.slow
-def test_a_search_killed_while_its_shared_teacher_trains_resumes_the_teacher(workdir: Path) -> None:
-    """The shared teacher, trained before the trials, keeps its checkpoint in the search's storage (absolute,
-    decided on the driver), so after a kill -9 of the driver, `kdray tune --resume` continues the teacher from
-    its last epoch in a new run; the run the dead driver left RUNNING is closed KILLED with the reason. In
-    process, as trials train by default; a Ray Train stage's checkpoints live in the same storage and resume
-    the same way after a killed driver (tests/test_resume.py)."""
-    file = write_experiment(workdir, {"space": {"method.temperature": {"kind": "float", "low": 1, "high": 8}}})
-    overrides = [
-        *SMALL,
-        "teacher.epochs=40",
-        "train.epochs=1",
-        "train.batch_size=16",  # 0.3 s per teacher epoch: the kill lands mid-teacher, the teacher outlives it
-        "search.num_samples=1",
-        "search.scheduler.name=none",
-        "search.name=mid-teacher",
-        "tracking.experiment=mid-teacher",
-    ]
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    client = MlflowClient(uri)
-
-    def teacher_epochs() -> int:
-        if client.get_experiment_by_name("mid-teacher") is None:
-            return 0
-        teachers = runs_by_role(uri, "mid-teacher").get("teacher", [])
-        return max((m.step for r in teachers for m in client.get_metric_history(r.info.run_id, "val/acc")), default=0)
-
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kdray", "tune", str(file), *overrides],
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 300
-    started: set[int] = set()
-    resume: subprocess.Popen[bytes] | None = None
-    try:
-        while teacher_epochs() < 3:
-            assert process.poll() is None, process.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "no progress"
-            time.sleep(0.3)
-        started = process_tree(process.pid) - {process.pid}  # Ray's processes, Tune's trial, its workers
-        process.kill()  # the driver alone, as `kill -9 PID` does
-        process.wait()
-        resume = subprocess.Popen(  # at once: it runs while the dead driver's processes wind down
-            [sys.executable, "-m", "kdray", "tune", "--resume", "mid-teacher"],
-            stdout=subprocess.DEVNULL, stderr=(workdir / "resume.err").open("w"),
-        )  # fmt: skip
-        # Ray's dashboard and runtime-env agents see their raylet die within seconds, then spend about a minute
-        # failing to report it to the dead GCS before they exit
-        deadline = time.monotonic() + 240
-        while (left := {pid for pid in started if alive(pid)}) and time.monotonic() < deadline:
-            time.sleep(1)
-        assert len(started) > 5 and not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left]
-    except BaseException:
-        if resume is not None:
-            resume.kill()
-        raise
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # whatever is left, for the tests that follow
-    assert resume.wait(timeout=600) == 0, (workdir / "resume.err").read_text()[-3000:]
-    teachers = sorted(runs_by_role(uri, "mid-teacher")["teacher"], key=lambda run: run.info.start_time)
-    assert len(teachers) == 2, [run.info.status for run in teachers]
-    killed, resumed = (client.get_run(run.info.run_id) for run in teachers)
-    assert killed.info.status == "KILLED" and "interrupted" in killed.data.tags["kdray.error"]
-    assert resumed.info.status == "FINISHED" and int(resumed.data.tags["kdray.resumed_from_epoch"]) >= 3
-    assert not any(run.info.status == "RUNNING" for runs in runs_by_role(uri, "mid-teacher").values() for run in runs)
-
-
-@pytest.mark.slow
-def test_a_search_killed_before_tune_saved_its_state_resumes_from_its_first_trial(workdir: Path) -> None:
-    """A driver killed after it opened the search (its run, its folder) but before Tune saved a first state:
-    `--resume` starts the trials afresh under the same name and MLflow run, instead of Ray's traceback."""
-    file = write_experiment(workdir, {"space": {"method.temperature": {"kind": "float", "low": 1, "high": 8}}})
-    overrides = [*SMALL, "search.num_samples=2", "search.scheduler.name=none", "search.name=early"]
-    overrides += ["tracking.experiment=early"]
-    folder = workdir / ".kdray" / "ray" / "early"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kdray", "tune", str(file), *overrides], start_new_session=True, stderr=subprocess.PIPE
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not (folder / "kdray-search.json").exists():
-            assert process.poll() is None, process.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "the search never opened"
-            time.sleep(0.05)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    for saved in folder.glob("experiment_state-*.json"):  # if Tune got that far, the kill came a moment later
-        saved.unlink()
-    done = subprocess.run(
-        [sys.executable, "-m", "kdray", "tune", "--resume", "early"], capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr
-    runs = runs_by_role(f"sqlite:///{workdir / 'mlflow.db'}", "early")
-    assert [run.info.status for run in runs["search"]] == ["FINISHED"]
-    assert len([run for run in runs["trial"] if run.info.status == "FINISHED"]) == 2
+    assert not [run.info.run_name for group in after.values() for run in group if run.info.status == "RUNNING"]
 
 
 def saved_trials(*trial_ids: str) -> list[list[str]]:

@@ -1,6 +1,6 @@
 """Runs of trials a killed search's saved state lacks: set aside on resume, taken over by the trial that draws
 their values (``kdray.search.unrecorded``), against a real MLflow store. The whole kill and resume is
-``tests/test_search.py::test_killed_search_driver_resumes_and_completes_without_duplicate_runs``."""
+``tests/test_search.py::test_a_search_killed_three_times_resumes_each_time_and_ends_with_one_run_per_trial``."""
 
 from __future__ import annotations
 

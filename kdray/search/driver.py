@@ -351,7 +351,10 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
     close_orphans(tracker, parent, open_store(cfg.store))
     from ray import tune
 
-    if not tune.Tuner.can_restore(folder):
+    # Tune writes tuner.pkl when the Tuner is made, its first experiment state only once it runs: a driver killed
+    # in between (while the shared teacher trained) leaves nothing of the trials to restore, and Tune's own restore
+    # would log a traceback ("no experiment state file") before starting over. Start over here, quietly.
+    if not tune.Tuner.can_restore(folder) or not run_storage.names(folder, "experiment_state-*.json"):
         log.info(
             "search %s: its driver stopped before Tune saved a first state; starting its trials afresh under the "
             "same name and MLflow run (the runs it had opened are taken over or closed)",
