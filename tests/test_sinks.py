@@ -57,7 +57,8 @@ def test_the_last_epoch_is_logged_before_the_model_is_stored(workdir: Path) -> N
     """Storing the model ends the stage's run FINISHED, and ``fit`` hands the model over before the last
     epoch's report. Its metrics must already be logged then: a trial process killed right after the store left
     a finished run without them, and the resumed search reported the epoch before's accuracy as the trial's
-    (found by tests/test_search.py::test_a_search_killed_three_times_resumes_each_time_and_ends_with_one_run_per_trial)."""
+    (found by tests/test_search.py::
+    test_a_search_killed_three_times_resumes_each_time_and_ends_with_one_run_per_trial)."""
     from kdray.build import build_stage
     from kdray.data import load_dataset
     from kdray.distributed import local_context
