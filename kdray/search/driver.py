@@ -39,7 +39,13 @@ from kdray.search.report import gather_report, publish, rendered
 from kdray.search.shared import train_shared_guides
 from kdray.search.space import check_space, default_points, sample
 from kdray.search.trial import run_trial
-from kdray.search.unrecorded import align_searcher_with_trials, restored_trial_ids, runs_of_trial, set_aside
+from kdray.search.unrecorded import (
+    align_searcher_with_trials,
+    restored_trial_ids,
+    runs_of_trial,
+    set_aside,
+    tune_saved_a_state,
+)
 from kdray.store import ModelStore, open_store
 from kdray.tracking import Tracker, flatten
 
@@ -351,10 +357,9 @@ def resume_search(name: str, storage_path: str) -> SearchOutcome:
     close_orphans(tracker, parent, open_store(cfg.store))
     from ray import tune
 
-    # Tune writes tuner.pkl when the Tuner is made, its first experiment state only once it runs: a driver killed
-    # in between (while the shared teacher trained) leaves nothing of the trials to restore, and Tune's own restore
-    # would log a traceback ("no experiment state file") before starting over. Start over here, quietly.
-    if not tune.Tuner.can_restore(folder) or not run_storage.names(folder, "experiment_state-*.json"):
+    # Tune writes tuner.pkl when the Tuner is made: with it and no saved state, Tune's own restore logs a
+    # traceback ("no experiment state file") and runs one trial of num_samples. Start over here instead.
+    if not tune.Tuner.can_restore(folder) or not tune_saved_a_state(folder):
         log.info(
             "search %s: its driver stopped before Tune saved a first state; starting its trials afresh under the "
             "same name and MLflow run (the runs it had opened are taken over or closed)",

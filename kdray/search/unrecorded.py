@@ -30,12 +30,18 @@ UNRECORDED_WHY = (
 )
 
 
+def tune_saved_a_state(folder: str | Path) -> bool:
+    """Whether Tune saved an experiment state (its trials) under ``folder``: it does once the trials start, not
+    when the Tuner is made, so a driver killed while the shared guides trained leaves none."""
+    return bool(run_storage.names(str(folder), "experiment_state-*.json"))
+
+
 def restored_trial_ids(folder: str | Path) -> set[str]:
     """The ids of the trials in the last state Tune saved under ``folder`` (a local folder or a bucket's URI):
     those a restored search knows."""
     from ray.tune import ExperimentAnalysis
 
-    if not run_storage.names(str(folder), "experiment_state-*.json"):
+    if not tune_saved_a_state(folder):
         return set()  # killed before Tune first saved (while shared guides trained): no trial is known
     quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
     level = quiet.level
